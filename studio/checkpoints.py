@@ -1,0 +1,307 @@
+"""Loading and saving model weights: official VAR `.pth` folders, our safetensors bundles, hub ids.
+
+Everything is strict: a checkpoint that does not fit the model exactly is refused with a message
+that names the missing keys, the unexpected keys and the mismatched shapes. Official `.pth` files
+are read with `torch.load(weights_only=True)`; the architecture (depth, width, shared AdaLN, scales,
+VAE widths) is read from the tensors themselves, so no file names or flags have to agree.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from models.var import VAR, VARConfig
+from models.vqvae import VQVAE, VQVAEConfig
+
+BUNDLE_FORMAT = "var-studio-bundle"
+BUNDLE_VERSION = 1
+OFFICIAL_VAE_FILE = "vae_ch160v4096z32.pth"
+# buffers the models compute themselves; bundles need not store them
+COMPUTED_BUFFERS = ("lvl_1L", "attn_bias_for_masking", "zero_k_bias", "ema_vocab_hit_SV")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into the model, with a readable reason."""
+
+
+@dataclass
+class LoadedModels:
+    vae: VQVAE
+    var: VAR
+    class_names: List[str]
+    source: str
+    extras: Dict[str, object]
+
+
+# ---------------------------------------------------------------------------------------------
+# strict state-dict validation
+
+
+def _clip(names: List[str], most: int = 12) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f", ... ({len(names) - most} more)" if len(names) > most else "")
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], what: str,
+                     optional: Tuple[str, ...] = ()) -> None:
+    """Raise CheckpointError unless `state_dict` has exactly the model's keys and shapes.
+
+    Keys containing one of `optional` may be absent (the model keeps its own values)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict and not any(o in k for o in optional)]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+              and k != "quantize.ema_vocab_hit_SV"]
+    if missing or unexpected or shapes:
+        parts = [f"{what} does not match the model"]
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_clip(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_clip(unexpected)}")
+        if shapes:
+            parts.append(f"wrong shapes ({len(shapes)}): {_clip(shapes, 6)}")
+        raise CheckpointError("; ".join(parts))
+
+
+def load_into(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], what: str,
+              optional: Tuple[str, ...] = ()) -> None:
+    check_state_dict(model, state_dict, what, optional)
+    own = model.state_dict()
+    full = {k: (state_dict[k] if k in state_dict else own[k]) for k in own}
+    full = {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in full.items()}
+    model.load_state_dict(full, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# architecture from tensors
+
+
+def var_config_from_state_dict(sd: Dict[str, torch.Tensor]) -> VARConfig:
+    try:
+        C = sd["class_emb.weight"].shape[1]
+        depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+        heads = sd["blocks.0.attn.scale_mul_1H11"].shape[1] if "blocks.0.attn.scale_mul_1H11" in sd else C // 64
+        levels = sd["lvl_1L"].view(-1).tolist()
+        counts = [levels.count(i) for i in range(max(levels) + 1)]
+        patch_nums = tuple(int(round(c ** 0.5)) for c in counts)
+        if any(pn * pn != c for pn, c in zip(patch_nums, counts)):
+            raise CheckpointError(f"lvl_1L does not describe square scales: {counts}")
+        return VARConfig(
+            vocab_size=sd["head.weight"].shape[0], z_channels=sd["word_embed.weight"].shape[1],
+            num_classes=sd["class_emb.weight"].shape[0] - 1, depth=depth, embed_dim=C, num_heads=heads,
+            mlp_ratio=sd["blocks.0.ffn.fc1.weight"].shape[0] / C,
+            shared_aln="shared_ada_lin.1.weight" in sd,
+            attn_l2_norm="blocks.0.attn.scale_mul_1H11" in sd, patch_nums=patch_nums)
+    except (KeyError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"not a VAR transformer checkpoint (cannot read its shape: {e!r})") from e
+
+
+def vae_config_from_state_dict(sd: Dict[str, torch.Tensor], patch_nums) -> VQVAEConfig:
+    try:
+        V, Cvae = sd["quantize.embedding.weight"].shape
+        ch = sd["encoder.conv_in.weight"].shape[0]
+        levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
+        ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels)
+        n_blocks = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
+        n_phi = len({k.split(".")[3] for k in sd if k.startswith("quantize.quant_resi.qresi_ls.")})
+        return VQVAEConfig(
+            vocab_size=V, z_channels=Cvae, ch=ch, ch_mult=ch_mult, num_res_blocks=n_blocks,
+            using_sa=f"encoder.down.{levels[-1]}.attn.0.qkv.weight" in sd,
+            using_mid_sa="encoder.mid.attn_1.qkv.weight" in sd, share_quant_resi=n_phi,
+            patch_nums=tuple(patch_nums))
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"not a multi-scale VQVAE checkpoint (cannot read its shape: {e!r})") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# official .pth files
+
+
+def torch_load(path: Path) -> Dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # pickle errors, truncated files, non-tensor payloads
+        raise CheckpointError(f"cannot read {path.name}: {e}") from e
+    # trainer checkpoints nest the model state dicts
+    if isinstance(obj, dict) and "trainer" in obj and isinstance(obj["trainer"], dict):
+        tr = obj["trainer"]
+        obj = tr.get("var_wo_ddp", tr.get("vae_local", obj))
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path.name} is not a state dict of tensors")
+    return obj
+
+
+def find_official_files(folder: Path, variant: Optional[str] = None) -> Tuple[Path, Path]:
+    vae = folder / OFFICIAL_VAE_FILE
+    if not vae.exists():
+        cands = sorted(folder.glob("vae*.pth"))
+        if len(cands) != 1:
+            raise CheckpointError(f"{folder}: expected {OFFICIAL_VAE_FILE} (the official VQVAE) in the folder")
+        vae = cands[0]
+    vars_ = sorted(folder.glob("var_d*.pth"), key=lambda p: int(re.findall(r"\d+", p.stem)[0]))
+    if variant is not None:
+        want = folder / f"var_{variant}.pth"
+        if not want.exists():
+            raise CheckpointError(f"{folder}: no var_{variant}.pth (found: {[p.name for p in vars_]})")
+        return vae, want
+    if not vars_:
+        raise CheckpointError(f"{folder}: no var_dNN.pth transformer checkpoint in the folder")
+    if len(vars_) > 1:
+        raise CheckpointError(f"{folder}: several transformers ({', '.join(p.name for p in vars_)}); "
+                              f"choose one with variant='d16' (or --model {folder}:d16)")
+    return vae, vars_[0]
+
+
+def load_official(folder: Path, variant: Optional[str] = None) -> LoadedModels:
+    vae_path, var_path = find_official_files(folder, variant)
+    var_sd = torch_load(var_path)
+    var_cfg = var_config_from_state_dict(var_sd)
+    vae_sd = torch_load(vae_path)
+    vae_cfg = vae_config_from_state_dict(vae_sd, var_cfg.patch_nums)
+    if vae_cfg.vocab_size != var_cfg.vocab_size or vae_cfg.z_channels != var_cfg.z_channels:
+        raise CheckpointError(f"{vae_path.name} (vocab {vae_cfg.vocab_size}, {vae_cfg.z_channels} channels) does not "
+                              f"fit {var_path.name} (vocab {var_cfg.vocab_size}, {var_cfg.z_channels} channels)")
+    with torch.device("meta"):
+        vae, var = VQVAE(vae_cfg), VAR(var_cfg)
+    vae, var = vae.to_empty(device="cpu"), var.to_empty(device="cpu")
+    _reset_computed_buffers(vae, var)
+    load_into(vae, vae_sd, vae_path.name)
+    load_into(var, var_sd, var_path.name)
+    _check_buffers(var, var_path.name)
+    from studio.classes import class_names_for
+    return LoadedModels(vae, var, class_names_for(var_cfg.num_classes), str(folder), {})
+
+
+def _reset_computed_buffers(vae: VQVAE, var: VAR) -> None:
+    """Models built on the meta device have empty buffers: recompute the ones we own."""
+    L = var.cfg.seq_len
+    lvl = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(var.cfg.patch_nums)]).view(1, L)
+    var.lvl_1L.copy_(lvl)
+    d = lvl.view(L, 1)
+    var.attn_bias_for_masking.copy_(torch.where(d >= d.T, 0.0, -torch.inf).reshape(1, 1, L, L))
+    for blk in var.blocks:
+        blk.attn.zero_k_bias.zero_()
+    vae.quantize.ema_vocab_hit_SV.zero_()
+
+
+def _check_buffers(var: VAR, what: str) -> None:
+    L = var.cfg.seq_len
+    lvl = var.lvl_1L.view(L, 1)
+    expect = torch.where(lvl >= lvl.T, 0.0, -torch.inf).reshape(1, 1, L, L)
+    if not torch.equal(var.attn_bias_for_masking, expect):
+        raise CheckpointError(f"{what}: attn_bias_for_masking is not the block-causal mask of its scales")
+    if any(blk.attn.zero_k_bias.abs().max() != 0 for blk in var.blocks):
+        raise CheckpointError(f"{what}: zero_k_bias is not zero")
+
+
+# ---------------------------------------------------------------------------------------------
+# our bundles: config.json + vae.safetensors + var.safetensors (+ extras)
+
+
+def save_bundle(folder: Path, vae: VQVAE, var: VAR, class_names: List[str], dtype=torch.float16,
+                extra_config: Optional[dict] = None, extra_tensors: Optional[Dict[str, Dict[str, torch.Tensor]]] = None):
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def pack(sd):
+        return {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().cpu()
+                for k, v in sd.items() if not any(b in k for b in COMPUTED_BUFFERS)}
+
+    save_file(pack(vae.state_dict()), str(folder / "vae.safetensors"))
+    save_file(pack(var.state_dict()), str(folder / "var.safetensors"))
+    for name, sd in (extra_tensors or {}).items():
+        save_file(pack(sd), str(folder / f"{name}.safetensors"))
+    cfg = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "vae": vae.cfg.to_dict(), "var": var.cfg.to_dict(),
+           "class_names": list(class_names), "dtype": str(dtype).replace("torch.", "")}
+    cfg.update(extra_config or {})
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def read_bundle_config(folder: Path) -> dict:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{folder}: cannot read config.json ({e})") from e
+    if cfg.get("format") != BUNDLE_FORMAT:
+        raise CheckpointError(f"{folder}/config.json is not a {BUNDLE_FORMAT} config")
+    if int(cfg.get("version", 0)) > BUNDLE_VERSION:
+        raise CheckpointError(f"{folder} is a bundle of version {cfg['version']}; this studio reads up to {BUNDLE_VERSION}")
+    return cfg
+
+
+def read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path.name}: {e}") from e
+
+
+def load_bundle(folder: Path) -> LoadedModels:
+    cfg = read_bundle_config(folder)
+    vae = VQVAE(VQVAEConfig(**cfg["vae"]))
+    var = VAR(VARConfig(**cfg["var"]))
+    load_into(vae, read_safetensors(folder / "vae.safetensors"), f"{folder.name}/vae.safetensors", COMPUTED_BUFFERS)
+    load_into(var, read_safetensors(folder / "var.safetensors"), f"{folder.name}/var.safetensors", COMPUTED_BUFFERS)
+    names = cfg.get("class_names") or [f"class {i}" for i in range(var.cfg.num_classes)]
+    if len(names) != var.cfg.num_classes:
+        raise CheckpointError(f"{folder}: {len(names)} class names for {var.cfg.num_classes} classes")
+    return LoadedModels(vae, var, names, str(folder), {"config": cfg})
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def default_bundle_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets" / "default"
+
+
+def resolve_and_load(source: Optional[str] = None, variant: Optional[str] = None) -> LoadedModels:
+    """A folder (official files or a bundle), `folder:d16`, a hub id, or None for the default."""
+    if source is None:
+        path = default_bundle_path()
+        if not (path / "config.json").exists():
+            raise CheckpointError(f"the embedded default model is not in {path}; pass a folder of weights")
+        return load_bundle(path)
+    source = str(source)
+    if variant is None and re.search(r":d\d+$", source) and not Path(source).exists():
+        source, variant = source.rsplit(":", 1)
+    path = Path(os.path.expanduser(source))
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return load_bundle(path)
+        return load_official(path, variant)
+    if path.exists():
+        raise CheckpointError(f"{source} is a file; pass the folder that holds the weights")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        return load_official(download_from_hub(source, variant), variant)
+    raise CheckpointError(f"no such folder: {source}")
+
+
+def download_from_hub(repo_id: str, variant: Optional[str]) -> Path:
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+    except ImportError as e:  # pragma: no cover - huggingface_hub is a requirement
+        raise CheckpointError("huggingface_hub is not installed; pass a local folder") from e
+    try:
+        if variant is None:
+            return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.pth"]))
+        vae = hf_hub_download(repo_id, OFFICIAL_VAE_FILE)
+        hf_hub_download(repo_id, f"var_{variant}.pth")
+        return Path(vae).parent
+    except Exception as e:
+        raise CheckpointError(
+            f"could not get '{repo_id}' from the Hugging Face hub ({type(e).__name__}: {e}). Offline? Download "
+            f"{OFFICIAL_VAE_FILE} and var_dNN.pth on a connected machine and pass their folder instead.") from e
