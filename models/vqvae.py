@@ -280,6 +280,53 @@ class MultiScaleQuantizer(nn.Module):
             out.append(idx)
         return (out, f_hat) if return_fhat else out
 
+    # -- training ---------------------------------------------------------------------------
+    def forward(self, f_BChw):
+        """Training pass: (f_hat with straight-through gradient to f, VQ loss, per-scale usage (SN, V)).
+
+        The loss averages over scales beta * |sg(f_hat) - f|^2 (commitment, trains the encoder) +
+        |f_hat - sg(f)|^2 (trains codebook and Phi)."""
+        B, C, H, W = f_BChw.shape
+        f_ng = f_BChw.detach().float()
+        f_rest = f_ng.clone()
+        f_hat = torch.zeros_like(f_rest)
+        SN = len(self.patch_nums)
+        loss = f_ng.new_zeros(())
+        usage = f_ng.new_zeros(SN, self.cfg.vocab_size)
+        for si, pn in enumerate(self.patch_nums):
+            z = F.interpolate(f_rest, size=(pn, pn), mode="area") if si != SN - 1 else f_rest
+            with torch.no_grad():
+                idx = self.nearest(z.permute(0, 2, 3, 1).reshape(-1, C))
+            usage[si].index_add_(0, idx, torch.ones_like(idx, dtype=usage.dtype))
+            h = self._to_full(si, self.lookup(idx.view(B, pn * pn), pn).float(), H)
+            f_hat = f_hat + h
+            f_rest = f_rest - h.detach()
+            loss = loss + self.cfg.beta * F.mse_loss(f_hat.detach(), f_BChw.float()) + F.mse_loss(f_hat, f_ng)
+        if self.training:
+            with torch.no_grad():
+                hit = usage / usage.sum(dim=1, keepdim=True).clamp_min(1)
+                self.ema_vocab_hit_SV.mul_(0.97).add_(hit, alpha=0.03)
+        f_hat_st = (f_hat.detach() - f_ng) + f_BChw.float()
+        return f_hat_st, loss / SN, usage
+
+    @torch.no_grad()
+    def restart_dead_codes(self, f_BChw, threshold: float = 1e-4) -> int:
+        """Re-seed codebook entries that (almost) no scale uses with random latent vectors.
+
+        Keeps the codebook healthy while training: dead codes are moved onto real encoder outputs
+        (a slight jitter keeps duplicates apart). Returns how many codes were restarted."""
+        dead = self.ema_vocab_hit_SV.sum(0) < threshold
+        n = int(dead.sum())
+        if n == 0:
+            return 0
+        C = f_BChw.shape[1]
+        pool = f_BChw.detach().float().permute(0, 2, 3, 1).reshape(-1, C)
+        pick = pool[torch.randint(0, pool.shape[0], (n,), device=pool.device)]
+        pick = pick + 0.01 * pick.std() * torch.randn_like(pick)
+        self.embedding.weight.data[dead] = pick.to(self.embedding.weight.dtype)
+        self.ema_vocab_hit_SV[:, dead] = 1.0 / self.cfg.vocab_size
+        return n
+
     # -- decode -----------------------------------------------------------------------------
     def tokens_to_fhat(self, tokens: Sequence[torch.Tensor], soft_codes: Optional[Sequence] = None):
         """Token maps (all scales, or a prefix of them) -> accumulated f_hat (B, Cvae, h, h) fp32."""
