@@ -1,0 +1,195 @@
+"""Generation benchmark: per-scale latency, total, decoder time and peak memory, beside baselines.
+
+    python -m studio.bench                          # d16-sized random model, fp32 and bf16, KV cache on/off
+    python -m studio.bench --model default --batch 4
+    python -m studio.bench --model weights/ --device cuda --dtypes fp32,bf16,fp16
+    python -m studio.bench --reference /tmp/varref  # adds the published code (fp32) on the same shapes
+
+Every row runs in a fresh subprocess (so peak memory is that run's own) and reports the median of
+`--repeat` timed runs after one warm-up run. Baselines (no KV cache; the reference code) are
+measured in the same invocation: compare ratios, not absolute seconds, across machines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def build_pipeline(model: str, device: str, dtype_name: str):
+    import torch
+
+    from studio.pipeline import VARPipeline
+
+    dtype = getattr(torch, DTYPES[dtype_name])
+    m = __import__("re").fullmatch(r"d(\d+)", model)
+    if m is None:
+        src = None if model == "default" else model
+        return VARPipeline.from_pretrained(src, device=device, dtype=dtype)
+    # an official-shaped model with random weights (timing does not depend on the values)
+    from models.var import VAR, VARConfig
+    from models.vqvae import VQVAE, VQVAEConfig
+    from studio.classes import class_names_for
+
+    depth = int(m.group(1))
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        vae = VQVAE(VQVAEConfig(patch_nums=VARConfig.official(depth, shared_aln=depth == 36).patch_nums))
+        var = VAR(VARConfig.official(depth, shared_aln=depth == 36))
+    vae, var = vae.to_empty(device="cpu"), var.to_empty(device="cpu")
+    from studio.checkpoints import _reset_computed_buffers
+    _reset_computed_buffers(vae, var)
+    with torch.no_grad():
+        for name, p in list(vae.named_parameters()) + list(var.named_parameters()):
+            p.normal_(0, 0.02) if p.ndim > 1 else p.normal_(0, 0.01)
+    return VARPipeline(vae, var, class_names_for(1000), device=device, dtype=dtype)
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        import torch
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+def run_ours(args) -> dict:
+    import torch
+
+    torch.set_grad_enabled(False)
+    pipe = build_pipeline(args.model, args.device, args.dtype)
+    labels = [i % pipe.num_classes for i in range(args.batch)]
+    kw = dict(class_labels=labels, guidance_scale=args.guidance, top_k=args.top_k, top_p=args.top_p,
+              use_kv_cache=not args.no_cache, output_type="pt")
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    runs = []
+    for i in range(args.repeat + 1):
+        out = pipe(generator=torch.Generator(args.device).manual_seed(i), **kw)
+        if i:  # the first run warms up kernels and allocators
+            runs.append(out.timings)
+    return {
+        "per_scale": [statistics.median(r["per_scale"][si] for r in runs) for si in range(pipe.num_scales)],
+        "decode": statistics.median(r["decode"] for r in runs),
+        "total": statistics.median(r["total"] for r in runs),
+        "peak_mb": peak_memory_mb(args.device),
+        "patch_nums": list(pipe.patch_nums),
+    }
+
+
+def run_reference(args) -> dict:
+    """The published implementation (fp32) on the same shapes, random weights."""
+    import torch
+
+    ref = Path(args.reference).resolve()
+    here = str(Path(__file__).resolve().parent.parent)
+    sys.path[:] = [str(ref)] + [p for p in sys.path if os.path.abspath(p or ".") != here]
+    for name in list(sys.modules):
+        if name == "models" or name.startswith("models."):
+            del sys.modules[name]
+    from models import build_vae_var  # the reference package
+
+    depth = int(args.model[1:])
+    torch.manual_seed(0)
+    vae, var = build_vae_var(device=args.device, depth=depth, shared_aln=depth == 36,
+                             patch_nums=(1, 2, 3, 4, 6, 9, 13, 18, 24, 32) if depth == 36 else
+                             (1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
+    with torch.no_grad():
+        for p in list(vae.parameters()) + list(var.parameters()):
+            p.normal_(0, 0.02) if p.ndim > 1 else p.normal_(0, 0.01)
+    vae.eval(), var.eval()
+    labels = torch.tensor([i % 1000 for i in range(args.batch)], device=args.device)
+    times = []
+    for i in range(args.repeat + 1):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            var.autoregressive_infer_cfg(B=args.batch, label_B=labels, cfg=args.guidance, top_k=args.top_k,
+                                         top_p=args.top_p, g_seed=i, more_smooth=False)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return {"total": statistics.median(times), "peak_mb": peak_memory_mb(args.device), "per_scale": None,
+            "decode": None}
+
+
+def child_main(args):
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    res = run_reference(args) if args.reference else run_ours(args)
+    print("BENCH_RESULT " + json.dumps(res))
+
+
+def spawn(base: list, extra: list) -> dict:
+    cmd = [sys.executable, "-m", "studio.bench", "--child"] + base + extra
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=str(Path(__file__).resolve().parent.parent))
+    for line in p.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT "):])
+    raise RuntimeError(f"benchmark run failed ({' '.join(extra)}):\n{p.stderr[-3000:]}")
+
+
+def print_table(rows, patch_nums, batch):
+    names = [r[0] for r in rows]
+    w = max(12, max(len(n) for n in names) + 2)
+    print(f"\nbatch {batch}; seconds (median); scales {patch_nums}")
+    head = f"{'run':<{w}}" + "".join(f"{f'{pn}x{pn}':>8}" for pn in patch_nums) + f"{'decode':>9}{'total':>9}{'peak MB':>9}{'vs base':>9}"
+    print(head)
+    print("-" * len(head))
+    base = rows[0][1]["total"]
+    for name, r in rows:
+        cells = "".join(f"{t:8.3f}" for t in r["per_scale"]) if r.get("per_scale") else " " * 8 * len(patch_nums)
+        dec = f"{r['decode']:9.3f}" if r.get("decode") is not None else f"{'':>9}"
+        print(f"{name:<{w}}{cells}{dec}{r['total']:9.3f}{r['peak_mb']:9.0f}{r['total'] / base:8.2f}x")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="VAR generation benchmark (prints a table)")
+    ap.add_argument("--model", default="d16", help="dNN (official shape, random weights), 'default', or a weights folder")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--guidance", type=float, default=4.0)
+    ap.add_argument("--top-k", type=int, default=900)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the no-KV-cache runs")
+    ap.add_argument("--reference", default=None, help="work tree of the published VAR code: add its fp32 run")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
+    ap.add_argument("--no-cache", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child_main(args)
+
+    base = ["--model", args.model, "--device", args.device, "--batch", str(args.batch), "--repeat", str(args.repeat),
+            "--guidance", str(args.guidance), "--top-k", str(args.top_k), "--top-p", str(args.top_p),
+            "--threads", str(args.threads)]
+    rows = []
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for d in dtypes:
+        if d not in DTYPES:
+            ap.error(f"unknown dtype {d}; choose from {', '.join(DTYPES)}")
+    if args.reference:
+        if not args.model.startswith("d"):
+            ap.error("--reference needs an official shape (--model d16 ...)")
+        rows.append(("reference fp32", spawn(base, ["--reference", args.reference])))
+    for d in dtypes:
+        if not args.no_baseline:
+            rows.append((f"{d} no cache", spawn(base, ["--dtype", d, "--no-cache"])))
+        rows.append((f"{d} KV cache", spawn(base, ["--dtype", d])))
+    patch_nums = next(r["patch_nums"] for _, r in rows if "patch_nums" in r)
+    print_table(rows, patch_nums, args.batch)
+
+
+if __name__ == "__main__":
+    main()
