@@ -418,10 +418,12 @@ class VAR(nn.Module):
                 for blk, mod in zip(self.blocks, mods):
                     x = blk(x, mod, bias)
                 x = x[:, ed - pn * pn:]
-            logits = self.get_logits(x, cond_BD)  # (2B or B, pn*pn, V) fp32
-            if use_cfg:
+            if use_cfg and ts[si] != 0:
                 t = ts[si]
+                logits = self.get_logits(x, cond_BD)  # (2B, pn*pn, V) fp32
                 logits = (1 + t) * logits[:B] - t * logits[B:]
+            else:  # unguided scale: the null half only fed the KV cache, its logits are not needed
+                logits = self.get_logits(x[:B], cond_BD[:B])
             if logits_hook is not None:
                 logits = logits_hook(si, logits)
             filter_top_k_top_p_(logits, top_k, top_p)
