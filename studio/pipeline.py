@@ -298,6 +298,183 @@ class VARPipeline:
         return toks, masks
 
 
+    # -- editing (zero-shot: known tokens forced, the rest generated) ----------------------------
+    def _generate_with_known(self, known, masks, class_labels, num_images, guidance_scale, kw):
+        """Run generation with forced tokens; an unconditional edit needs no guidance (both halves
+        would be the null class)."""
+        if class_labels is None:
+            class_labels, guidance_scale = -1, 0.0
+        return self(class_labels=class_labels, num_images_per_label=num_images, guidance_scale=guidance_scale,
+                    known_tokens=known, known_mask=masks, output_type="np", **kw)
+
+    @torch.no_grad()
+    def inpaint(self, image, mask_image, class_labels: Optional[ClassLabel] = None, guidance_scale=4.0,
+                top_k: int = 900, top_p: float = 0.95, more_smooth: bool = False, generator=None,
+                num_images: int = 1, mask_blur: int = 4, mask_grow: int = 0, inpaint_area: str = "masked",
+                padding: int = 32, mask_coverage: float = 0.0, callback_on_scale_end=None,
+                output_type: str = "pil") -> VAROutput:
+        """Regenerate the white part of `mask_image` (same size as `image`, any size and mode).
+
+        inpaint_area: "masked" crops a square around the mask (plus `padding`) to the model's
+            resolution, edits it and pastes it back; "whole" resizes the whole image.
+        mask_grow: grow (>0) or shrink (<0) the mask in pixels; mask_blur: feather band in pixels
+            (outside the mask and the band the original pixels are kept exactly).
+        mask_coverage: a latent cell is regenerated when more than this fraction of it is masked.
+        class_labels: None edits without a class (the paper's in-painting); a class edits the region
+            towards that class. `.tokens` holds the token maps used (model resolution)."""
+        from studio import editing as ed
+
+        if inpaint_area not in ("masked", "whole"):
+            raise ValueError(f"inpaint_area must be 'masked' or 'whole', not {inpaint_area!r}")
+        if mask_blur < 0 or padding < 0:
+            raise ValueError("mask_blur and padding must be >= 0")
+        if not 0.0 <= mask_coverage < 1.0:
+            raise ValueError(f"mask_coverage must be in [0, 1), got {mask_coverage}")
+        orig = ed.to_float_rgb(image)
+        H, W = orig.shape[:2]
+        mask = ed.mask_to_array(mask_image, (W, H))
+        mask = ed.grow_mask(mask, int(mask_grow))
+        alpha = ed.feather(mask, int(mask_blur))
+        R = self.resolution
+        if not mask.any():  # nothing to regenerate: the input comes back
+            tokens = self._encode_float(ed.resize_float(orig, (R, R)))
+            images = np.repeat(orig[None], num_images, axis=0)
+            return VAROutput(self._np_to_output(images, output_type), [t.repeat(num_images, 1) for t in tokens])
+        if inpaint_area == "masked":
+            region = ed.region_around(np.maximum(mask, alpha > 0), padding, min_side=min(R, max(H, W)))
+        else:
+            region = None
+        crop = orig if region is None else ed.crop_square(orig, region)
+        crop_mask = mask if region is None else ed.crop_square(mask, region)
+        ch, cw = crop.shape[:2]
+        model_in = ed.resize_float(crop, (R, R))
+        model_mask = np.asarray(Image.fromarray((crop_mask * 255).astype(np.uint8)).resize((R, R), Image.Resampling.NEAREST),
+                                dtype=np.float32) / 255.0
+        regen = ed.latent_regen_mask(model_mask, self.patch_nums[-1], mask_coverage)
+        kw = dict(top_k=top_k, top_p=top_p, more_smooth=more_smooth, generator=generator,
+                  callback_on_scale_end=callback_on_scale_end)
+        if regen.all():  # everything regenerated: a fresh sample
+            out = self._generate_with_known(None, None, class_labels, num_images, guidance_scale, kw)
+        else:
+            known = self._encode_float(model_in)
+            masks = ed.scale_keep_masks(regen, self.patch_nums)
+            out = self._generate_with_known(known, masks, class_labels, num_images, guidance_scale, kw)
+        results = []
+        for gen in out.images:
+            gen_crop = ed.resize_float(gen, (cw, ch))
+            if region is None:
+                full = gen_crop
+            else:
+                full = orig.copy()
+                x0, y0, x1, y1 = region.box
+                sx0, sy0 = max(0, -x0), max(0, -y0)
+                full[max(y0, 0):min(y1, H), max(x0, 0):min(x1, W)] = gen_crop[sy0:sy0 + min(y1, H) - max(y0, 0),
+                                                                              sx0:sx0 + min(x1, W) - max(x0, 0)]
+            results.append(ed.blend(orig, full, alpha))
+        out.images = self._np_to_output(np.stack(results), output_type)
+        return out
+
+    @torch.no_grad()
+    def outpaint(self, image, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0,
+                 class_labels: Optional[ClassLabel] = None, guidance_scale=4.0, top_k: int = 900, top_p: float = 0.95,
+                 more_smooth: bool = False, generator=None, mask_blur: int = 8, window: Optional[int] = None,
+                 max_windows: int = 64, callback_on_scale_end=None, on_window=None, output_type: str = "pil") -> VAROutput:
+        """Extend the image by the given number of pixels on each side, to any size.
+
+        Square windows (`window` pixels, default the image's shorter side) slide outwards, each
+        overlapping known content; every window is an in-painting of its unknown part, pasted with a
+        feathered seam. The original pixels stay exactly in place. `on_window(index, canvas_pil)`
+        reports the canvas after each window."""
+        from studio import editing as ed
+
+        for name, v in (("left", left), ("right", right), ("top", top), ("bottom", bottom)):
+            if int(v) != v or v < 0:
+                raise ValueError(f"{name} must be a whole number of pixels >= 0, got {v}")
+        orig = ed.to_float_rgb(image)
+        H, W = orig.shape[:2]
+        H2, W2 = H + top + bottom, W + left + right
+        if H2 * W2 > 64_000_000:
+            raise ValueError(f"the canvas would be {W2}x{H2}; at most 64 megapixels")
+        side = int(window or min(H, W))
+        side = max(16, min(side, H2, W2))
+        canvas = np.pad(orig, ((top, bottom), (left, right), (0, 0)), mode="edge")
+        known = np.zeros((H2, W2), dtype=bool)
+        known[top:top + H, left:left + W] = True
+        all_tokens, n = None, 0
+        while (pos := ed.next_outpaint_window(known, side)) is not None:
+            if n >= max_windows:
+                raise ValueError(f"out-painting needs more than {max_windows} windows; use a larger window")
+            x0, y0 = pos
+            win = canvas[y0:y0 + side, x0:x0 + side]
+            win_mask = (~known[y0:y0 + side, x0:x0 + side]).astype(np.float32)
+            res = self.inpaint(ed.to_pil(win), win_mask, class_labels=class_labels, guidance_scale=guidance_scale,
+                               top_k=top_k, top_p=top_p, more_smooth=more_smooth, generator=generator,
+                               mask_blur=0, inpaint_area="whole", callback_on_scale_end=callback_on_scale_end,
+                               output_type="np")
+            gen = res.images[0]
+            # new pixels take the window's result; earlier generated pixels blend over a feathered
+            # band; the original image is never touched
+            alpha = np.maximum(ed.feather(win_mask, mask_blur), win_mask)
+            alpha[self._is_original(top, left, H, W, x0, y0, side)] = 0.0
+            canvas[y0:y0 + side, x0:x0 + side] = ed.blend(win, gen, alpha.astype(np.float32))
+            known[y0:y0 + side, x0:x0 + side] = True
+            all_tokens = res.tokens
+            n += 1
+            if on_window is not None:
+                on_window(n, ed.to_pil(canvas))
+        canvas[top:top + H, left:left + W] = orig
+        return VAROutput(self._np_to_output(canvas[None], output_type), all_tokens or [],
+                         timings={"windows": n})
+
+    @staticmethod
+    def _is_original(top, left, H, W, x0, y0, side) -> np.ndarray:
+        ys = np.arange(y0, y0 + side)[:, None]
+        xs = np.arange(x0, x0 + side)[None, :]
+        return (ys >= top) & (ys < top + H) & (xs >= left) & (xs < left + W)
+
+    @torch.no_grad()
+    def variations(self, image, keep_scales: int, class_labels: Optional[ClassLabel] = None, num_images: int = 1,
+                   **kwargs) -> VAROutput:
+        """Image-to-image: keep the first `keep_scales` scales of the image's token pyramid and sample
+        the rest (0: a fresh sample; all scales: the image's reconstruction)."""
+        if not 0 <= keep_scales <= self.num_scales:
+            raise ValueError(f"keep_scales must be in 0..{self.num_scales}, got {keep_scales}")
+        known = self.encode(image)[:keep_scales] if keep_scales else None
+        if known is not None and known[0].shape[0] != 1:
+            raise ValueError("variations takes one image")
+        labels = -1 if class_labels is None else class_labels
+        if class_labels is None:
+            kwargs.setdefault("guidance_scale", 0.0)
+        return self(class_labels=labels, num_images_per_label=num_images, known_tokens=known, **kwargs)
+
+    @torch.no_grad()
+    def reroll(self, tokens: Sequence[torch.Tensor], from_scale: int, class_labels=None, **kwargs) -> VAROutput:
+        """Keep scales 0..from_scale-1 of a result's tokens and resample the rest (from_scale equal
+        to the number of scales gives the same image back)."""
+        if not 0 <= from_scale <= self.num_scales:
+            raise ValueError(f"from_scale must be in 0..{self.num_scales}, got {from_scale}")
+        self._check_tokens(tokens[:max(from_scale, 1)], allow_prefix=True)
+        known = list(tokens[:from_scale]) if from_scale else None
+        B = tokens[0].shape[0]
+        if class_labels is None:
+            class_labels = -1
+        labels = class_labels if isinstance(class_labels, (list, tuple)) else [class_labels] * B
+        return self(class_labels=labels, known_tokens=known, **kwargs)
+
+    def _encode_float(self, rgb01: np.ndarray) -> List[torch.Tensor]:
+        """(R, R, 3) float in [0, 1] -> tokens, without rounding the pixels to 8 bits."""
+        return self.encode(torch.from_numpy(np.ascontiguousarray(rgb01)).permute(2, 0, 1)[None].mul(2).sub(1))
+
+    def _np_to_output(self, images: np.ndarray, output_type: str):
+        if output_type == "np":
+            return images
+        if output_type == "pt":
+            return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        if output_type == "pil":
+            return [Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)) for a in images]
+        raise ValueError(f"output_type must be 'pil', 'np' or 'pt', not {output_type!r}")
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB; transparency is composited over white."""
     if im.mode == "RGB":
