@@ -1,0 +1,85 @@
+"""VAR Studio: serve the browser studio.
+
+    python app.py                                  # the embedded default model, http://127.0.0.1:7860
+    python app.py --model weights/:d16 --model weights/:d30 --device cuda:0 --device cuda:1
+    python app.py --model my_bundle/ --preview fast --outputs ~/var-outputs
+
+The models live in worker processes (one per --device); this process runs the web server only and
+never imports torch.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from studio.worker import ModelSpec, WorkerError, WorkerPool
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="VAR Studio: a browser studio for next-scale prediction models")
+    ap.add_argument("--model", action="append", default=None, metavar="SOURCE",
+                    help="a folder of official weights (folder:d16 picks the depth), one of our bundles or a hub id; "
+                         "repeat for several models (default: the embedded model)")
+    ap.add_argument("--device", action="append", default=None,
+                    help="cpu, cuda, cuda:1 ...; repeat for one worker per device (default: cuda if present, else cpu)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--outputs", default="outputs", help="folder where every result is saved (default: outputs/)")
+    ap.add_argument("--preview", choices=["full", "fast"], default="full",
+                    help="live preview: full decode of every scale, or a fast linear latent-to-RGB map")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's choice)")
+    ap.add_argument("--scale-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # demos/tests of streaming
+    return ap.parse_args(argv)
+
+
+def model_specs(sources: Optional[List[str]]) -> List[ModelSpec]:
+    """--model values -> named models (the names fill the model dropdown)."""
+    if not sources:
+        return [ModelSpec("default", None)]
+    specs, used = [], set()
+    for src in sources:
+        m = re.match(r"^(.*?)(?::(d\d+))?$", src)
+        base, variant = m.group(1), m.group(2)
+        name = Path(base.rstrip("/")).name or base
+        if "/" in base and not Path(base).exists():  # a hub id keeps its owner
+            name = base
+        name += f":{variant}" if variant else ""
+        unique, k = name, 2
+        while unique in used:
+            unique, k = f"{name} ({k})", k + 1
+        used.add(unique)
+        specs.append(ModelSpec(unique, src))
+    return specs
+
+
+def create_pool(args: argparse.Namespace) -> WorkerPool:
+    return WorkerPool(model_specs(args.model), devices=args.device or ["auto"], outputs=args.outputs,
+                      preview=args.preview, scale_delay=args.scale_delay, torch_threads=args.threads)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    pool = create_pool(args)
+    print(f"loading {', '.join(s.name for s in pool.model_specs)} on {', '.join(pool.devices)} ...", flush=True)
+    pool.start(wait=False)
+    from studio import ui  # Gradio loads while the workers load the models
+
+    try:
+        pool.wait_ready()
+    except WorkerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    studio = ui.Studio(pool)
+    demo = ui.build_ui(studio)
+    try:
+        ui.launch(demo, studio, host=args.host, port=args.port)
+    finally:
+        pool.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The worker pool on a tiny random model: per-scale events, saved outputs, cancel, crashes, bad input.
+
+`tiny_bundle` here is shared with test_app.py and test_browser.py (import it from this module)."""
+import io
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from studio.generate import read_png_parameters
+from studio.worker import (ModelSpec, WorkerError, WorkerPool, _Previewer, decode_tokens, encode_png, encode_tokens,
+                           read_png_info)
+
+TINY_PATCH_NUMS = (1, 2, 3, 4, 6, 8)
+
+
+def make_tiny_bundle(folder):
+    """A 64 px, 6-scale random VQVAE + VAR bundle (fast to load and to run)."""
+    from models.var import VAR, VARConfig
+    from models.vqvae import VQVAE, VQVAEConfig
+    from studio.pipeline import VARPipeline
+
+    torch.manual_seed(0)
+    vae = VQVAE(VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2, 4), using_sa=False,
+                            patch_nums=TINY_PATCH_NUMS))
+    var = VAR(VARConfig(vocab_size=64, z_channels=8, num_classes=10, depth=1, embed_dim=64, num_heads=2,
+                        patch_nums=TINY_PATCH_NUMS))
+    pipe = VARPipeline(vae, var, [f"class {i}" for i in range(10)])
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    return make_tiny_bundle(tmp_path_factory.mktemp("tiny_bundle"))
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_bundle, tmp_path_factory):
+    p = WorkerPool([ModelSpec("tiny", str(tiny_bundle))], devices=["cpu"], outputs=tmp_path_factory.mktemp("outputs"),
+                   scale_delay=0.1, torch_threads=1)
+    with p:
+        yield p
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_tokens_and_parameters_round_trip_through_png(tmp_path):
+    tokens = [np.arange(n * n, dtype=np.int64) % 7 for n in TINY_PATCH_NUMS]
+    data = encode_png(Image.new("RGB", (8, 8)), {"seed": 3, "class_name": "x"}, tokens)
+    (tmp_path / "a.png").write_bytes(data)
+    assert read_png_parameters(tmp_path / "a.png") == {"seed": 3, "class_name": "x"}  # the CLI's reader agrees
+    params, back = read_png_info(data)
+    assert params["seed"] == 3 and all(np.array_equal(a, b) for a, b in zip(tokens, back))
+    big = [np.array([70000, 1])]
+    assert np.array_equal(decode_tokens(encode_tokens(big))[0], big[0])
+
+
+def test_generation_streams_every_scale_and_saves_before_the_result(pool):
+    job = pool.submit("generate", {"class_name": "class 3", "seed": 7, "num_images": 2})
+    assert job.wait(60), job
+    assert job.status == "done", job.error
+    assert [u.scale_index for u in job.scales] == list(range(len(TINY_PATCH_NUMS)))
+    assert [u.patch_num for u in job.scales] == list(TINY_PATCH_NUMS)
+    preview = Image.open(io.BytesIO(job.scales[-1].preview))
+    assert preview.format == "JPEG" and preview.width > 64  # two images tiled
+    res = job.result
+    assert len(res.paths) == 2 and all(os.path.exists(p) for p in res.paths)
+    for i, path in enumerate(res.paths):
+        assert open(path, "rb").read() == res.images[i]
+        params = read_png_parameters(path)
+        assert params["seed"] == 7 and params["class_id"] == 3 and params["index_in_batch"] == i
+    assert [t.size for t in res.tokens[0]] == [n * n for n in TINY_PATCH_NUMS]
+
+    # re-roll keeping every scale gives the same token pyramid back; keeping fewer changes the fine ones
+    same = pool.submit("reroll", {"source_png": res.images[0], "keep_scales": len(TINY_PATCH_NUMS), "seed": 1})
+    fresh = pool.submit("reroll", {"source_png": res.images[0], "keep_scales": 2, "seed": 1})
+    assert same.wait(60) and fresh.wait(60) and same.status == fresh.status == "done", (same.error, fresh.error)
+    assert all(np.array_equal(a, b) for a, b in zip(same.result.tokens[0], res.tokens[0]))
+    assert all(np.array_equal(a, b) for a, b in zip(fresh.result.tokens[0][:2], res.tokens[0][:2]))
+    assert fresh.result.params[0]["class_id"] == 3 and fresh.result.params[0]["keep_scales"] == 2
+
+
+def test_a_slow_consumer_gets_the_latest_preview_not_a_backlog(pool):
+    job = pool.submit("generate", {"seed": 1})
+    job.wait(60)
+    views = list(job.updates())  # a consumer that looks only after the end
+    assert len(views) == 1 and views[0].status == "done"
+    assert views[0].latest.scale_index == len(TINY_PATCH_NUMS) - 1
+    assert len(views[0].scales) == len(TINY_PATCH_NUMS)  # the filmstrip still has every scale
+
+
+def test_cancel_stops_at_a_scale_boundary_and_removes_queued_jobs(pool):
+    running = pool.submit("generate", {"seed": 2})
+    while running.status == "queued":
+        time.sleep(0.01)
+    queued = pool.submit("generate", {"seed": 3})
+    assert queued.position == 1 and running.position == 0
+    queued.cancel()
+    assert queued.status == "cancelled"
+    for view in running.updates():
+        if view.latest is not None:
+            running.cancel()
+            break
+    assert running.wait(30)
+    assert running.status == "cancelled" and "stopped at scale" in running.error
+    assert len(running.scales) < len(TINY_PATCH_NUMS)
+    after = pool.submit("generate", {"seed": 4})
+    assert after.wait(60) and after.status == "done"
+
+
+def test_bad_input_fails_the_job_and_keeps_the_worker(pool):
+    pid = pool.worker_pids()[0]
+    image = png(Image.new("RGB", (64, 48), "green"))
+    mask = np.zeros((48, 64), np.uint8)
+    mask[10:20, 10:30] = 255
+    cases = {
+        "unknown class name": ("generate", {"class_name": "zebra"}),
+        "could not be read": ("inpaint", {"image": b"\x89PNG garbage", "mask": png(Image.fromarray(mask))}),
+        "same size": ("inpaint", {"image": image, "mask": png(Image.new("L", (10, 10), 255))}),
+        "mask is empty": ("inpaint", {"image": image, "mask": png(Image.new("L", (64, 48), 0))}),
+        "keep_scales": ("guide", {"image": image, "keep_scales": 99}),
+        "top_p": ("generate", {"top_p": 3.0}),
+        "no token pyramid": ("reroll", {"source_png": image, "keep_scales": 2}),
+        "at least one side": ("outpaint", {"image": image}),
+    }
+    jobs = {k: pool.submit(kind, params) for k, (kind, params) in cases.items()}
+    for expected, job in jobs.items():
+        assert job.wait(60) and job.status == "failed", (expected, job.status)
+        assert expected in job.error, (expected, job.error)
+    ok = pool.submit("inpaint", {"image": image, "mask": png(Image.fromarray(mask)), "seed": 0})
+    assert ok.wait(60) and ok.status == "done", ok.error
+    assert Image.open(io.BytesIO(ok.result.images[0])).size == (64, 48)
+    assert pool.worker_pids()[0] == pid
+
+
+def test_a_killed_worker_fails_its_job_restarts_and_runs_the_queue(pool):
+    victim = pool.submit("generate", {"seed": 5})
+    waiting = pool.submit("generate", {"seed": 6})
+    for view in victim.updates():
+        if view.latest is not None:
+            break
+    old = pool.worker_pids()[0]
+    os.kill(old, signal.SIGKILL)
+    assert victim.wait(30) and victim.status == "failed"
+    assert "stopped unexpectedly" in victim.error and "SIGKILL" in victim.error
+    assert waiting.wait(90) and waiting.status == "done", waiting.error
+    assert pool.worker_pids()[0] not in (None, old)
+
+
+def test_one_worker_per_device_and_a_clear_error_for_a_bad_model(tiny_bundle, tmp_path):
+    with WorkerPool([ModelSpec("tiny", str(tiny_bundle))], devices=["cpu", "cpu"], outputs=tmp_path,
+                    scale_delay=0.2, torch_threads=1) as two:
+        a, b = two.submit("generate", {"seed": 1}), two.submit("generate", {"seed": 2})
+        assert a.wait(60) and b.wait(60) and a.status == b.status == "done"
+        assert {a.worker, b.worker} == {0, 1} and len(set(two.worker_pids())) == 2
+    with pytest.raises(WorkerError, match="could not load model 'nope'.*no such folder"):
+        WorkerPool([ModelSpec("nope", str(tmp_path / "missing"))], devices=["cpu"], outputs=tmp_path).start()
+
+
+def test_fast_preview_map_recovers_a_linear_decoder(tiny_bundle):
+    """Least squares between f_hat and the decoded image: with a decoder that is exactly a linear map of
+    the code channels (then upsampled), the fitted map is that map, and fast previews equal full ones."""
+    import torch.nn.functional as F
+
+    from studio.pipeline import VARPipeline
+
+    pipe = VARPipeline.from_pretrained(tiny_bundle)
+    C, R = pipe.vae.cfg.z_channels, pipe.resolution
+    true = torch.randn(C + 1, 3, generator=torch.Generator().manual_seed(0)) * 0.1
+    pipe.vae.fhat_to_img = lambda f: F.interpolate(torch.einsum("bchw,cd->bdhw", f.float(), true[:-1])
+                                                   + true[-1].view(1, 3, 1, 1), size=(R, R), mode="nearest")
+    prev = _Previewer(pipe, R)
+    assert torch.allclose(prev.fit_fast_map(), true, atol=2e-3)
+    f_hat = pipe.vae.quantize.tokens_to_fhat(pipe.encode(Image.new("RGB", (R, R), "teal")))
+    fast = np.asarray(prev(f_hat.repeat(2, 1, 1, 1), "fast"), dtype=np.float32)
+    full = np.asarray(prev(f_hat.repeat(2, 1, 1, 1), "full"), dtype=np.float32)
+    assert fast.shape == full.shape == (R, 2 * R + 2, 3)  # two images, tiled
+    assert np.abs(fast - full).mean() < 3.0  # 8-bit levels: only the bilinear upsampling differs
