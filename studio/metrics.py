@@ -1,0 +1,288 @@
+"""Pure quality metrics: numbers from arrays, no models, no files.
+
+Every function takes numpy arrays or torch tensors (converted to float64 numpy / torch on the CPU)
+and returns a Python float (or a small array where it says so).
+
+    psnr(a, b, data_range)            reconstruction quality, dB
+    depth_rel_rmse(pred, gt, align)   RMSE / (gt.max() - gt.min()), per image, then averaged
+    miou(pred, gt, num_classes)       mean IoU over the classes present in gt or pred
+    canny(image, low, high)           binary edge map (OpenCV's Canny if installed, else our own)
+    edge_f1(pred, gt, tolerance)      F1 of two edge maps, a match within `tolerance` pixels
+    frechet_distance(f1, f2)          Frechet distance of two feature sets (Gaussian fit)
+    accuracy(logits_or_pred, target)  fraction of correct class predictions
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _np(x, dtype=np.float64) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    return x.astype(dtype) if dtype is not None else x
+
+
+# ---------------------------------------------------------------------------------------------
+# reconstruction
+
+
+def psnr(a, b, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB: 10 log10(data_range^2 / MSE), per image, then averaged.
+
+    a, b: one image (H,W) or (H,W,C) or (C,H,W), or a batch (N,C,H,W) / (N,H,W,C) (4 axes). Identical
+    images give +inf. data_range is the span of the values: 1 for [0,1], 2 for [-1,1], 255 for uint8."""
+    a, b = _np(a), _np(b)
+    if a.shape != b.shape:
+        raise ValueError(f"psnr: shapes differ {a.shape} vs {b.shape}")
+    if a.ndim != 4:
+        a, b = a[None], b[None]
+    mse = ((a - b) ** 2).reshape(a.shape[0], -1).mean(1)
+    with np.errstate(divide="ignore"):
+        vals = 10.0 * np.log10(data_range**2 / mse)
+    return float(vals.mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# depth
+
+
+def align_scale_shift(pred, gt, mask=None) -> np.ndarray:
+    """The least-squares s*pred + b that best fits gt (over `mask`), for relative-depth predictors."""
+    p, g = _np(pred), _np(gt)
+    m = np.ones(p.shape, bool) if mask is None else _np(mask, bool)
+    A = np.stack([p[m], np.ones(int(m.sum()))], 1)
+    if len(A) < 2:
+        return p
+    (s, b), *_ = np.linalg.lstsq(A, g[m], rcond=None)
+    return s * p + b
+
+
+def depth_rel_rmse(pred, gt, align: bool = False, per_image: bool = False):
+    """RMSE(pred, gt) / (gt.max() - gt.min()), per image, averaged over the batch.
+
+    pred, gt: (H,W) or (N,H,W) (a singleton channel axis is dropped), in the same units: the studio
+    compares normalised log-depth maps (models/domain.py), the representation the depth control
+    uses, so errors in the near foreground and on far mountains both count. align=True first fits
+    pred to gt with a per-image least-squares scale and shift, for predictors of relative depth
+    (ours predict absolute log-depth and are scored with align=False). A flat gt (zero range) scores
+    RMSE / 1. per_image=True returns the (N,) array instead of the mean."""
+    p, g = _np(pred), _np(gt)
+    if p.shape != g.shape:
+        raise ValueError(f"depth_rel_rmse: shapes differ {p.shape} vs {g.shape}")
+    if p.ndim == 4 and p.shape[1] == 1:
+        p, g = p[:, 0], g[:, 0]
+    if p.ndim == 2:
+        p, g = p[None], g[None]
+    out = []
+    for pi, gi in zip(p, g):
+        if align:
+            pi = align_scale_shift(pi, gi)
+        rng = float(gi.max() - gi.min())
+        out.append(float(np.sqrt(((pi - gi) ** 2).mean())) / (rng if rng > 0 else 1.0))
+    out = np.asarray(out)
+    return out if per_image else float(out.mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# segmentation
+
+
+def confusion_matrix(pred, gt, num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) counts, rows = gt, columns = pred."""
+    p, g = _np(pred, np.int64).ravel(), _np(gt, np.int64).ravel()
+    if p.shape != g.shape:
+        raise ValueError("confusion_matrix: pred and gt differ in size")
+    if len(p) and (min(p.min(), g.min()) < 0 or max(p.max(), g.max()) >= num_classes):
+        raise ValueError(f"labels must be in 0..{num_classes - 1}")
+    return np.bincount(g * num_classes + p, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def iou_per_class(pred, gt, num_classes: int) -> np.ndarray:
+    """(num_classes,) IoU; NaN for classes in neither map."""
+    cm = confusion_matrix(pred, gt, num_classes).astype(np.float64)
+    inter = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / union, np.nan)
+
+
+def miou(pred, gt, num_classes: int) -> float:
+    """Mean IoU over the classes present in gt or pred (union > 0), pooled over all pixels given
+    (pass a batch to get the dataset-level mIoU). 1.0 for identical maps."""
+    iou = iou_per_class(pred, gt, num_classes)
+    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+
+
+def pixel_accuracy(pred, gt) -> float:
+    return float((_np(pred, np.int64) == _np(gt, np.int64)).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# edges
+
+
+def _gray_u8(image) -> np.ndarray:
+    """(H,W,3) / (H,W) uint8 or float in [0,1] (a PIL image too) -> (H,W) uint8 luma (ITU-R 601,
+    exactly as OpenCV's RGB2GRAY)."""
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        a = np.clip(np.rint(a.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    if a.ndim == 3:  # cv2.cvtColor(RGB2GRAY)'s fixed-point weights and rounding, bit for bit
+        c = a[..., :3].astype(np.int32)
+        a = ((c[..., 0] * 9798 + c[..., 1] * 19235 + c[..., 2] * 3735 + 16384) >> 15).astype(np.uint8)
+    return a
+
+
+def canny_backend() -> str:
+    try:
+        import cv2  # noqa: F401
+
+        return "opencv"
+    except ImportError:
+        return "torch"
+
+
+def canny(image, low: float = 100.0, high: float = 200.0, backend: str = "auto") -> np.ndarray:
+    """Binary (H,W) bool edge map. image: (H,W,3)/(H,W) uint8 (or float [0,1], or PIL).
+
+    Thresholds are on the L1 Sobel gradient magnitude of the uint8 luma, as cv2.Canny(img, low,
+    high) uses them. backend "opencv" needs opencv-python(-headless); "torch" is our port of the
+    same steps (3x3 Sobel with replicated borders, non-maximum suppression along 4 directions with
+    OpenCV's tie rules, 8-connected hysteresis); "auto" prefers OpenCV. The two gave identical maps
+    on every image we compared (renders at 128/256 px, noise; several threshold pairs)."""
+    gray = _gray_u8(image)
+    if backend == "auto":
+        backend = canny_backend()
+    if backend == "opencv":
+        import cv2
+
+        return cv2.Canny(gray, float(low), float(high)) > 0
+    if backend != "torch":
+        raise ValueError(f"canny backend must be auto, opencv or torch, not {backend!r}")
+    return _canny_torch(gray, float(low), float(high))
+
+
+def _canny_torch(gray: np.ndarray, low: float, high: float) -> np.ndarray:
+    g = torch.from_numpy(gray.astype(np.float32))[None, None]
+    g = F.pad(g, (1, 1, 1, 1), mode="replicate")  # cv2.Canny computes its Sobel with BORDER_REPLICATE
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    gx = F.conv2d(g, kx[None, None])[0, 0]
+    gy = F.conv2d(g, kx.t()[None, None])[0, 0]
+    mag = gx.abs() + gy.abs()
+    H, W = mag.shape
+    m = F.pad(mag, (1, 1, 1, 1))
+
+    def nb(dy, dx):
+        return m[1 + dy: 1 + dy + H, 1 + dx: 1 + dx + W]
+
+    # quantise the gradient direction to 0/45/90/135 degrees (tan 22.5 = 0.4142)
+    ax, ay = gx.abs(), gy.abs()
+    horiz = ay < ax * 0.41421356  # gradient ~ along x: compare left/right
+    vert = ay > ax * 2.41421356  # gradient ~ along y: compare up/down
+    diag = ~horiz & ~vert
+    diag_same = (gx * gy) >= 0  # image y points down: gx, gy same sign -> the "\\" neighbours
+    n1 = torch.where(horiz, nb(0, -1), torch.where(vert, nb(-1, 0), torch.where(diag_same, nb(-1, -1), nb(-1, 1))))
+    n2 = torch.where(horiz, nb(0, 1), torch.where(vert, nb(1, 0), torch.where(diag_same, nb(1, 1), nb(1, -1))))
+    # as OpenCV: > the neighbour before and >= the one after along x or y; > both on a diagonal
+    keep = (mag > low) & (mag > n1) & torch.where(diag, mag > n2, mag >= n2)
+    strong = keep & (mag > high)
+    weak = keep
+    edges = strong.clone()
+    while True:  # hysteresis: grow strong edges through 8-connected weak pixels
+        grown = (F.max_pool2d(edges[None, None].float(), 3, 1, 1)[0, 0] > 0) & weak
+        if torch.equal(grown, edges):
+            break
+        edges = grown
+    return edges.numpy()
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    if radius <= 0:
+        return mask
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return (F.max_pool2d(t, 2 * radius + 1, 1, radius)[0, 0] > 0).numpy()
+
+
+def edge_f1(pred, gt, tolerance: int = 1) -> float:
+    """F1 of edge map `pred` against `gt` (both (H,W) bool, or (N,H,W) for a mean over images).
+
+    A predicted edge pixel counts as correct when a gt edge lies within `tolerance` pixels
+    (Chebyshev distance), and a gt edge pixel as found when a predicted edge lies as near.
+    Both maps empty: 1.0; one of them empty: 0.0."""
+    p, g = _np(pred, bool), _np(gt, bool)
+    if p.shape != g.shape:
+        raise ValueError(f"edge_f1: shapes differ {p.shape} vs {g.shape}")
+    if p.ndim == 3:
+        return float(np.mean([edge_f1(a, b, tolerance) for a, b in zip(p, g)]))
+    n_p, n_g = int(p.sum()), int(g.sum())
+    if n_p == 0 and n_g == 0:
+        return 1.0
+    if n_p == 0 or n_g == 0:
+        return 0.0
+    precision = (p & _dilate(g, tolerance)).sum() / n_p
+    recall = (g & _dilate(p, tolerance)).sum() / n_g
+    return 0.0 if precision + recall == 0 else float(2 * precision * recall / (precision + recall))
+
+
+# ---------------------------------------------------------------------------------------------
+# distributions and classes
+
+
+def feature_stats(features) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) -> mean (D,) and unbiased covariance (D, D), float64."""
+    f = torch.as_tensor(_np(features))
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"features must be (N >= 2, D), got {tuple(f.shape)}")
+    mu = f.mean(0)
+    c = f - mu
+    return mu, c.T @ c / (f.shape[0] - 1)
+
+
+def _sqrtm_psd(a: torch.Tensor) -> torch.Tensor:
+    w, v = torch.linalg.eigh((a + a.T) / 2)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def frechet_distance(features_a=None, features_b=None, stats_a=None, stats_b=None) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets:
+    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2).
+
+    Give (N, D) features, or precomputed (mu, cov) pairs from feature_stats. Matrix square roots
+    come from torch.linalg.eigh in float64 (no scipy). With the world's ClassNet features this is a
+    *domain* Frechet distance: its scale is not comparable to published (Inception) FID."""
+    mu_a, s_a = stats_a if stats_a is not None else feature_stats(features_a)
+    mu_b, s_b = stats_b if stats_b is not None else feature_stats(features_b)
+    mu_a, s_a, mu_b, s_b = (torch.as_tensor(_np(t)) for t in (mu_a, s_a, mu_b, s_b))
+    if mu_a.shape != mu_b.shape:
+        raise ValueError(f"feature widths differ: {tuple(mu_a.shape)} vs {tuple(mu_b.shape)}")
+    ra = _sqrtm_psd(s_a)
+    cross = torch.linalg.eigvalsh((ra @ s_b @ ra + (ra @ s_b @ ra).T) / 2).clamp(min=0).sqrt().sum()
+    d = ((mu_a - mu_b) ** 2).sum() + torch.trace(s_a) + torch.trace(s_b) - 2 * cross
+    return float(d.clamp(min=0))
+
+
+def accuracy(pred_or_logits, target) -> float:
+    """Fraction of correct predictions: pred (N,) class ids, or logits (N, C) (argmax taken)."""
+    p = _np(pred_or_logits, None)
+    if p.ndim == 2:
+        p = p.argmax(1)
+    t = _np(target, np.int64)
+    if p.shape != t.shape:
+        raise ValueError(f"accuracy: {p.shape} predictions for {t.shape} targets")
+    return float((p.astype(np.int64) == t).mean()) if t.size else float("nan")
+
+
+def confidence_interval(p: float, n: int, z: float = 1.96) -> Optional[Tuple[float, float]]:
+    """Wilson score interval (lo, hi) of a proportion p measured on n samples (95% for z=1.96);
+    unlike the normal approximation it stays honest at p = 0 or 1."""
+    if n <= 0:
+        return None
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * np.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / d
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
