@@ -1,0 +1,42 @@
+"""Assemble the embedded default bundle (assets/default) from trained parts.
+
+    python tools/assemble_default.py --var runs/var_export --domain runs/domain --out assets/default
+
+--var is a bundle written by `python -m studio.train var --export ...` (VQVAE + transformer);
+--domain is a folder of domain nets written by `python -m studio.domain train ...`. Everything is
+stored as fp16 safetensors next to one config.json; the total size is printed (the budget is 64 MB).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from studio import checkpoints  # noqa: E402
+from studio.domain import bundle_parts, load_domain_nets  # noqa: E402
+from studio.pipeline import VARPipeline  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--var", required=True, help="bundle with the VQVAE and the transformer")
+    ap.add_argument("--domain", required=True, help="folder with depth/seg/class .safetensors")
+    ap.add_argument("--out", default="assets/default")
+    ap.add_argument("--max-mb", type=float, default=64.0)
+    args = ap.parse_args(argv)
+    pipe = VARPipeline.from_pretrained(args.var)
+    nets = load_domain_nets(args.domain, required=True)
+    extra_cfg, extra_tensors = bundle_parts(nets)
+    extra_cfg["about"] = "VAR Studio embedded default: a small VAR trained on the procedural landscape world"
+    out = Path(args.out)
+    checkpoints.save_bundle(out, pipe.vae, pipe.var, pipe.class_names, torch.float16, extra_cfg, extra_tensors)
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 2 ** 20
+    print(f"wrote {out}: {size:.1f} MB ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    if size > args.max_mb:
+        raise SystemExit(f"the bundle is {size:.1f} MB, over the {args.max_mb} MB budget")
+
+
+if __name__ == "__main__":
+    main()
