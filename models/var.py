@@ -9,6 +9,8 @@ the official `var_dNN.pth` checkpoints.
 `VAR.forward` is the teacher-forced full-sequence pass (training, and a check of the sampler);
 `VAR.sample` is the scale-by-scale sampler with KV cache, classifier-free guidance, top-k/top-p,
 `more_smooth`, per-scale callbacks and teacher forcing of known tokens (editing and control).
+Both take an optional `block_hook` through which a control adapter (models/control.py) adds its
+residual to the hidden states after each block; without one, the computation is unchanged.
 """
 from __future__ import annotations
 
@@ -21,6 +23,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .vqvae import MultiScaleQuantizer
+
+# block_hook(block_index, x_BLC, start) -> x_BLC: called after every block on its output; x holds the
+# sequence positions [start, start + L) (whole scales). In the sampler, with guidance, its rows are
+# the B conditional rows followed by the B unconditional ones.
+BlockHook = Callable[[int, torch.Tensor, int], torch.Tensor]
 
 
 @dataclass
@@ -319,11 +326,12 @@ class VAR(nn.Module):
         return [blk.modulation(shared) for blk in self.blocks]
 
     # -- teacher-forced full sequence ---------------------------------------------------------------
-    def forward(self, label_B, x_BLCv_wo_first_l, cond_drop_rate: Optional[float] = None):
+    def forward(self, label_B, x_BLCv_wo_first_l, cond_drop_rate: Optional[float] = None,
+                block_hook: Optional[BlockHook] = None):
         """label_B (B,) int64; x (B, L-1, Cvae) from `tokens_to_var_input` -> logits (B, L, V) fp32.
 
         Classes are replaced by the null class with probability cond_drop_rate (default: the
-        config's in training mode, 0 in eval mode)."""
+        config's in training mode, 0 in eval mode). block_hook: see BlockHook (start is 0)."""
         B = label_B.shape[0]
         p = (self.cfg.cond_drop_rate if self.training else 0.0) if cond_drop_rate is None else cond_drop_rate
         if p > 0:
@@ -335,8 +343,10 @@ class VAR(nn.Module):
         x = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.to(self.dtype))), dim=1)
         x = x + (self.lvl_embed(self.lvl_1L[:, :L]) + self.pos_1LC[:, :L])
         attn_bias = self.attn_bias_for_masking[:, :, :L, :L]
-        for blk, mod in zip(self.blocks, self.block_modulations(cond_BD)):
+        for bi, (blk, mod) in enumerate(zip(self.blocks, self.block_modulations(cond_BD))):
             x = blk(x, mod, attn_bias)
+            if block_hook is not None:
+                x = block_hook(bi, x, 0)
         return self.get_logits(x, cond_BD)
 
     # -- scale-by-scale sampler -------------------------------------------------------------------
@@ -366,6 +376,7 @@ class VAR(nn.Module):
         known_mask: Optional[Sequence[Optional[torch.Tensor]]] = None,
         logits_hook: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
         use_kv_cache: bool = True,
+        block_hook: Optional[BlockHook] = None,
     ) -> SampleResult:
         """Sample a token pyramid for labels `label_B` (B,) (value num_classes = unconditional).
 
@@ -376,6 +387,9 @@ class VAR(nn.Module):
         use_kv_cache=False recomputes the whole prefix at every scale under the block-causal mask
         (the slow baseline; same results).
         logits_hook(scale_index, logits) may inspect or replace the guided logits (B, pn*pn, V).
+        block_hook(block_index, x, start) may change each block's output (a control adapter's
+        residual; see BlockHook): with the KV cache x is the current scale's tokens, without it the
+        whole prefix (start 0).
         """
         import time
 
@@ -408,15 +422,19 @@ class VAR(nn.Module):
                         c.keep_first(B)
                 inputs = [t[:B] for t in inputs]
             if use_kv_cache:
-                for blk, mod, cache in zip(self.blocks, mods, caches):
+                for bi, (blk, mod, cache) in enumerate(zip(self.blocks, mods, caches)):
                     x = blk(x, mod, None, cache)
+                    if block_hook is not None:
+                        x = block_hook(bi, x, self.begin_ends[si][0])
             else:
                 inputs.append(x)
                 x = torch.cat(inputs, dim=1)
                 ed = x.shape[1]
                 bias = self.attn_bias_for_masking[:, :, :ed, :ed]
-                for blk, mod in zip(self.blocks, mods):
+                for bi, (blk, mod) in enumerate(zip(self.blocks, mods)):
                     x = blk(x, mod, bias)
+                    if block_hook is not None:
+                        x = block_hook(bi, x, 0)
                 x = x[:, ed - pn * pn:]
             if use_cfg and ts[si] != 0:
                 t = ts[si]

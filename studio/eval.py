@@ -207,6 +207,65 @@ def frechet_section(ctx: EvalContext) -> List[Row]:
                 "reconstructions of set A vs set B")]
 
 
+@register_section("editing", help="in-/out-painting of held-out renders: domain FD and seam error",
+                  needs=("class", "world"))
+def editing_section(ctx: EvalContext) -> List[Row]:
+    """In-paint a central box (half the side) and out-paint the right half of each held-out render.
+
+    Seam error: mean |difference| (RGB in [0, 1]) between the pixel pairs that straddle the edit
+    border, beside the same pairs in the untouched renders (the natural gradient there)."""
+    R = ctx.resolution
+    imgs = ctx.renders("A")["images"]  # (n, R, R, 3) uint8
+    a, b = R // 4, R - R // 4
+    mask = np.zeros((R, R), np.float32)
+    mask[a:b, a:b] = 1.0
+    half = R // 2
+
+    def run():
+        inp, outp = [], []
+        for i, im in enumerate(imgs):
+            g = torch.Generator(device=ctx.pipe.device).manual_seed(ctx.seed * 7919 + i)
+            inp.append(ctx.pipe.inpaint(Image.fromarray(im), mask, mask_blur=4, inpaint_area="whole", generator=g,
+                                        output_type="np").images[0])
+            g = torch.Generator(device=ctx.pipe.device).manual_seed(ctx.seed * 7919 + i)
+            outp.append(ctx.pipe.outpaint(Image.fromarray(im[:, :half]), right=R - half, window=R, generator=g,
+                                          output_type="np").images[0])
+        return np.stack(inp), np.stack(outp)
+
+    inp, outp = ctx.cached("editing (in-/out-painting)", run)
+    src = imgs.astype(np.float32) / 255.0
+
+    def box_seam(x):  # pairs across the four edges of the box
+        d = [np.abs(x[:, a:b, a - 1] - x[:, a:b, a]), np.abs(x[:, a:b, b - 1] - x[:, a:b, b]),
+             np.abs(x[:, a - 1, a:b] - x[:, a, a:b]), np.abs(x[:, b - 1, a:b] - x[:, b, a:b])]
+        return float(np.mean([v.mean() for v in d]))
+
+    def col_seam(x):
+        return float(np.abs(x[:, :, half - 1] - x[:, :, half]).mean())
+
+    band = dom_feather_band(mask, 4)
+    kept_err = float(np.abs(inp - src)[:, ~band].max()) if (~band).any() else 0.0
+    B = metrics.feature_stats(ctx.features("renders B"))
+
+    def fd(x01):
+        feats = dom.class_features(ctx.nets["class"], torch.from_numpy(x01).permute(0, 3, 1, 2).float() * 2 - 1)
+        return metrics.frechet_distance(stats_a=metrics.feature_stats(feats), stats_b=B)
+
+    return [Row("in-painting: domain FD vs renders", fd(inp), "{:.3f}", FD_NOTE + "; central box, half the side"),
+            Row("in-painting: seam error", box_seam(inp), "{:.4f}",
+                f"untouched renders at the same border: {box_seam(src):.4f}"),
+            Row("in-painting: max change outside mask + feather band", kept_err, "{:.5f}", "at most 1/255 = 0.00392"),
+            Row("out-painting: domain FD vs renders", fd(outp), "{:.3f}", FD_NOTE + "; right half from the left half"),
+            Row("out-painting: seam error", col_seam(outp), "{:.4f}",
+                f"untouched renders at the same column: {col_seam(src):.4f}")]
+
+
+def dom_feather_band(mask: np.ndarray, pixels: int) -> np.ndarray:
+    from studio.editing import feather
+
+    return feather(mask, pixels) > 0
+
+
 @register_section("preprocessors", help="depth / segmentation nets' error on held-out renders")
 def preprocessors_section(ctx: EvalContext) -> List[Row]:
     rows = []

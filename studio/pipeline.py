@@ -12,17 +12,19 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
+from models.control import Control, ControlAdapter, ControlConfig, ControlHook
 from models.var import VAR, SampleResult, ScaleEvent
 from models.vqvae import VQVAE
 from studio import checkpoints
 
 ClassLabel = Union[int, str]
+OneOrMany = Union[object, Sequence[object]]  # one control's value, or a list with one per control
 
 
 @dataclass
@@ -45,6 +47,7 @@ class VARPipeline:
         self.class_names = list(class_names)
         self.source = source
         self.extras = extras or {}
+        self.controls: Dict[str, ControlAdapter] = {}  # control type -> adapter (see add_control)
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self.to(device, dtype)
 
@@ -58,8 +61,11 @@ class VARPipeline:
         dtype: None means float32 (faithful); bfloat16 (CPU or GPU) or float16 (GPU) trade exactness
         for speed. The quantiser and f_hat always stay in float32."""
         loaded = checkpoints.resolve_and_load(None if path_or_hub_id is None else str(path_or_hub_id), variant)
-        return cls(loaded.vae, loaded.var, loaded.class_names, device, dtype or torch.float32, loaded.source,
+        pipe = cls(loaded.vae, loaded.var, loaded.class_names, device, dtype or torch.float32, loaded.source,
                    loaded.extras)
+        if isinstance(loaded.extras.get("config"), dict):  # a bundle: its control adapters, if any
+            pipe.load_controls(Path(loaded.source), loaded.extras["config"])
+        return pipe
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "VARPipeline":
         if device is not None:
@@ -79,8 +85,11 @@ class VARPipeline:
         return self
 
     def save_pretrained(self, folder: Union[str, Path], dtype: torch.dtype = torch.float16) -> None:
-        """Write our bundle format: config.json + vae.safetensors + var.safetensors (fp16 by default)."""
-        checkpoints.save_bundle(Path(folder), self.vae, self.var, self.class_names, dtype)
+        """Write our bundle format: config.json + vae.safetensors + var.safetensors (fp16 by default),
+        plus control_<type>.safetensors per control adapter (configs under config.json["control"])."""
+        controls_cfg = {"control": {t: a.cfg.to_dict() for t, a in self.controls.items()}} if self.controls else None
+        checkpoints.save_bundle(Path(folder), self.vae, self.var, self.class_names, dtype, extra_config=controls_cfg,
+                                extra_tensors={f"control_{t}": a.state_dict() for t, a in self.controls.items()})
 
     # -- properties -----------------------------------------------------------------------------
     @property
@@ -216,6 +225,11 @@ class VARPipeline:
         known_tokens: Optional[Sequence[Optional[torch.Tensor]]] = None,
         known_mask: Optional[Sequence[Optional[torch.Tensor]]] = None,
         use_kv_cache: bool = True,
+        control_image: Optional[OneOrMany] = None,
+        control_type: Optional[Union[str, Sequence[str]]] = None,
+        control_strength: Union[float, Sequence[float]] = 1.0,
+        control_guidance_start: Union[float, Sequence[float]] = 0.0,
+        control_guidance_end: Union[float, Sequence[float]] = 1.0,
     ) -> VAROutput:
         """Generate images scale by scale.
 
@@ -226,6 +240,13 @@ class VARPipeline:
         callback_on_scale_end: called with a ScaleEvent after every scale; return True to stop.
         known_tokens / known_mask: per scale (B, pn*pn) tokens and bool masks (True = keep) that
             are forced in place of the sampled ones (editing, variations, re-roll).
+        control_image / control_type: a control map ("canny", "depth", "segmentation"; see
+            studio.preprocess: a map tensor, or a picture read by its "none" path) for an adapter in
+            self.controls; lists give several controls, whose injections add up.
+        control_strength: multiplies a control's injection (0 = off). control_guidance_start/end:
+            the fraction of the scales where it acts (scale si when si/n >= start, (si+1)/n <= end).
+            Each may be a list, one value per control. Guidance sees no control in its unconditional
+            half, so guidance_scale pushes towards the class and the control (models/control.py).
         """
         self._check_sampling_args(guidance_scale, top_k, top_p)
         if output_type not in ("pil", "np", "pt"):
@@ -234,6 +255,9 @@ class VARPipeline:
         labels = self._labels(class_labels, num_images_per_label, generator)
         B = labels.shape[0]
         known_tokens, known_mask = self._check_known(known_tokens, known_mask, B)
+        controls = self._controls(control_image, control_type, control_strength, control_guidance_start,
+                                  control_guidance_end)
+        block_hook = ControlHook(controls, B, self.var.begin_ends) if controls else None
         per_scale = []
 
         def on_scale(ev: ScaleEvent):
@@ -245,7 +269,7 @@ class VARPipeline:
         res: SampleResult = self.var.sample(
             self.vae.quantize, labels, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
             more_smooth=more_smooth, generator=generator, callback=on_scale, known_tokens=known_tokens,
-            known_mask=known_mask, use_kv_cache=use_kv_cache)
+            known_mask=known_mask, use_kv_cache=use_kv_cache, block_hook=block_hook)
         t_dec = time.perf_counter()
         images = self.vae.fhat_to_img(res.f_hat)
         if self.device.type == "cuda":
@@ -312,7 +336,8 @@ class VARPipeline:
                 top_k: int = 900, top_p: float = 0.95, more_smooth: bool = False, generator=None,
                 num_images: int = 1, mask_blur: int = 4, mask_grow: int = 0, inpaint_area: str = "masked",
                 padding: int = 32, mask_coverage: float = 0.0, callback_on_scale_end=None,
-                output_type: str = "pil") -> VAROutput:
+                output_type: str = "pil", control_image=None, control_type=None, control_strength=1.0,
+                control_guidance_start=0.0, control_guidance_end=1.0) -> VAROutput:
         """Regenerate the white part of `mask_image` (same size as `image`, any size and mode).
 
         inpaint_area: "masked" crops a square around the mask (plus `padding`) to the model's
@@ -321,7 +346,9 @@ class VARPipeline:
             (outside the mask and the band the original pixels are kept exactly).
         mask_coverage: a latent cell is regenerated when more than this fraction of it is masked.
         class_labels: None edits without a class (the paper's in-painting); a class edits the region
-            towards that class. `.tokens` holds the token maps used (model resolution)."""
+            towards that class. `.tokens` holds the token maps used (model resolution).
+        control_*: as in __call__; the maps cover the whole image (any size: they are resized to it)
+            and are cropped with it."""
         from studio import editing as ed
 
         if inpaint_area not in ("masked", "whole"):
@@ -353,6 +380,10 @@ class VARPipeline:
         regen = ed.latent_regen_mask(model_mask, self.patch_nums[-1], mask_coverage)
         kw = dict(top_k=top_k, top_p=top_p, more_smooth=more_smooth, generator=generator,
                   callback_on_scale_end=callback_on_scale_end)
+        if control_image is not None or control_type is not None:
+            kw.update(control_image=self._crop_control_maps(control_image, control_type, (H, W), region),
+                      control_type=control_type, control_strength=control_strength,
+                      control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end)
         if regen.all():  # everything regenerated: a fresh sample
             out = self._generate_with_known(None, None, class_labels, num_images, guidance_scale, kw)
         else:
@@ -464,6 +495,105 @@ class VARPipeline:
     def _encode_float(self, rgb01: np.ndarray) -> List[torch.Tensor]:
         """(R, R, 3) float in [0, 1] -> tokens, without rounding the pixels to 8 bits."""
         return self.encode(torch.from_numpy(np.ascontiguousarray(rgb01)).permute(2, 0, 1)[None].mul(2).sub(1))
+
+    # -- control adapters -------------------------------------------------------------------------
+    def add_control(self, adapter: ControlAdapter) -> None:
+        """Hold `adapter` under its control type (replacing one of the same type)."""
+        c, v = adapter.cfg, self.var.cfg
+        if (c.embed_dim, c.depth, tuple(c.patch_nums)) != (v.embed_dim, v.depth, tuple(v.patch_nums)):
+            raise ValueError(f"the {c.control_type} adapter is for a VAR of width {c.embed_dim}, depth {c.depth}, "
+                             f"scales {tuple(c.patch_nums)}; this model has width {v.embed_dim}, depth {v.depth}, "
+                             f"scales {tuple(v.patch_nums)}")
+        for p in adapter.parameters():
+            p.requires_grad_(False)
+        self.controls[c.control_type] = adapter.eval().to(self.device, self.dtype)
+
+    def load_controls(self, folder: Path, config: dict) -> None:
+        """Load every control_<type>.safetensors of a bundle folder (configs in config["control"])."""
+        entries = config.get("control") or {}
+        for path in sorted(Path(folder).glob("control_*.safetensors")):
+            ctype = path.stem[len("control_"):]
+            if ctype not in entries:
+                raise checkpoints.CheckpointError(f"{path.name} has no config under config.json['control'][{ctype!r}]")
+            try:
+                cfg = ControlConfig.from_dict(entries[ctype])
+            except (TypeError, ValueError) as e:
+                raise checkpoints.CheckpointError(f"config.json['control'][{ctype!r}]: {e}") from e
+            if cfg.control_type != ctype:
+                raise checkpoints.CheckpointError(f"{path.name} holds a {cfg.control_type!r} adapter")
+            adapter = ControlAdapter(cfg)
+            checkpoints.load_into(adapter, checkpoints.read_safetensors(path), f"{Path(folder).name}/{path.name}")
+            self.add_control(adapter)
+
+    def _adapter(self, ctype) -> ControlAdapter:
+        if not isinstance(ctype, str):
+            raise ValueError(f"control_type must be a string such as 'canny', 'depth' or 'segmentation', not {ctype!r}")
+        if ctype not in self.controls:
+            have = ", ".join(sorted(self.controls)) or "none"
+            raise ValueError(f"this model has no {ctype!r} control adapter (it has: {have}); a bundle provides one "
+                             f"as control_{ctype}.safetensors, or add one with pipe.add_control(adapter)")
+        return self.controls[ctype]
+
+    @staticmethod
+    def _per_control(value, n: int, name: str) -> list:
+        if isinstance(value, (list, tuple)):
+            if len(value) != n:
+                raise ValueError(f"{name} has {len(value)} entries for {n} controls")
+            return list(value)
+        return [value] * n
+
+    def _control_lists(self, control_image, control_type):
+        if control_image is None and control_type is None:
+            return [], []
+        if control_image is None or control_type is None:
+            raise ValueError("control_image and control_type go together: give both or neither")
+        if isinstance(control_type, (list, tuple)):
+            if not isinstance(control_image, (list, tuple)) or len(control_image) != len(control_type):
+                raise ValueError("with a list of control types, control_image must be a list of the same length")
+            return list(control_image), list(control_type)
+        return [control_image], [control_type]
+
+    def _control_map(self, image, ctype: str, adapter: ControlAdapter) -> torch.Tensor:
+        """A control image as a map tensor on the device (pictures go through the "none" preprocessor)."""
+        if not isinstance(image, torch.Tensor):
+            from studio import preprocess
+
+            n = adapter.cfg.in_channels if adapter.cfg.label_map else None
+            image = preprocess.user_map(ctype, image, size=None, num_classes=n).map
+        return image.to(self.device)
+
+    def _controls(self, control_image, control_type, strength, start, end) -> List[Control]:
+        images, types = self._control_lists(control_image, control_type)
+        n = len(types)
+        strengths = self._per_control(strength, n, "control_strength")
+        starts = self._per_control(start, n, "control_guidance_start")
+        ends = self._per_control(end, n, "control_guidance_end")
+        out = []
+        for image, ctype, s, a, b in zip(images, types, strengths, starts, ends):
+            adapter = self._adapter(ctype)
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not np.isfinite(s) or s < 0:
+                raise ValueError(f"control_strength must be a finite number >= 0, got {s!r}")
+            adapter.to(self.device, self.dtype)
+            m = self._control_map(image, ctype, adapter)
+            adapter.prepare_map(m)  # check it now: a clear message before any sampling
+            out.append(Control(adapter, m, float(s), float(a), float(b)))
+        return out
+
+    def _crop_control_maps(self, control_image, control_type, hw, region) -> list:
+        """Control maps brought to the image's size (H, W) and cropped like the image (inpaint)."""
+        from studio import editing as ed
+
+        images, types = self._control_lists(control_image, control_type)
+        out = []
+        for image, ctype in zip(images, types):
+            adapter = self._adapter(ctype)
+            m = adapter.prepare_map(self._control_map(image, ctype, adapter).cpu(), size=hw).float()  # (N,C,H,W)
+            if region is not None:
+                N, C = m.shape[:2]
+                arr = ed.crop_square(m.reshape(N * C, *hw).permute(1, 2, 0).numpy(), region)
+                m = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).reshape(N, C, *arr.shape[:2])
+            out.append(m.argmax(1) if adapter.cfg.label_map else m)
+        return out if isinstance(control_type, (list, tuple)) else out[0]
 
     def _np_to_output(self, images: np.ndarray, output_type: str):
         if output_type == "np":
