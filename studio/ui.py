@@ -176,7 +176,7 @@ class Studio:
         if view.latest is None:
             return skip, "⏳ Running…", skip, skip, skip, skip, skip
         strip = [(self._preview_file(u, folder), f"{u.scale_index + 1} · {u.patch_num}×{u.patch_num}")
-                 for u in view.scales]
+                 for u in view.scales if u.preview] or skip  # previews off: no pictures, status only
         u = view.latest
         where = f"window {u.window} · " if u.window else ""
         text = (f"{where}Scale **{u.scale_index + 1}/{u.num_scales}** · {u.patch_num}×{u.patch_num} tokens · "
@@ -187,7 +187,7 @@ class Studio:
             if not path.exists():
                 path.write_bytes(view.canvas)
             canvas = [(str(path), "canvas so far")]
-        return self._preview_file(u, folder), text, strip, canvas, skip, skip, skip
+        return self._preview_file(u, folder) if u.preview else skip, text, strip, canvas, skip, skip, skip
 
     @staticmethod
     def _preview_file(u, folder: Path) -> str:
@@ -199,7 +199,7 @@ class Studio:
     def _finish(self, view: JobView, folder: Path, history: List[str]):
         skip = gr.skip()
         strip = [(self._preview_file(u, folder), f"{u.scale_index + 1} · {u.patch_num}×{u.patch_num}")
-                 for u in view.scales] or skip
+                 for u in view.scales if u.preview] or skip
         if view.status == "cancelled":
             yield skip, f"⏹ Stopped ({view.error or 'cancelled'}).", strip, skip, skip, skip, skip
             return
@@ -288,8 +288,8 @@ def sampling(info: ModelInfo, seed, guidance_scale, top_k, top_p, more_smooth, n
         raise gr.Error(f"Top-p must be between 0 and 1 (0 = off), got {top_p}.")
     if num_images is None or not 1 <= int(num_images) <= 16:
         raise gr.Error(f"Number of images must be between 1 and 16, got {num_images}.")
-    if preview not in (None, "", "full", "fast"):
-        raise gr.Error(f"Preview must be 'full' or 'fast', got {preview!r}.")
+    if preview not in (None, "", "full", "fast", "none"):
+        raise gr.Error(f"Preview must be 'full', 'fast' or 'none', got {preview!r}.")
     return dict(seed=seed, guidance_scale=float(guidance_scale), top_k=min(int(top_k), info.vocab_size),
                 top_p=float(top_p), more_smooth=bool(more_smooth), num_images=int(num_images),
                 preview=preview or None)
@@ -476,8 +476,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                         top_p = gr.Slider(0, 1, value=0.95, step=0.01, label="Top-p (0 = off)")
                     with gr.Row():
                         more_smooth = gr.Checkbox(False, label="More smooth", info="soft codes: smoother images")
-                        preview_mode = gr.Radio([("Full decode", "full"), ("Fast (latent→RGB)", "fast")],
-                                                value=studio.pool.preview, label="Live preview")
+                        preview_mode = gr.Radio([("Full decode", "full"), ("Fast (latent→RGB)", "fast"),
+                                                 ("Off", "none")], value=studio.pool.preview, label="Live preview")
             # ---------------- outputs ----------------
             with gr.Column(scale=7, min_width=400):
                 preview = gr.Image(None, label="Live preview", format="jpeg", interactive=False, height=460,

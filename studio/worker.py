@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 JOB_KINDS = ("generate", "inpaint", "outpaint", "guide", "reroll")
-PREVIEW_MODES = ("full", "fast")
+PREVIEW_MODES = ("full", "fast", "none")  # "none": no picture per scale (status only)
 TOKENS_CHUNK = "var_tokens"  # PNG text chunk holding a result's token pyramid (so it can be re-rolled)
 
 
@@ -150,12 +150,13 @@ class Job:
         self._pool.cancel(self)
 
     def view(self) -> JobView:
+        position = self._pool.position(self)  # never ask the pool while holding our lock (lock order: pool, job)
         with self._cond:
-            return self._view_locked()
+            return self._view_locked(position)
 
-    def _view_locked(self) -> JobView:
+    def _view_locked(self, position: int) -> JobView:
         window = self.scales[-1].window if self.scales else 0
-        return JobView(self.id, self.status, self._pool.position(self) if self.status == "queued" else 0,
+        return JobView(self.id, self.status, position if self.status == "queued" else 0,
                        self.scales[-1] if self.scales else None,
                        tuple(s for s in self.scales if s.window == window), self.canvas, self.result,
                        self.error, time.monotonic() - self.submitted)
@@ -174,9 +175,11 @@ class Job:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._version != seen or self.finished, poll)
+            position = self._pool.position(self)  # outside our lock: the pool takes its lock, then ours
+            with self._cond:
                 changed = self._version != seen
                 seen = self._version
-                view = self._view_locked()
+                view = self._view_locked(position)
             if changed or not view.finished:
                 yield view
             if view.finished:
@@ -781,7 +784,7 @@ class _Runner:
 
         def on_scale(ev):
             t = time.perf_counter()
-            jpeg = _jpeg(previewer(ev.f_hat, mode))
+            jpeg = _jpeg(previewer(ev.f_hat, mode)) if mode != "none" else b""  # b"": previews off
             self.conn.send(("scale", ScaleUpdate(job_id, ev.scale_index, ev.num_scales, ev.patch_num, jpeg,
                                                  ev.seconds, time.perf_counter() - t, time.perf_counter() - t0,
                                                  window[0])))
