@@ -250,6 +250,16 @@ class SampleResult:
 # the model
 
 
+def scale_levels_and_mask(patch_nums: Sequence[int]):
+    """lvl_1L (1, L) int64: the scale of each token; mask (1, 1, L, L): 0 where the query's scale is
+    at or after the key's, -inf elsewhere (block-causal: full inside a scale, causal across)."""
+    L = sum(pn * pn for pn in patch_nums)
+    lvl_1L = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(patch_nums)]).view(1, L)
+    d = lvl_1L.view(L, 1)
+    mask = torch.where(d >= d.T, 0.0, -torch.inf).reshape(1, 1, L, L)
+    return lvl_1L, mask.contiguous()
+
+
 class VAR(nn.Module):
     def __init__(self, cfg: VARConfig):
         super().__init__()
@@ -267,11 +277,9 @@ class VAR(nn.Module):
         init_std = math.sqrt(1 / C / 3)
         self.pos_start = nn.Parameter(torch.empty(1, 1, C).normal_(0, init_std))
         self.pos_1LC = nn.Parameter(torch.empty(1, L, C).normal_(0, init_std))
-        lvl_1L = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(cfg.patch_nums)]).view(1, L)
+        lvl_1L, mask = scale_levels_and_mask(cfg.patch_nums)
         self.register_buffer("lvl_1L", lvl_1L)
-        d = lvl_1L.view(L, 1)
-        mask = torch.where(d >= d.T, 0.0, -torch.inf).reshape(1, 1, L, L)  # query level >= key level
-        self.register_buffer("attn_bias_for_masking", mask.contiguous())
+        self.register_buffer("attn_bias_for_masking", mask)
 
         self.word_embed = nn.Linear(cfg.z_channels, C)
         self.class_emb = nn.Embedding(cfg.num_classes + 1, C)

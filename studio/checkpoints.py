@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from models.var import VAR, VARConfig
+from models.var import VAR, VARConfig, scale_levels_and_mask
 from models.vqvae import VQVAE, VQVAEConfig
 
 BUNDLE_FORMAT = "var-studio-bundle"
@@ -191,20 +191,16 @@ def load_official(folder: Path, variant: Optional[str] = None, materialize: bool
 
 def _reset_computed_buffers(vae: VQVAE, var: VAR) -> None:
     """Models built on the meta device have empty buffers: recompute the ones we own."""
-    L = var.cfg.seq_len
-    lvl = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(var.cfg.patch_nums)]).view(1, L)
+    lvl, mask = scale_levels_and_mask(var.cfg.patch_nums)
     var.lvl_1L.copy_(lvl)
-    d = lvl.view(L, 1)
-    var.attn_bias_for_masking.copy_(torch.where(d >= d.T, 0.0, -torch.inf).reshape(1, 1, L, L))
+    var.attn_bias_for_masking.copy_(mask)
     for blk in var.blocks:
         blk.attn.zero_k_bias.zero_()
     vae.quantize.ema_vocab_hit_SV.zero_()
 
 
 def _check_buffers(var: VAR, what: str) -> None:
-    L = var.cfg.seq_len
-    lvl = var.lvl_1L.view(L, 1)
-    expect = torch.where(lvl >= lvl.T, 0.0, -torch.inf).reshape(1, 1, L, L)
+    _, expect = scale_levels_and_mask(var.cfg.patch_nums)
     if not torch.equal(var.attn_bias_for_masking, expect):
         raise CheckpointError(f"{what}: attn_bias_for_masking is not the block-causal mask of its scales")
     if any(blk.attn.zero_k_bias.abs().max() != 0 for blk in var.blocks):
