@@ -10,6 +10,8 @@ Sections (run in this order; `--sections` picks some):
   frechet          domain Frechet distance: generated vs renders, beside the render-vs-render floor
                    (two disjoint held-out sets) and VQVAE reconstructions vs renders
   preprocessors    the depth and segmentation nets' own error on held-out renders (and reconstructions)
+  control          adherence to canny / depth / segmentation maps with each adapter, beside no adapter;
+                   grids (render, map, with, without) in --out/control
   samples          one PNG grid per class in --out: a row of renders, then generated images
 
 The Frechet distance here is computed on ClassNet's penultimate features (a recogniser trained on
@@ -296,6 +298,75 @@ def preprocessors_section(ctx: EvalContext) -> List[Row]:
                             "estimate on reconstructions vs render ground truth"))
     if not rows:
         rows.append(Row("preprocessors", None, note="skipped: no depth or seg net"))
+    return rows
+
+
+CONTROL_JUDGES = {"canny": "canny F1 vs the control edges (higher is better)",
+                  "depth": "depth rel-RMSE vs the control depth (lower is better)",
+                  "segmentation": "seg mIoU vs the control layout (higher is better)"}
+
+
+@register_section("control", help="adherence to canny / depth / segmentation maps, with each adapter and without",
+                  needs=("world",))
+def control_section(ctx: EvalContext) -> List[Row]:
+    """Maps from held-out renders (canny edges of the render, its exact depth, its labels); images
+    generated for the render's class at the default settings (guidance, strength 1) with the
+    adapter, and the same seeds without it (the unconditioned baseline). Judges: canny of the
+    generated image (F1, 1 px tolerance), the world's depth net (rel-RMSE of normalised
+    log-depth), the world's seg net (mIoU). Grids (render, map, with, without) go to --out."""
+    from studio import preprocess as pp
+
+    types = [t for t in CONTROL_JUDGES if t in ctx.pipe.controls]
+    if not types:
+        return [Row("control", None, note="skipped: the model has no control adapters")]
+    A = ctx.renders("A")
+    labels = A["class_ids"].tolist()
+
+    def generate(control_type=None, maps=None):
+        imgs = []
+        for bi, start in enumerate(range(0, ctx.n, ctx.batch_size)):
+            sl = slice(start, start + ctx.batch_size)
+            g = torch.Generator(device=ctx.pipe.device).manual_seed(ctx.seed * 100_003 + 17 + bi)
+            kw = {} if control_type is None else dict(control_image=maps[sl], control_type=control_type)
+            out = ctx.pipe(class_labels=labels[sl], guidance_scale=ctx.guidance, generator=g, output_type="pt", **kw)
+            imgs.append(out.images.float() * 2 - 1)
+        return torch.cat(imgs)
+
+    base = ctx.cached("control baseline (no adapter)", generate)
+    rows: List[Row] = []
+    for t in types:
+        dnet = ctx.nets.get("depth")
+        near, far = (dnet.cfg.near, dnet.cfg.far) if dnet is not None else (1.0, None)
+        maps = pp.ground_truth_maps(t, images=A["images"], depth_m=A["depth"], labels=A["labels"], near=near, far=far)
+        judge_net = {"canny": True, "depth": dnet, "segmentation": ctx.nets.get("seg")}[t]
+        if judge_net is None:
+            rows.append(Row(f"{t}: adherence", None, note=f"skipped: no {'depth' if t == 'depth' else 'seg'} net"))
+            continue
+        gen = ctx.cached(f"control {t}", lambda: generate(t, maps))
+
+        def score(x):
+            if t == "canny":
+                edges = np.stack([metrics.canny(im) for im in dom.tensor_to_images(x)])
+                return metrics.edge_f1(edges, maps[:, 0].numpy() > 0.5)
+            if t == "depth":
+                return metrics.depth_rel_rmse(dom.estimate_depth(dnet, x, units="normalised"), maps[:, 0].numpy())
+            return metrics.miou(dom.segment(judge_net, x), maps.numpy(), judge_net.cfg.num_classes)
+
+        with_a, without = score(gen), score(base)
+        name = {"canny": "canny F1", "depth": "depth rel-RMSE", "segmentation": "seg mIoU"}[t]
+        rows += [Row(f"{name}, with the {t} adapter", with_a, "{:.4f}", f"n={ctx.n}; {CONTROL_JUDGES[t]}"),
+                 Row(f"{name}, without (baseline)", without, "{:.4f}", "same classes and seeds, no control")]
+        if ctx.out is not None:
+            k = min(8, ctx.n)
+            if t == "segmentation":
+                shown = [np.asarray(pp.labels_preview(m[None], judge_net.cfg.num_classes).convert("RGB")) for m in maps[:k]]
+            else:
+                prev = pp.edges_preview if t == "canny" else pp.depth_preview
+                shown = [np.asarray(prev(m).convert("RGB")) for m in maps[:k]]
+            folder = ctx.out / "control"
+            folder.mkdir(parents=True, exist_ok=True)
+            grid([A["images"][:k], np.stack(shown), dom.tensor_to_images(gen[:k]),
+                  dom.tensor_to_images(base[:k])]).save(folder / f"control_{t}.png")
     return rows
 
 

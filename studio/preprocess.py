@@ -374,3 +374,39 @@ def preprocess(control_type: str, image, preprocessor: Optional[str] = None, siz
         raise ValueError(f"the transformers {control_type} preprocessor needs a model "
                          f"(load_{'depth' if control_type == 'depth' else 'segmentation'}_model)")
     return fn(image, size, model=model)
+
+
+# ---------------------------------------------------------------------------------------------
+# maps from the world's ground truth (training the adapters, judging adherence)
+
+
+def ground_truth_maps(control_type: str, images=None, depth_m=None, labels=None, low: float = 100.0,
+                      high: float = 200.0, near: float = 1.0, far: Optional[float] = None) -> torch.Tensor:
+    """The control maps a batch of world renders stands for, in the adapters' conventions:
+    canny: edges of `images` ((N,H,W,3) uint8, or (N,3,H,W) floats in [-1, 1]) -> (N,1,H,W) float32;
+    depth: `depth_m` (N,H,W) metres -> normalised log-depth (N,1,H,W) float32 (0 near, 1 far);
+    segmentation: `labels` (N,H,W) -> int64 ids (N,H,W)."""
+    if control_type == "canny":
+        if images is None:
+            raise ValueError("canny maps need the images")
+        a = images
+        if isinstance(a, torch.Tensor):
+            if a.is_floating_point():
+                a = a.detach().float().add(1).mul(127.5).clamp(0, 255).round().byte()
+            a = a.permute(0, 2, 3, 1).cpu().numpy() if a.shape[1] == 3 else a.cpu().numpy()
+        from studio import metrics
+
+        edges = np.stack([metrics.canny(np.ascontiguousarray(im), low, high) for im in np.asarray(a)])
+        return torch.from_numpy(edges.astype(np.float32))[:, None]
+    if control_type == "depth":
+        if depth_m is None:
+            raise ValueError("depth maps need the depth in metres")
+        from studio.domain import normalise_depth
+
+        d = depth_m.detach().cpu().numpy() if isinstance(depth_m, torch.Tensor) else np.asarray(depth_m)
+        return torch.from_numpy(normalise_depth(d, near, far))[:, None]
+    if control_type == "segmentation":
+        if labels is None:
+            raise ValueError("segmentation maps need the labels")
+        return torch.as_tensor(np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels), dtype=torch.long)
+    raise ValueError(f"unknown control type {control_type!r}; known: {', '.join(PREPROCESSORS)}")

@@ -245,6 +245,12 @@ def test_eval_end_to_end_on_a_tiny_pipeline(tmp_path, capsys):
                         num_heads=2, patch_nums=pn))
     pipe = VARPipeline(vae, var, CLASS_NAMES)
     assert pipe.resolution == 64
+    from models.control import ControlAdapter, ControlConfig
+    from studio.world import SEG_CLASSES
+
+    for t in ("canny", "depth", "segmentation"):  # untrained adapters: zero-initialised, so no effect
+        pipe.add_control(ControlAdapter(ControlConfig.for_var(var.cfg, t, num_classes=len(SEG_CLASSES), map_size=64,
+                                                              widths=(4, 8), hidden=8)))
     nets = {k: tiny_net(k, 64) for k in ("depth", "seg", "class")}
     rows = run_eval(pipe, nets, n=10, out=tmp_path, batch_size=10, log=lambda *_: None)
     table = format_table(rows)
@@ -258,6 +264,10 @@ def test_eval_end_to_end_on_a_tiny_pipeline(tmp_path, capsys):
     assert len(list((tmp_path / "samples").glob("class_*.png"))) == len(CLASS_NAMES)
     assert (tmp_path / "eval.json").exists()
     assert "not comparable to published FID" in table
+    for name, t in (("canny F1", "canny"), ("depth rel-RMSE", "depth"), ("seg mIoU", "segmentation")):
+        with_a, without = by[f"{name}, with the {t} adapter"], by[f"{name}, without (baseline)"]
+        assert with_a == without and np.isfinite(with_a), name  # an untrained adapter changes nothing
+        assert (tmp_path / "control" / f"control_{t}.png").exists()
 
 
 def test_confidence_interval():

@@ -76,7 +76,8 @@ def write_standin_shards(folder: Path, seeds, size: int):
 
 
 STANDIN = types.SimpleNamespace(__name__="standin_world", render_batch=standin_render_batch,
-                                CLASS_NAMES=CLASS_NAMES, dataset=types.SimpleNamespace(WorldShards=StandinShards))
+                                CLASS_NAMES=CLASS_NAMES, SEG_CLASSES=["sky", "ground"],
+                                dataset=types.SimpleNamespace(WorldShards=StandinShards))
 
 
 @pytest.fixture(autouse=True)
@@ -153,12 +154,22 @@ def test_vqvae_export_reloads(trained_vqvae, tmp_path):
 # var
 
 
-def test_var_overfits_and_exports_a_loadable_bundle(trained_vqvae, shards, tmp_path):
+@pytest.fixture(scope="module")
+def trained_var(tmp_path_factory, trained_vqvae, shards):
+    """A tiny VAR on the tiny VQVAE, exported as a bundle (shared by the control tests)."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(train, "load_world", lambda: STANDIN)
+    root = tmp_path_factory.mktemp("var")
+    out, bundle = root / "run", root / "bundle"
+    train.main(var_args(out, shards, trained_vqvae[0], 30, "--cond-drop-rate", "0.0", "--export", str(bundle)))
+    mp.undo()
+    return out, bundle
+
+
+def test_var_overfits_and_exports_a_loadable_bundle(trained_var):
     from studio.pipeline import VARPipeline
 
-    vae_dir, _ = trained_vqvae
-    out, bundle = tmp_path / "var", tmp_path / "bundle"
-    train.main(var_args(out, shards, vae_dir, 30, "--cond-drop-rate", "0.0", "--export", str(bundle)))
+    out, bundle = trained_var
     r = rows(out)
     assert r[-1]["step"] == 30
     assert r[-1]["loss"] < 0.7 * r[0]["loss"], (r[0]["loss"], r[-1]["loss"])
@@ -172,6 +183,64 @@ def test_var_overfits_and_exports_a_loadable_bundle(trained_vqvae, shards, tmp_p
     assert [im.size for im in res.images] == [(32, 32), (32, 32)]
     cfg = json.loads((bundle / "config.json").read_text())
     assert cfg["training"]["step"] == 30 and cfg["dtype"] == "float16"
+
+
+# ---------------------------------------------------------------------------------------------
+# control adapters
+
+
+def control_args(out, data, base, control_type, steps, *extra):
+    return ["control", "--out", str(out), "--data", str(data), "--base", str(base), "--control-type", control_type,
+            "--steps", str(steps), "--batch-size", "8", "--widths", "8,16,32", "--hidden", "32", "--lr", "3e-3",
+            "--warmup-steps", "3", "--metrics-every", "5", "--log-every", "1000", *COMMON, *extra]
+
+
+def test_control_adapter_learns_the_map_and_joins_the_bundle(trained_var, tmp_path):
+    """Canny maps of stand-in renders (the ridge line): the adapter lowers the held-out cross-entropy
+    below the frozen base's, and the export is the base bundle plus the adapter."""
+    from studio.pipeline import VARPipeline
+
+    _, base = trained_var
+    out, bundle = tmp_path / "ctl", tmp_path / "bundle"
+    train.main(control_args(out, "render:32", base, "canny", 40, "--export", str(bundle)))
+    r, ev = rows(out), rows(out, "eval")
+    assert r[-1]["loss"] < r[0]["loss"], (r[0]["loss"], r[-1]["loss"])
+    assert ev[-1]["ce"] < ev[-1]["ce_base"], ev[-1]  # the map tells the model something
+    for name in ("samples.png", "control_canny.safetensors", "control_canny.json", "checkpoint.pt"):
+        assert (out / name).exists(), name
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    base_var = VARPipeline.from_pretrained(base).var.state_dict()
+    for k, v in ck["var"].items():  # the base stayed frozen
+        assert torch.equal(v.half(), base_var[k].half()), k
+    pipe = VARPipeline.from_pretrained(bundle)
+    assert sorted(pipe.controls) == ["canny"]
+    edges = torch.zeros(1, 32, 32)
+    edges[:, 16, :] = 1.0
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    a = pipe(class_labels=[1], generator=g(), control_image=edges, control_type="canny", output_type="np").images
+    b = pipe(class_labels=[1], generator=g(), output_type="np").images
+    assert a.shape == (1, 32, 32, 3) and not np.array_equal(a, b)  # the trained adapter changes the image
+    cfg = json.loads((bundle / "config.json").read_text())
+    assert cfg["control"]["canny"]["control_type"] == "canny" and cfg["training"]["step"] == 30
+
+
+def test_segmentation_adapter_reads_the_world_labels(trained_var, tmp_path):
+    from studio.pipeline import VARPipeline
+
+    _, base = trained_var
+    out = tmp_path / "seg"
+    train.main(control_args(out, "render:32", base, "segmentation", 6, "--export", str(out / "bundle")))
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["config"]["in_channels"] == len(STANDIN.SEG_CLASSES) and ck["config"]["label_map"]
+    assert np.isfinite(rows(out)[-1]["loss"])
+    pipe = VARPipeline.from_pretrained(out / "bundle")
+    with pytest.raises(ValueError, match="ids"):
+        pipe(class_labels=[0], control_image=torch.full((1, 32, 32), 5), control_type="segmentation")
+
+
+def test_control_needs_a_base(tmp_path, shards):
+    with pytest.raises(SystemExit, match="--base"):
+        train.main(["control", "--out", str(tmp_path), "--data", str(shards), "--steps", "1", *COMMON])
 
 
 def test_var_needs_a_vae(tmp_path, shards):

@@ -2,7 +2,8 @@
 
     python tools/assemble_default.py --var runs/var_export --domain runs/domain --out assets/default
 
---var is a bundle written by `python -m studio.train var --export ...` (VQVAE + transformer);
+--var is a bundle written by `python -m studio.train var --export ...` (VQVAE + transformer), with
+the control adapters that `python -m studio.train control --export` added to it, if any;
 --domain is a folder of domain nets written by `python -m studio.domain train ...`. Everything is
 stored as fp16 safetensors next to one config.json; the total size is printed (the budget is 64 MB).
 """
@@ -29,6 +30,9 @@ def main(argv=None):
     pipe = VARPipeline.from_pretrained(args.var)
     nets = load_domain_nets(args.domain, required=True)
     extra_cfg, extra_tensors = bundle_parts(nets)
+    if pipe.controls:  # adapters trained on this transformer
+        extra_cfg["control"] = {t: a.cfg.to_dict() for t, a in pipe.controls.items()}
+        extra_tensors.update({f"control_{t}": a.state_dict() for t, a in pipe.controls.items()})
     extra_cfg["about"] = "VAR Studio embedded default: a small VAR trained on the procedural landscape world"
     out = Path(args.out)
     checkpoints.save_bundle(out, pipe.vae, pipe.var, pipe.class_names, torch.float16, extra_cfg, extra_tensors)
