@@ -24,10 +24,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--var", required=True, help="bundle with the VQVAE and the transformer")
     ap.add_argument("--domain", required=True, help="folder with depth/seg/class .safetensors")
+    ap.add_argument("--control", action="append", default=[],
+                    help="a bundle holding control adapters trained on the same transformer (repeatable)")
     ap.add_argument("--out", default="assets/default")
     ap.add_argument("--max-mb", type=float, default=64.0)
     args = ap.parse_args(argv)
     pipe = VARPipeline.from_pretrained(args.var)
+    for folder in args.control:
+        other = VARPipeline.from_pretrained(folder)
+        mine, theirs = pipe.var.state_dict(), other.var.state_dict()
+        if mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k]) for k in mine):
+            raise SystemExit(f"{folder}: its transformer differs from --var's; its adapters were trained for another model")
+        for adapter in other.controls.values():
+            pipe.add_control(adapter)
     nets = load_domain_nets(args.domain, required=True)
     extra_cfg, extra_tensors = bundle_parts(nets)
     if pipe.controls:  # adapters trained on this transformer
