@@ -2,7 +2,7 @@
 
     python app.py                                  # the embedded default model, http://127.0.0.1:7860
     python app.py --model weights/:d16 --model weights/:d30 --device cuda:0 --device cuda:1
-    python app.py --model my_bundle/ --preview fast --outputs ~/var-outputs
+    python app.py --model my_bundle/ --preview full --outputs ~/var-outputs
 
 The models live in worker processes (one per --device); this process runs the web server only and
 never imports torch.
@@ -28,8 +28,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--outputs", default="outputs", help="folder where every result is saved (default: outputs/)")
-    ap.add_argument("--preview", choices=["full", "fast"], default="full",
-                    help="live preview: full decode of every scale, or a fast linear latent-to-RGB map")
+    ap.add_argument("--preview", choices=["fast", "full", "none"], default="fast",
+                    help="the live preview's default (each request can ask for another): a fast linear latent-to-RGB "
+                         "map of every scale (default), a full decode of every scale (costs a decode per scale), "
+                         "or none (status only)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's choice)")
     ap.add_argument("--scale-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # demos/tests of streaming
     return ap.parse_args(argv)

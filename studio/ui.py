@@ -1,16 +1,19 @@
 """VAR Studio in the browser: Gradio Blocks wired to the worker pool.
 
-Read `build_ui` top to bottom: the left column holds the inputs (Generate / Edit / Guide tabs and
-the sampling settings), the right column the outputs (live preview, scale filmstrip, result,
-re-roll, history). Every run button is also a named API endpoint (/generate, /inpaint, /outpaint,
-/guide, /reroll, /stop; see docs/api.md).
+Read `build_ui` top to bottom: the left column holds the inputs (Generate / Edit / Guide / Control
+tabs and the sampling settings), the right column the outputs (live preview, scale filmstrip,
+result, re-roll, history). Every run button is also a named API endpoint (/generate, /inpaint,
+/outpaint, /guide, /control, /reroll, /stop, and /preprocess for a control map alone; see
+docs/api.md).
 
 This module never imports torch or a model: `Studio` turns widget values into plain job
 descriptions (numbers, strings, PNG bytes) for the worker pool and turns the pool's updates back
-into widget values.
+into widget values. Even a control map's preview is a worker job ("preprocess"): the depth and
+segmentation preprocessors are networks.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import os
@@ -18,6 +21,7 @@ import random
 import shutil
 import tempfile
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Dict, List, Optional, Set
@@ -29,12 +33,25 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from studio.worker import Job, JobView, ModelInfo, WorkerPool, read_png_info  # noqa: E402
+from studio.world import SEG_CLASSES, SEG_PALETTE  # noqa: E402  (numpy only, no torch)
 
 RANDOM_CLASS = "(random)"  # Generate without a class: each image gets a random one
 NO_CLASS = "(none)"  # Edit / Guide without a class: the unconditional model
 HISTORY_SIZE = 64
+# While a job streams, the preview goes out at every scale but the filmstrip at most this often (s): Gradio
+# re-checks and re-copies every picture of a gallery each time it is sent. The last one is always complete.
+FILMSTRIP_INTERVAL = 0.25
 GUIDE_PALETTE = ["#8fc4ec", "#2f6fb0", "#f5f5f0", "#7d8c98", "#5a8f3c", "#2e5a27", "#c9b27c", "#8a5a3b",
                  "#e8853d", "#202830"]  # sky, water, snow/cloud, rock, grass, forest, sand, earth, sunset, night
+
+# the same as studio.preprocess.PREPROCESSORS (that module imports torch; a test keeps them equal)
+CONTROL_PREPROCESSORS = {"canny": ("canny", "none"), "depth": ("world", "transformers", "none"),
+                         "segmentation": ("world", "transformers", "none")}
+CONTROL_TYPES = [("Edges (canny)", "canny"), ("Depth", "depth"), ("Segmentation", "segmentation")]
+PREPROCESSOR_LABELS = {"canny": "Canny edges", "world": "World net (in the model's bundle)",
+                       "transformers": "Transformers (DPT / SegFormer, local cache)",
+                       "none": "None: the image is the map"}
+SEG_BRUSH = ["#%02x%02x%02x" % tuple(c) for c in SEG_PALETTE]  # paint a layout with the world's classes
 
 CSS = """
 #preview img { object-fit: contain; image-rendering: auto; }
@@ -42,7 +59,39 @@ CSS = """
 #dice { align-self: center; }
 #status p { margin: 0.3em 0; }
 #filmstrip .thumbnail-item { min-width: 56px; }
+.seg-legend span.swatch { display: inline-block; width: 0.9em; height: 0.9em; margin: 0 0.25em 0 0.6em;
+                          vertical-align: -0.1em; border: 1px solid #8886; border-radius: 2px; }
 """
+
+
+def _schemas_once_per_data_model() -> None:
+    """Make gr.skip() cheap in streamed events. Gradio answers every skip of an output by building that
+    component anew, and its config with it, JSON schemas included (pydantic: milliseconds each, three
+    per component). A run event skips 3 to 5 of its outputs at every scale, so the schemas were most of
+    an event's cost. A component's schema depends only on its data model: compute it once per model
+    and give every new component a copy (what Gradio's own per-instance cache holds)."""
+    component = gr.components.Component
+    original = component.api_info
+    if getattr(original, "schema_once", False):
+        return
+
+    @functools.lru_cache(maxsize=None)
+    def schema(data_model) -> dict:
+        out = data_model.model_json_schema()
+        out["additional_description"] = out.pop("description", None)
+        return out
+
+    @functools.wraps(original)
+    def api_info(self):
+        if getattr(self, "_api_info_cache", None) is None and self.data_model is not None:
+            self._api_info_cache = copy.deepcopy(schema(self.data_model))
+        return original(self)
+
+    api_info.schema_once = True
+    component.api_info = api_info
+
+
+_schemas_once_per_data_model()
 
 
 def _errors_in_status(endpoint):
@@ -124,6 +173,33 @@ class Studio:
         yield from self._run("guide", model, params, history, request)
 
     @_errors_in_status
+    def control(self, model, image, control_type, preprocessor, canny_low, canny_high, control_strength,
+                control_guidance_start, control_guidance_end, class_name, seed, guidance_scale, top_k, top_p,
+                more_smooth, num_images, preview, history, request: gr.Request):
+        info = self.info(model)  # the sliders' bounds are checked by Gradio (strength 0..2, start and end 0..1)
+        start, end = float(control_guidance_start), float(control_guidance_end)
+        if not start < end:
+            raise gr.Error(f"The control must start before it ends (a fraction of the scales); got from {start:g} "
+                           f"until {end:g}.")
+        params = dict(control_map_request(image, control_type, preprocessor, canny_low, canny_high),
+                      control_strength=float(control_strength), control_guidance_start=start,
+                      control_guidance_end=end,
+                      class_name=class_label(class_name, info, RANDOM_CLASS),
+                      **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview))
+        yield from self._run("control", model, params, history, request)
+
+    def preprocess(self, model, image, control_type, preprocessor, canny_low, canny_high):
+        """The control map the worker extracts from the image (what /control would use), as a picture."""
+        self.info(model)
+        job = self._submit("preprocess", model, control_map_request(image, control_type, preprocessor, canny_low,
+                                                                    canny_high))
+        job.wait()
+        view = job.view()
+        if view.status != "done":
+            raise gr.Error(view.error or f"the map could not be made ({view.status})")
+        return Image.open(io.BytesIO(view.result.images[0]))
+
+    @_errors_in_status
     def reroll(self, model, image, keep_scales, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview,
                history, request: gr.Request):
         info = self.info(model)
@@ -147,19 +223,22 @@ class Studio:
     def _run(self, kind: str, model, params: dict, history, request):
         """Submit a job and stream its state as (preview, status, filmstrip, result, selected, history,
         history_state) until it ends. Outputs are saved by the worker before they arrive here."""
-        try:
-            job = self.pool.submit(kind, params, model or self.default_model)
-        except (ValueError, RuntimeError) as e:
-            raise gr.Error(str(e))
+        job = self._submit(kind, model, params)
         session = _session(request)
         with self._lock:
             self._sessions.setdefault(session, set()).add(job)
         folder = self.preview_dir / job.id
         folder.mkdir()
         try:
+            strip_sent, shown = -FILMSTRIP_INTERVAL, None
             for view in job.updates():
-                if not view.finished:
-                    yield self._progress(view, folder)
+                # a stale scale may be skipped, never the last one: it can arrive together with the result
+                if not view.finished or (view.latest is not None and view.latest is not shown):
+                    with_strip = time.monotonic() - strip_sent >= FILMSTRIP_INTERVAL
+                    if with_strip and view.latest is not None:
+                        strip_sent = time.monotonic()
+                    shown = view.latest
+                    yield self._progress(view, folder, with_strip)
             yield from self._finish(job.view(), folder, list(history or []))
         finally:
             job.cancel()  # a closed tab or a cancelled event: the worker stops at the next scale
@@ -167,7 +246,13 @@ class Studio:
                 self._sessions.get(session, set()).discard(job)
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _progress(self, view: JobView, folder: Path):
+    def _submit(self, kind: str, model, params: dict) -> Job:
+        try:
+            return self.pool.submit(kind, params, model or self.default_model)
+        except (ValueError, RuntimeError) as e:
+            raise gr.Error(str(e))
+
+    def _progress(self, view: JobView, folder: Path, with_strip: bool = True):
         skip = gr.skip()
         if view.status == "queued":
             text = (f"⏳ Waiting in the queue: position **{view.position}** ({self.pool.queue_length} waiting, "
@@ -175,8 +260,7 @@ class Studio:
             return skip, text, skip, skip, skip, skip, skip
         if view.latest is None:
             return skip, "⏳ Running…", skip, skip, skip, skip, skip
-        strip = [(self._preview_file(u, folder), f"{u.scale_index + 1} · {u.patch_num}×{u.patch_num}")
-                 for u in view.scales if u.preview] or skip  # previews off: no pictures, status only
+        strip = self._strip(view, folder) if with_strip else skip
         u = view.latest
         where = f"window {u.window} · " if u.window else ""
         text = (f"{where}Scale **{u.scale_index + 1}/{u.num_scales}** · {u.patch_num}×{u.patch_num} tokens · "
@@ -196,10 +280,13 @@ class Studio:
             path.write_bytes(u.preview)
         return str(path)
 
+    def _strip(self, view: JobView, folder: Path):
+        return [(self._preview_file(u, folder), f"{u.scale_index + 1} · {u.patch_num}×{u.patch_num}")
+                for u in view.scales if u.preview] or gr.skip()  # previews off: no pictures, status only
+
     def _finish(self, view: JobView, folder: Path, history: List[str]):
         skip = gr.skip()
-        strip = [(self._preview_file(u, folder), f"{u.scale_index + 1} · {u.patch_num}×{u.patch_num}")
-                 for u in view.scales if u.preview] or skip
+        strip = self._strip(view, folder)
         if view.status == "cancelled":
             yield skip, f"⏹ Stopped ({view.error or 'cancelled'}).", strip, skip, skip, skip, skip
             return
@@ -221,6 +308,8 @@ class Studio:
         return (gr.update(choices=[RANDOM_CLASS] + info.class_names, value=RANDOM_CLASS),
                 gr.update(choices=[NO_CLASS] + info.class_names, value=NO_CLASS),
                 gr.update(choices=[NO_CLASS] + info.class_names, value=NO_CLASS),
+                gr.update(choices=[RANDOM_CLASS] + info.class_names, value=RANDOM_CLASS),
+                controls_note(info),
                 gr.update(maximum=s, value=default_guide_scales(s)),
                 gr.update(maximum=s - 1, value=s // 2),
                 gr.update(maximum=info.vocab_size, value=min(900, info.vocab_size)))
@@ -327,14 +416,48 @@ def editor_background(value) -> Image.Image:
     return _flatten(bg)
 
 
-def editor_composite(value) -> Image.Image:
+def editor_composite(value, missing: str = "Paint a colour layout or upload a guide image first.") -> Image.Image:
     """What the editor shows (upload + strokes), as RGB."""
     im = _as_pil(value.get("composite")) if isinstance(value, dict) else _as_pil(value)
     if im is None and isinstance(value, dict):
         im = _as_pil(value.get("background"))
     if im is None:
-        raise gr.Error("Paint a colour layout or upload a guide image first.")
+        raise gr.Error(missing)
     return _flatten(im)
+
+
+def control_map_request(image, control_type, preprocessor, canny_low, canny_high) -> dict:
+    """The worker's description of a control map: the editor's picture (with any painted layout) and
+    how to read it. The worker checks everything again; checked here, a mistake does not wait in the queue."""
+    if control_type not in CONTROL_PREPROCESSORS:
+        raise gr.Error(f"Unknown control type {control_type!r}; choose one of: {', '.join(CONTROL_PREPROCESSORS)}.")
+    choices = CONTROL_PREPROCESSORS[control_type]
+    preprocessor = preprocessor or choices[0]
+    if preprocessor not in choices:
+        raise gr.Error(f"The {control_type} control has the preprocessors {', '.join(choices)}, "
+                       f"not {preprocessor!r}.")
+    low, high = (None if v is None else float(v) for v in (canny_low, canny_high))
+    if preprocessor == "canny" and (low is None or high is None or not 0 <= low <= high):
+        raise gr.Error(f"Canny thresholds need 0 ≤ low ≤ high, got {canny_low} and {canny_high}.")
+    image = editor_composite(image, "Upload a picture or a map, or paint a segmentation layout, first.")
+    return dict(image=png_bytes(image), control_type=control_type, preprocessor=preprocessor,
+                **(dict(low=low, high=high) if preprocessor == "canny" else {}))
+
+
+def controls_note(info: ModelInfo) -> str:
+    if info.controls:
+        return f"This model has control adapters for: **{', '.join(info.controls)}**."
+    return ("⚠️ This model has no control adapters yet: *Preview map* works, generating needs a bundle with "
+            "`control_<type>.safetensors`.")
+
+
+def seg_legend() -> str:
+    return "Brush colours: " + "".join(f'<span class="swatch" style="background: rgb{tuple(c)}"></span>{name}'
+                                       for c, name in zip(SEG_PALETTE, SEG_CLASSES))
+
+
+def blank_layout(resolution: int) -> Image.Image:
+    return Image.new("RGB", (resolution, resolution), tuple(SEG_PALETTE[0]))  # all sky
 
 
 def _flatten(im: Image.Image) -> Image.Image:
@@ -463,6 +586,38 @@ def build_ui(studio: Studio) -> gr.Blocks:
                         guide_class = gr.Dropdown([NO_CLASS] + info.class_names, value=NO_CLASS, label="Class",
                                                   allow_custom_value=True)
                         guide_btn = gr.Button("Paint from guide", variant="primary", elem_id="guide-btn")
+                    with gr.Tab("Control", id="control"):
+                        control_note = gr.Markdown(controls_note(info))
+                        control_editor = gr.ImageEditor(
+                            value=blank_layout(info.resolution), label="Control image · a picture, or a map",
+                            type="pil", image_mode="RGB", sources=("upload", "clipboard"), transforms=(),
+                            layers=False, height=360, elem_id="control-editor",
+                            brush=gr.Brush(colors=SEG_BRUSH, default_size="auto", color_mode="fixed"))
+                        gr.HTML(seg_legend(), elem_classes="seg-legend", padding=False)
+                        default_type = info.controls[0] if info.controls else "canny"
+                        with gr.Row():
+                            control_type = gr.Radio(CONTROL_TYPES, value=default_type, label="Control")
+                            # every preprocessor is a valid input (API calls); the page offers those of the type
+                            preprocessor = gr.Radio([(v, k) for k, v in PREPROCESSOR_LABELS.items()],
+                                                    value=CONTROL_PREPROCESSORS[default_type][0],
+                                                    label="Preprocessor", elem_id="preprocessor")
+                        with gr.Row(visible=default_type == "canny") as canny_row:
+                            canny_low = gr.Slider(0, 500, value=100, step=1, label="Canny low threshold")
+                            canny_high = gr.Slider(0, 500, value=200, step=1, label="Canny high threshold")
+                        with gr.Row(equal_height=False):
+                            with gr.Column(scale=1, min_width=120):
+                                map_btn = gr.Button("Preview map", size="sm", elem_id="map-btn")
+                                layout_btn = gr.Button("New segmentation layout", size="sm")
+                            control_map = gr.Image(None, label="Control map", format="png", interactive=False,
+                                                   height=180, scale=2, elem_id="control-map")
+                        with gr.Row():
+                            control_strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Control strength")
+                            control_start = gr.Slider(0, 1, value=0.0, step=0.05, label="Control from",
+                                                      info="fraction of the scales")
+                            control_end = gr.Slider(0, 1, value=1.0, step=0.05, label="Control until")
+                        control_class = gr.Dropdown([RANDOM_CLASS] + info.class_names, value=RANDOM_CLASS,
+                                                    label="Class", allow_custom_value=True)
+                        control_btn = gr.Button("Generate with control", variant="primary", elem_id="control-btn")
                 with gr.Accordion("Sampling", open=True):
                     with gr.Row():
                         seed = gr.Number(-1, label="Seed (-1 = random)", precision=0, scale=4)
@@ -501,6 +656,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                         with gr.Row():
                             send_edit = gr.Button("Send to Edit", size="sm", elem_id="send-edit")
                             send_guide = gr.Button("Send to Guide", size="sm")
+                            send_control = gr.Button("Send to Control", size="sm", elem_id="send-control")
                             reuse = gr.Button("Reuse settings", size="sm")
                 with gr.Accordion("Parameters stored in the selected PNG", open=False):
                     params_view = gr.JSON(label="Parameters")
@@ -508,7 +664,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                      fit_columns=False, elem_id="history")
 
         # ---------------- wiring ----------------
-        readable_upload_errors(image=editor, mask=mask_upload, guide_image=guide_editor, selected_image=selected)
+        readable_upload_errors(image=editor, mask=mask_upload, guide_image=guide_editor, control_image=control_editor,
+                               selected_image=selected)
         run_outputs = [preview, status, filmstrip, results, selected, history, history_state]
         sample = [seed, guidance, top_k, top_p, more_smooth]
         run = dict(outputs=run_outputs, show_progress="hidden", concurrency_id="jobs",
@@ -523,14 +680,28 @@ def build_ui(studio: Studio) -> gr.Blocks:
                            api_name="outpaint", **run)
         guide_btn.click(studio.guide, [model, guide_editor, keep_scales, guide_class, *sample, num_images,
                                        preview_mode, history_state], api_name="guide", **run)
+        control_map_inputs = [control_editor, control_type, preprocessor, canny_low, canny_high]
+        control_btn.click(studio.control, [model, *control_map_inputs, control_strength, control_start, control_end,
+                                           control_class, *sample, num_images, preview_mode, history_state],
+                          api_name="control", **run)
+        map_btn.click(studio.preprocess, [model, *control_map_inputs], control_map, api_name="preprocess",
+                      concurrency_id="maps", concurrency_limit=4)
         reroll_btn.click(studio.reroll, [model, selected, reroll_keep, reroll_seed, guidance, top_k, top_p,
                                          more_smooth, num_images, preview_mode, history_state],
                          api_name="reroll", **run)
         stop_btn.click(studio.stop, None, status, api_name="stop", queue=False, show_progress="hidden")
 
         dice.click(lambda: random.randrange(2 ** 31), None, seed, queue=False, api_visibility="private")
-        model.change(studio.model_changed, model, [gen_class, edit_class, guide_class, keep_scales, reroll_keep,
-                                                    top_k], api_visibility="private")
+        model.change(studio.model_changed, model, [gen_class, edit_class, guide_class, control_class, control_note,
+                                                    keep_scales, reroll_keep, top_k], api_visibility="private")
+        control_type.input(_control_type_changed, control_type, [preprocessor, canny_row], api_visibility="private",
+                           queue=False)
+        demo.load(_control_type_changed, [control_type, preprocessor], [preprocessor, canny_row],
+                  api_visibility="private", queue=False)
+        layout_btn.click(lambda: (blank_layout(info.resolution), "segmentation",
+                                  *_control_type_changed("segmentation", "none")),
+                         None, [control_editor, control_type, preprocessor, canny_row], api_visibility="private",
+                         queue=False)
         filmstrip.select(_scale_picked, None, reroll_keep, api_visibility="private", queue=False)
         results.select(_selected_path, None, selected, api_visibility="private", queue=False)
         history.select(_selected_path, None, selected, api_visibility="private", queue=False)
@@ -541,7 +712,20 @@ def build_ui(studio: Studio) -> gr.Blocks:
             lambda: gr.Tabs(selected="edit"), None, tabs, api_visibility="private", queue=False)
         send_guide.click(_to_editor, selected, guide_editor, api_visibility="private", queue=False).then(
             lambda: gr.Tabs(selected="guide"), None, tabs, api_visibility="private", queue=False)
+        send_control.click(_to_editor, selected, control_editor, api_visibility="private", queue=False).then(
+            lambda: gr.Tabs(selected="control"), None, tabs, api_visibility="private", queue=False)
     return demo
+
+
+def preprocessor_choices(control_type: str) -> list:
+    return [(PREPROCESSOR_LABELS[c], c) for c in CONTROL_PREPROCESSORS[control_type]]
+
+
+def _control_type_changed(control_type, preprocessor=None):
+    """The preprocessors of a control type (the first chosen unless told) and the canny thresholds' visibility."""
+    return (gr.Radio(choices=preprocessor_choices(control_type),
+                     value=preprocessor or CONTROL_PREPROCESSORS[control_type][0]),
+            gr.Row(visible=control_type == "canny"))
 
 
 def _scale_picked(evt: gr.SelectData):

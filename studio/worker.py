@@ -42,7 +42,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-JOB_KINDS = ("generate", "inpaint", "outpaint", "guide", "reroll")
+JOB_KINDS = ("generate", "inpaint", "outpaint", "guide", "reroll", "control", "preprocess")
 PREVIEW_MODES = ("full", "fast", "none")  # "none": no picture per scale (status only)
 TOKENS_CHUNK = "var_tokens"  # PNG text chunk holding a result's token pyramid (so it can be re-rolled)
 
@@ -69,6 +69,7 @@ class ModelInfo:
     resolution: int
     patch_nums: List[int]
     vocab_size: int
+    controls: List[str] = ()  # the control types the model has adapters for
 
     @property
     def num_scales(self) -> int:
@@ -94,7 +95,7 @@ class ScaleUpdate:
 class JobResult:
     job_id: str
     images: List[bytes]  # PNG files, parameters in their 'parameters' text chunk
-    paths: List[str]  # where they were saved (before the result was sent)
+    paths: List[str]  # where they were saved (before the result was sent); none for a "preprocess" map
     params: List[dict]
     tokens: Optional[List[List[np.ndarray]]]  # per image, per scale (pn*pn,) token ids; None for edits
     timings: dict
@@ -606,7 +607,8 @@ def _worker_main(config: dict, conn, cancel_cell) -> None:
                 previewers[name].fit_fast_map()
         infos = {name: dict(name=name, source=str(p.source), class_names=list(p.class_names),
                             resolution=p.resolution, patch_nums=list(p.patch_nums),
-                            vocab_size=p.var.cfg.vocab_size) for name, p in pipes.items()}
+                            vocab_size=p.var.cfg.vocab_size, controls=sorted(p.controls))
+                 for name, p in pipes.items()}
         conn.send(("ready", {"pid": os.getpid(), "device": device, "models": infos}))
     except Exception as e:  # an import or device problem
         try:
@@ -706,6 +708,12 @@ class _Previewer:
             arr = rgb.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return tile(list(arr))
 
+    def from_images(self, images: Sequence[Image.Image]) -> Image.Image:
+        """Finished images (the decode of the last f_hat) as that scale's full preview."""
+        side = (self.size, self.size)
+        return tile([np.asarray(im.convert("RGB") if im.size == side else
+                                im.convert("RGB").resize(side, Image.Resampling.BOX)) for im in images])
+
 
 def tile(images: List[np.ndarray]) -> Image.Image:
     """Several (H, W, 3) uint8 images -> one grid image (a single image comes back as it is)."""
@@ -755,6 +763,8 @@ class _Runner:
         self.config, self.conn, self.cancel_cell = config, conn, cancel_cell
         self.pipes, self.previewers, self.device = pipes, previewers, device
         self.outputs = Path(config["outputs"])
+        self.domain_nets: Dict[str, dict] = {}  # model -> its bundle's world nets, loaded on first use
+        self.hf_models: Dict[tuple, object] = {}  # (control type, device) -> a transformers preprocessor
 
     def run(self, seq: int, job_id: str, kind: str, model: str, params: dict) -> JobResult:
         import torch
@@ -763,6 +773,11 @@ class _Runner:
             raise ValueError(f"unknown model {model!r}")
         pipe, previewer = self.pipes[model], self.previewers[model]
         p = dict(params)
+        if kind == "preprocess":  # the control map alone: a preview for the user, nothing saved
+            t0 = time.perf_counter()
+            cmap, record = self._control_map(model, pipe, p)
+            return JobResult(job_id, [encode_png(cmap.preview, record)], [], [record], None,
+                             {"total_job": time.perf_counter() - t0})
         mode = p.pop("preview", None) or self.config["preview"]
         if mode not in PREVIEW_MODES:
             raise ValueError(f"preview must be one of {PREVIEW_MODES}, not {mode!r}")
@@ -782,12 +797,22 @@ class _Runner:
         window = [1 if kind == "outpaint" else 0]  # out-painting: the window being made (1-based)
         delay = float(self.config.get("scale_delay") or 0.0)
 
-        def on_scale(ev):
-            t = time.perf_counter()
-            jpeg = _jpeg(previewer(ev.f_hat, mode)) if mode != "none" else b""  # b"": previews off
+        # the full preview of the last scale is the final image: taken from the result, not decoded twice
+        last_from_result = mode == "full" and kind in ("generate", "control", "guide", "reroll")
+        deferred = []
+
+        def send_scale(ev, picture, t):
+            jpeg = _jpeg(picture) if picture is not None else b""  # b"": previews off
             self.conn.send(("scale", ScaleUpdate(job_id, ev.scale_index, ev.num_scales, ev.patch_num, jpeg,
                                                  ev.seconds, time.perf_counter() - t, time.perf_counter() - t0,
                                                  window[0])))
+
+        def on_scale(ev):
+            t = time.perf_counter()
+            if last_from_result and ev.scale_index == ev.num_scales - 1:
+                deferred.append(ev)
+            else:
+                send_scale(ev, previewer(ev.f_hat, mode) if mode != "none" else None, t)
             if delay:
                 time.sleep(delay)
             if self.cancel_cell.value == seq:
@@ -836,6 +861,14 @@ class _Runner:
             out = pipe.variations(image, keep_scales=keep, class_labels=label, num_images=num_images,
                                   callback_on_scale_end=on_scale, **sampling)
             record.update(keep_scales=keep)
+        elif kind == "control":
+            cmap, control = self._control_map(model, pipe, p, need_adapter=True)
+            steer = dict(control_strength=float(p.get("control_strength", 1.0)),
+                         control_guidance_start=float(p.get("control_guidance_start", 0.0)),
+                         control_guidance_end=float(p.get("control_guidance_end", 1.0)))
+            out = pipe(class_labels=label, num_images_per_label=num_images, control_image=cmap.map,
+                       control_type=control["control_type"], callback_on_scale_end=on_scale, **steer, **sampling)
+            record.update(control, **steer)
         elif kind == "reroll":
             src_params, src_tokens = read_png_info(_png_bytes(p.get("source_png")))
             if src_tokens is None:
@@ -856,7 +889,65 @@ class _Runner:
             raise ValueError(f"unknown job kind {kind!r}")
         if self.cancel_cell.value == seq:
             raise _Cancelled("stopped")
+        for ev in deferred:
+            send_scale(ev, previewer.from_images(out.images), time.perf_counter())
         return self._save(job_id, kind, pipe, out, record, keep_tokens, label, time.perf_counter() - t0)
+
+    def _control_map(self, model: str, pipe, p: dict, need_adapter: bool = False):
+        """The job's control map at the model's resolution (studio.preprocess) and the parameters
+        that made it, for the PNG. need_adapter: fail before any work when the model lacks the adapter."""
+        from studio import preprocess as pp
+
+        ctype = p.get("control_type")
+        if not isinstance(ctype, str) or ctype not in pp.PREPROCESSORS:
+            raise ValueError(f"unknown control type {ctype!r}; one of {', '.join(pp.PREPROCESSORS)}")
+        if need_adapter and ctype not in pipe.controls:
+            raise ValueError(f"the model {model!r} has no {ctype} control adapter (it has: "
+                             f"{', '.join(sorted(pipe.controls)) or 'none'}); its bundle needs "
+                             f"control_{ctype}.safetensors")
+        choice = p.get("preprocessor") or pp.PREPROCESSORS[ctype][0]
+        image = _open_image(p.get("image"), f"{ctype} image")
+        record = dict(control_type=ctype, preprocessor=choice, control_image_size=list(image.size))
+        kw = {}
+        if choice == "canny":
+            kw.update(low=float(p.get("low", 100.0)), high=float(p.get("high", 200.0)))
+            record.update(canny_low=kw["low"], canny_high=kw["high"])
+        elif choice == "world":
+            kw["net"] = self._domain_net(model, pipe, ctype)
+        elif choice == "transformers":
+            kw["model"] = self._hf_model(pipe, ctype)
+        adapter = pipe.controls.get(ctype)
+        if adapter is not None and adapter.cfg.label_map:
+            kw["num_classes"] = adapter.cfg.in_channels
+        return pp.preprocess(ctype, image, choice, size=pipe.resolution, **kw), record
+
+    def _domain_net(self, model: str, pipe, ctype: str):
+        """The world's depth or seg net that ships in the model's bundle (studio.domain)."""
+        kind = "depth" if ctype == "depth" else "seg"
+        if model not in self.domain_nets:
+            from studio.domain import load_domain_nets
+
+            folder = Path(str(pipe.source))
+            self.domain_nets[model] = (load_domain_nets(folder, ("depth", "seg"), device=pipe.device)
+                                       if folder.is_dir() else {})
+        if kind not in self.domain_nets[model]:
+            raise ValueError(f"the model {model!r} has no world {ctype} net ({kind}.safetensors in its bundle): "
+                             f"choose the transformers preprocessor, or upload a {ctype} map (preprocessor none)")
+        return self.domain_nets[model][kind]
+
+    def _hf_model(self, pipe, ctype: str):
+        """A transformers depth / segmentation model from the local Hugging Face cache (never downloaded;
+        preprocess.WeightsNotCached says how to fetch it)."""
+        from studio import preprocess as pp
+
+        key = (ctype, str(pipe.device))
+        if key not in self.hf_models:
+            load = pp.load_depth_model if ctype == "depth" else pp.load_segmentation_model
+            try:
+                self.hf_models[key] = load(device=pipe.device)
+            except ImportError as e:  # no transformers package: bad input for this studio, not a crash
+                raise ValueError(str(e)) from e
+        return self.hf_models[key]
 
     def _save(self, job_id, kind, pipe, out, record, keep_tokens, label, seconds) -> JobResult:
         """Write every image to the outputs folder first; only then is the result sent."""

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_worker import TINY_PATCH_NUMS, tiny_bundle  # noqa: F401 (the fixture)
+from test_worker import TINY_PATCH_NUMS, layout_png, tiny_bundle  # noqa: F401 (the fixture)
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -95,6 +95,7 @@ def images(tmp_path_factory):
     Image.new("L", (32, 32), 255).save(d / "mask_small.png")
     Image.new("L", (64, 48), 0).save(d / "mask_empty.png")
     (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    (d / "layout.png").write_bytes(layout_png(48))  # sky above grass, in the world's palette
     return d
 
 
@@ -124,8 +125,8 @@ def test_generate_streams_one_preview_per_scale_then_the_final_image(app, client
     assert scales_seen(outs) == list(range(1, NUM_SCALES + 1))
     previews = [path(o[0]) for o in outs if isinstance(o[1], str) and SCALE.search(o[1])]
     assert len(set(previews)) == NUM_SCALES and all(Image.open(p).format == "JPEG" for p in previews)
-    strip_lengths = [len(o[2]) for o in outs if isinstance(o[2], list)]
-    assert strip_lengths[:NUM_SCALES] == list(range(1, NUM_SCALES + 1))
+    strip_lengths = [len(o[2]) for o in outs if isinstance(o[2], list)]  # the filmstrip grows, at most every 0.25 s
+    assert strip_lengths[0] == 1 and strip_lengths == sorted(strip_lengths) and strip_lengths[-1] == NUM_SCALES
     assert outs[-1] == final and final[1].startswith("✓ Done")
     result = final[3]
     assert len(result) == 1
@@ -250,3 +251,70 @@ def test_app_exits_with_a_clear_message_for_a_missing_model(app, tmp_path, capsy
     assert app_py.main(["--model", str(tmp_path / "missing"), "--device", "cpu", "--outputs", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "could not load model" in err and "no such folder" in err
+
+
+def test_control_streams_one_preview_per_scale_then_the_final_image(app, client, images):
+    outs, final = run(client, "/control", image=editor(images / "layout.png"), control_type="segmentation",
+                      preprocessor="none", control_strength=1.5, control_guidance_end=0.5, class_name="class 2",
+                      seed=12, preview="full")
+    assert scales_seen(outs) == list(range(1, NUM_SCALES + 1))
+    previews = [path(o[0]) for o in outs if isinstance(o[1], str) and SCALE.search(o[1])]
+    assert len(set(previews)) == NUM_SCALES and all(Image.open(p).format == "JPEG" for p in previews)
+    assert outs[-1] == final and final[1].startswith("✓ Done")
+    png = path(final[3][0]["image"])
+    assert Image.open(png).size == (64, 64) and path(final[4]) == png
+    assert path(final[5][0]["image"]) == png  # first in the history
+    params = read_png_parameters(png)
+    assert params["task"] == "control" and params["control_type"] == "segmentation"
+    assert params["preprocessor"] == "none" and params["control_strength"] == 1.5
+    assert params["control_guidance_end"] == 0.5 and params["class_name"] == "class 2" and params["seed"] == 12
+
+    outs, final = run(client, "/control", image=editor(images / "image.png"), canny_low=50, canny_high=120, seed=1,
+                      num_images=2)  # the defaults: canny edges of the picture
+    params = read_png_parameters(path(final[3][1]["image"]))
+    assert len(final[3]) == 2 and params["control_type"] == "canny" and params["canny_low"] == 50
+
+
+def test_preprocess_previews_the_map_at_the_model_resolution(app, client, images):
+    for control_type, preprocessor, image in [("canny", "canny", "image.png"), ("depth", "world", "image.png"),
+                                              ("segmentation", "world", "image.png"),
+                                              ("segmentation", "none", "layout.png")]:
+        out = client.predict(image=editor(images / image), control_type=control_type, preprocessor=preprocessor,
+                             api_name="/preprocess")
+        assert Image.open(path(out)).size == (64, 64), (control_type, preprocessor)
+    try:  # never downloaded: without the weights in the local cache, a message that says how to get them
+        out = client.predict(image=editor(images / "image.png"), control_type="depth", preprocessor="transformers",
+                             api_name="/preprocess")
+        assert Image.open(path(out)).size == (64, 64)
+    except AppError as e:
+        assert "not in the local Hugging Face cache" in str(e) and "hf download" in str(e), str(e)
+
+
+def test_bad_control_requests_get_a_clear_error_and_the_app_keeps_serving(app, client, images):
+    pid = app.pool.worker_pids()[0]
+    layout = editor(images / "layout.png")
+    cases = [
+        ("hed", dict(image=layout, control_type="hed")),
+        ("has no depth control adapter (it has: canny, segmentation)", dict(image=layout, control_type="depth",
+                                                                            preprocessor="none")),
+        ("control image could not be read", dict(image=editor(images / "corrupt.png"))),
+        ("preprocessors canny, none, not 'world'", dict(image=layout, preprocessor="world")),
+        ("Canny thresholds need 0 ≤ low ≤ high", dict(image=layout, canny_low=200, canny_high=100)),
+        ("greater than maximum value 2", dict(image=layout, control_strength=3)),
+        ("must start before it ends", dict(image=layout, control_guidance_start=0.6, control_guidance_end=0.4)),
+    ]
+    for expected, kwargs in cases:
+        with pytest.raises(AppError, match=re.escape(expected)):
+            run(client, "/control", **kwargs)
+    with pytest.raises(AppError, match="control image could not be read"):
+        client.predict(image=editor(images / "corrupt.png"), api_name="/preprocess")
+    outs, final = run(client, "/control", image=layout, control_type="segmentation", preprocessor="world", seed=5)
+    assert final[1].startswith("✓ Done")
+    assert app.pool.worker_pids()[0] == pid
+
+
+def test_the_ui_lists_the_preprocessors_of_studio_preprocess():
+    from studio import preprocess, ui
+
+    assert ui.CONTROL_PREPROCESSORS == preprocess.PREPROCESSORS
+    assert [t for _, t in ui.CONTROL_TYPES] == list(preprocess.PREPROCESSORS)

@@ -1,7 +1,8 @@
 """The studio in a real browser: Playwright driving Debian's Chromium against the app on loopback.
 
 Generate (the live preview must change at every scale before the result appears), send the result
-to Edit, paint a mask with the brush, in-paint. Screenshots go to tests/artifacts/.
+to Edit, paint a mask with the brush, in-paint; send it to Control, preview its edge map, generate
+under that control. Screenshots go to tests/artifacts/.
 """
 import os
 import shutil
@@ -86,7 +87,7 @@ def test_generate_streams_previews_then_inpaint_a_painted_mask(page, app):
 
     page.click("#send-edit")
     canvas = page.locator("#editor canvas").first
-    expect(canvas).to_be_visible()
+    expect(canvas).to_be_visible(timeout=30_000)  # a loaded machine can take more than the default 5 s
     page.wait_for_timeout(500)  # the editor lays out its background
     canvas.scroll_into_view_if_needed()
     box = canvas.bounding_box()
@@ -108,3 +109,16 @@ def test_generate_streams_previews_then_inpaint_a_painted_mask(page, app):
     assert page.locator("#results img").first.get_attribute("src") != first_result
     assert len(list(Path(app.outputs).rglob("*_inpaint_*.png"))) == 1
     page.screenshot(path=ARTIFACTS / "04_inpainted.png", full_page=True)
+
+    page.click("#send-control")
+    expect(page.locator("#control-editor canvas").first).to_be_visible(timeout=30_000)
+    page.wait_for_timeout(500)  # the editor lays out its background
+    page.click("#map-btn")
+    expect(page.locator("#control-map img")).to_be_visible(timeout=30_000)
+    page.click("#control-btn")
+    page.wait_for_function("(t => t.includes('_control_') || t.includes('⚠️'))"
+                           "(document.querySelector('#status').innerText)")
+    status = page.locator("#status").inner_text()
+    assert "Done" in status, status
+    assert len(list(Path(app.outputs).rglob("*_control_*.png"))) == 1
+    page.screenshot(path=ARTIFACTS / "05_control.png", full_page=True)

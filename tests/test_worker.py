@@ -12,17 +12,23 @@ import torch
 from PIL import Image
 
 from studio.generate import read_png_parameters
-from studio.worker import (ModelSpec, WorkerError, WorkerPool, _Previewer, decode_tokens, encode_png, encode_tokens,
-                           read_png_info)
+from studio.worker import (ModelSpec, WorkerError, WorkerPool, _Previewer, _jpeg, decode_tokens, encode_png,
+                           encode_tokens, read_png_info, tile)
 
 TINY_PATCH_NUMS = (1, 2, 3, 4, 6, 8)
+TINY_CONTROLS = ("canny", "segmentation")  # the tiny bundle's control adapters (no depth: a model without one)
 
 
 def make_tiny_bundle(folder):
-    """A 64 px, 6-scale random VQVAE + VAR bundle (fast to load and to run)."""
+    """A 64 px, 6-scale random VQVAE + VAR bundle (fast to load and to run), with random canny and
+    segmentation control adapters (no depth adapter) and tiny world depth and seg nets."""
+    from models.control import ControlAdapter, ControlConfig
+    from models.domain import build
     from models.var import VAR, VARConfig
     from models.vqvae import VQVAE, VQVAEConfig
+    from studio import domain
     from studio.pipeline import VARPipeline
+    from studio.world import SEG_PALETTE
 
     torch.manual_seed(0)
     vae = VQVAE(VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2, 4), using_sa=False,
@@ -30,7 +36,17 @@ def make_tiny_bundle(folder):
     var = VAR(VARConfig(vocab_size=64, z_channels=8, num_classes=10, depth=1, embed_dim=64, num_heads=2,
                         patch_nums=TINY_PATCH_NUMS))
     pipe = VARPipeline(vae, var, [f"class {i}" for i in range(10)])
+    for ctype in TINY_CONTROLS:
+        adapter = ControlAdapter(ControlConfig.for_var(var.cfg, ctype, widths=(4, 8), hidden=16, num_classes=(
+            len(SEG_PALETTE) if ctype == "segmentation" else None)))
+        with torch.no_grad():  # a trained adapter's injections are not zero: the map changes the image
+            for lin in adapter.inject:
+                lin.weight.normal_(0, 0.5)
+        pipe.add_control(adapter)
     pipe.save_pretrained(folder)
+    for kind in ("depth", "seg"):
+        domain.save_net(build(kind, domain.default_config(kind, 32, widths=[4, 8, 8])), folder / f"{kind}.safetensors",
+                        kind)
     return folder
 
 
@@ -73,6 +89,8 @@ def test_generation_streams_every_scale_and_saves_before_the_result(pool):
     preview = Image.open(io.BytesIO(job.scales[-1].preview))
     assert preview.format == "JPEG" and preview.width > 64  # two images tiled
     res = job.result
+    final = tile([np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in res.images])
+    assert np.array_equal(np.asarray(preview), np.asarray(Image.open(io.BytesIO(_jpeg(final)))))  # not decoded twice
     assert len(res.paths) == 2 and all(os.path.exists(p) for p in res.paths)
     for i, path in enumerate(res.paths):
         assert open(path, "rb").read() == res.images[i]
@@ -185,3 +203,90 @@ def test_fast_preview_map_recovers_a_linear_decoder(tiny_bundle):
     full = np.asarray(prev(f_hat.repeat(2, 1, 1, 1), "full"), dtype=np.float32)
     assert fast.shape == full.shape == (R, 2 * R + 2, 3)  # two images, tiled
     assert np.abs(fast - full).mean() < 3.0  # 8-bit levels: only the bilinear upsampling differs
+
+
+def layout_png(size=64) -> bytes:
+    """A segmentation layout painted with the world's palette: sky above, grass below."""
+    from studio.world import SEG_PALETTE
+
+    a = np.empty((size, size, 3), np.uint8)
+    a[: size // 2], a[size // 2:] = SEG_PALETTE[0], SEG_PALETTE[4]
+    return png(Image.fromarray(a))
+
+
+def test_control_streams_every_scale_and_stores_its_parameters(pool):
+    layout = layout_png()
+    job = pool.submit("control", {"image": layout, "control_type": "segmentation", "preprocessor": "none",
+                                  "class_name": "class 2", "seed": 3, "control_strength": 1.5,
+                                  "control_guidance_end": 0.5})
+    plain = pool.submit("generate", {"class_name": "class 2", "seed": 3})
+    edges = pool.submit("control", {"image": png(Image.new("RGB", (80, 60), "white")), "control_type": "canny",
+                                    "low": 50, "high": 150, "seed": 3, "num_images": 2})
+    for j in (job, plain, edges):
+        assert j.wait(60) and j.status == "done", j.error
+    assert [u.scale_index for u in job.scales] == list(range(len(TINY_PATCH_NUMS)))
+    params = job.result.params[0]
+    assert params["task"] == "control" and params["control_type"] == "segmentation"
+    assert params["preprocessor"] == "none" and params["control_strength"] == 1.5
+    assert params["control_guidance_start"] == 0.0 and params["control_guidance_end"] == 0.5
+    assert read_png_parameters(job.result.paths[0]) == params and job.result.tokens is not None
+    assert not all(np.array_equal(a, b) for a, b in zip(job.result.tokens[0], plain.result.tokens[0]))
+    p = edges.result.params[1]
+    assert len(edges.result.paths) == 2 and p["canny_low"] == 50 and p["canny_high"] == 150
+    assert p["control_image_size"] == [80, 60]
+
+
+def test_preprocess_returns_the_map_at_the_model_resolution_and_saves_nothing(pool):
+    photo = png(Image.new("RGB", (90, 70), "seagreen"))
+    cases = [("canny", "canny", photo), ("canny", "none", photo), ("depth", "world", photo),
+             ("segmentation", "world", photo), ("segmentation", "none", layout_png(40))]
+    jobs = [pool.submit("preprocess", {"image": im, "control_type": t, "preprocessor": pre}) for t, pre, im in cases]
+    for (ctype, pre, _), job in zip(cases, jobs):
+        assert job.wait(60) and job.status == "done", (ctype, pre, job.error)
+        assert job.result.paths == [] and job.result.params[0]["preprocessor"] == pre
+        assert Image.open(io.BytesIO(job.result.images[0])).size == (64, 64)
+    seg = np.asarray(Image.open(io.BytesIO(jobs[-1].result.images[0])).convert("RGB"))
+    from studio.world import SEG_PALETTE
+
+    assert (seg[0, 0] == SEG_PALETTE[0]).all() and (seg[-1, 0] == SEG_PALETTE[4]).all()  # the layout's classes
+
+
+def test_bad_control_requests_fail_the_job_and_keep_the_worker(pool):
+    pid = pool.worker_pids()[0]
+    photo = png(Image.new("RGB", (64, 64), "gray"))
+    cases = {
+        "unknown control type 'hed'": ("control", {"image": photo, "control_type": "hed"}),
+        "has no depth control adapter (it has: canny, segmentation)": ("control", {"image": photo,
+                                                                                   "control_type": "depth"}),
+        "segmentation image could not be read": ("control", {"image": b"\x89PNG garbage",
+                                                             "control_type": "segmentation"}),
+        "has preprocessors canny, none, not 'world'": ("preprocess", {"image": photo, "control_type": "canny",
+                                                                      "preprocessor": "world"}),
+        "low <= high": ("preprocess", {"image": photo, "control_type": "canny", "low": 200, "high": 100}),
+        "control_guidance_start < control_guidance_end": ("control", {
+            "image": photo, "control_type": "canny", "control_guidance_start": 0.8, "control_guidance_end": 0.2}),
+    }
+    jobs = {k: pool.submit(kind, params) for k, (kind, params) in cases.items()}
+    for expected, job in jobs.items():
+        assert job.wait(60) and job.status == "failed", (expected, job.status)
+        assert expected in job.error, (expected, job.error)
+    assert pool.worker_pids()[0] == pid
+
+
+def test_a_model_without_world_nets_says_which_net_is_missing(tiny_bundle, tmp_path):
+    import shutil
+
+    from studio import worker
+    from studio.pipeline import VARPipeline
+
+    folder = tmp_path / "no_nets"
+    shutil.copytree(tiny_bundle, folder, ignore=shutil.ignore_patterns("depth.*", "seg.*"))
+    pipe = VARPipeline.from_pretrained(folder)
+    runner = worker._Runner({"outputs": str(tmp_path), "preview": "fast"}, None, None, {"m": pipe}, {"m": None}, "cpu")
+    photo = png(Image.new("RGB", (64, 64), "gray"))
+    with pytest.raises(ValueError, match=r"no world depth net \(depth.safetensors in its bundle\)"):
+        runner._control_map("m", pipe, {"image": photo, "control_type": "depth", "preprocessor": "world"})
+    cmap, record = runner._control_map("m", pipe, {"image": photo, "control_type": "canny"})
+    assert cmap.map.shape == (1, 64, 64) and record == {"control_type": "canny", "preprocessor": "canny",
+                                                        "control_image_size": [64, 64], "canny_low": 100.0,
+                                                        "canny_high": 200.0}
