@@ -329,9 +329,14 @@ class Studio:
         if "seed" not in params:
             raise gr.Error("The selected image has no studio parameters to reuse.")
         name = params.get("class_name")
-        return (name if name in self.info(params.get("model")).class_names else RANDOM_CLASS,
-                params["seed"], params.get("guidance_scale", 4.0), params.get("top_k", 900),
-                params.get("top_p", 0.95), bool(params.get("more_smooth", False)))
+        cls = name if name in self.info(params.get("model")).class_names else RANDOM_CLASS
+        shared = (cls, params["seed"], params.get("guidance_scale", 4.0), params.get("top_k", 900),
+                  params.get("top_p", 0.95), bool(params.get("more_smooth", False)))
+        if "control_type" not in params:  # the Control tab's own settings stay as they are
+            return shared + (gr.skip(),) * 7
+        return shared + (cls, params["control_type"], params.get("canny_low", 100.0), params.get("canny_high", 200.0),
+                         params.get("control_strength", 1.0), params.get("control_guidance_start", 0.0),
+                         params.get("control_guidance_end", 1.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,7 +711,9 @@ def build_ui(studio: Studio) -> gr.Blocks:
         results.select(_selected_path, None, selected, api_visibility="private", queue=False)
         history.select(_selected_path, None, selected, api_visibility="private", queue=False)
         selected.change(studio.parameters_of, selected, params_view, api_visibility="private", queue=False)
-        reuse.click(studio.reuse_settings, selected, [gen_class, seed, guidance, top_k, top_p, more_smooth],
+        reuse.click(studio.reuse_settings, selected, [gen_class, seed, guidance, top_k, top_p, more_smooth,
+                                                      control_class, control_type, canny_low, canny_high,
+                                                      control_strength, control_start, control_end],
                     api_visibility="private", queue=False)
         send_edit.click(_to_editor, selected, editor, api_visibility="private", queue=False).then(
             lambda: gr.Tabs(selected="edit"), None, tabs, api_visibility="private", queue=False)
