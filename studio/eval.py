@@ -333,13 +333,12 @@ def control_section(ctx: EvalContext) -> List[Row]:
         return torch.cat(imgs)
 
     base = ctx.cached("control baseline (no adapter)", generate)
+    dnet, snet = ctx.nets.get("depth"), ctx.nets.get("seg")
+    near, far = (dnet.cfg.near, dnet.cfg.far) if dnet is not None else (1.0, None)
     rows: List[Row] = []
     for t in types:
-        dnet = ctx.nets.get("depth")
-        near, far = (dnet.cfg.near, dnet.cfg.far) if dnet is not None else (1.0, None)
         maps = pp.ground_truth_maps(t, images=A["images"], depth_m=A["depth"], labels=A["labels"], near=near, far=far)
-        judge_net = {"canny": True, "depth": dnet, "segmentation": ctx.nets.get("seg")}[t]
-        if judge_net is None:
+        if (t == "depth" and dnet is None) or (t == "segmentation" and snet is None):
             rows.append(Row(f"{t}: adherence", None, note=f"skipped: no {'depth' if t == 'depth' else 'seg'} net"))
             continue
         gen = ctx.cached(f"control {t}", lambda: generate(t, maps))
@@ -350,7 +349,7 @@ def control_section(ctx: EvalContext) -> List[Row]:
                 return metrics.edge_f1(edges, maps[:, 0].numpy() > 0.5)
             if t == "depth":
                 return metrics.depth_rel_rmse(dom.estimate_depth(dnet, x, units="normalised"), maps[:, 0].numpy())
-            return metrics.miou(dom.segment(judge_net, x), maps.numpy(), judge_net.cfg.num_classes)
+            return metrics.miou(dom.segment(snet, x), maps.numpy(), snet.cfg.num_classes)
 
         with_a, without = score(gen), score(base)
         name = {"canny": "canny F1", "depth": "depth rel-RMSE", "segmentation": "seg mIoU"}[t]
@@ -358,14 +357,11 @@ def control_section(ctx: EvalContext) -> List[Row]:
                  Row(f"{name}, without (baseline)", without, "{:.4f}", "same classes and seeds, no control")]
         if ctx.out is not None:
             k = min(8, ctx.n)
-            if t == "segmentation":
-                shown = [np.asarray(pp.labels_preview(m[None], judge_net.cfg.num_classes).convert("RGB")) for m in maps[:k]]
-            else:
-                prev = pp.edges_preview if t == "canny" else pp.depth_preview
-                shown = [np.asarray(prev(m).convert("RGB")) for m in maps[:k]]
+            n_ids = snet.cfg.num_classes if snet is not None else None
+            shown = np.stack([np.asarray(pp.map_preview(t, m, n_ids)) for m in maps[:k]])
             folder = ctx.out / "control"
             folder.mkdir(parents=True, exist_ok=True)
-            grid([A["images"][:k], np.stack(shown), dom.tensor_to_images(gen[:k]),
+            grid([A["images"][:k], shown, dom.tensor_to_images(gen[:k]),
                   dom.tensor_to_images(base[:k])]).save(folder / f"control_{t}.png")
     return rows
 

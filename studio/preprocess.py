@@ -127,6 +127,14 @@ def edges_preview(map_1SS: torch.Tensor) -> Image.Image:
     return Image.fromarray(map_1SS[0].clamp(0, 1).mul(255).round().byte().cpu().numpy(), mode="L")
 
 
+def map_preview(control_type: str, map_, num_classes: Optional[int] = None) -> Image.Image:
+    """One map as an RGB picture: (1,S,S) for canny / depth, (S,S) or (1,S,S) ids for segmentation."""
+    if control_type == "segmentation":
+        m = map_ if map_.ndim == 3 else map_[None]
+        return labels_preview(m, num_classes or 1)
+    return (edges_preview if control_type == "canny" else depth_preview)(map_).convert("RGB")
+
+
 # ---------------------------------------------------------------------------------------------
 # canny
 

@@ -525,6 +525,13 @@ class Task:
         """Files written into --out at the end of every run (besides the checkpoint)."""
 
 
+@torch.no_grad()
+def teacher_forcing(vae: VQVAE, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(targets (B, L), transformer inputs (B, L-1, Cvae)) of images from a frozen VQVAE (fp32, outside autocast)."""
+    tokens = vae.quantize.f_to_tokens(vae.img_to_f(x))
+    return torch.cat(tokens, 1), vae.quantize.tokens_to_var_input(tokens)
+
+
 USAGE_EMA_DECAY = 0.97  # per-step decay of MultiScaleQuantizer.ema_vocab_hit_SV (models/vqvae.py)
 
 
@@ -769,9 +776,7 @@ class VARTask(Task):
 
     @torch.no_grad()
     def tokens(self, x):
-        """Teacher forcing targets and inputs from the frozen VQVAE (fp32, outside autocast)."""
-        tokens = self.vae.quantize.f_to_tokens(self.vae.img_to_f(x))
-        return torch.cat(tokens, 1), self.vae.quantize.tokens_to_var_input(tokens)
+        return teacher_forcing(self.vae, x)
 
     def per_scale(self, ce_BL, hit_BL):
         """Mean CE and accuracy per scale: two (SN,) tensors."""
@@ -952,10 +957,10 @@ class ControlTask(Task):
             self.var.eval()  # frozen: no dropout / drop-path
             return self
 
-        def forward(self, labels, x_in, maps, targets, class_drop_rate, generator=None):
+        def forward(self, labels, x_in, maps, targets, class_drop_rate):
             from models.control import control_loss
 
-            return control_loss(self.var, self.adapter, labels, x_in, maps, targets, class_drop_rate, generator)
+            return control_loss(self.var, self.adapter, labels, x_in, maps, targets, class_drop_rate)
 
     def resolution(self):
         return self.vae.cfg.resolution
@@ -974,10 +979,8 @@ class ControlTask(Task):
                               labels=batch.get("labels"), low=a.canny_low, high=a.canny_high)
         return m.to(self.device)
 
-    @torch.no_grad()
     def tokens(self, x):
-        tokens = self.vae.quantize.f_to_tokens(self.vae.img_to_f(x))
-        return torch.cat(tokens, 1), self.vae.quantize.tokens_to_var_input(tokens)
+        return teacher_forcing(self.vae, x)
 
     def training_step(self, model, batch, step):
         target, x_in = self.tokens(batch["image"])
@@ -1034,13 +1037,8 @@ class ControlTask(Task):
         gen = torch.Generator(device=self.device).manual_seed(self.args.seed)
         out = pipe(class_labels=labels[:n].tolist(), guidance_scale=self.args.guidance, generator=gen,
                    control_image=maps[:n], control_type=self.control_type, output_type="pt")
-        shown = []
-        for m in maps[:n].cpu():
-            if self.control_type == "segmentation":
-                im = pp.labels_preview(m[None], self.adapter.cfg.in_channels)
-            else:
-                im = (pp.edges_preview if self.control_type == "canny" else pp.depth_preview)(m)
-            shown.append(torch.from_numpy(np.asarray(im.convert("RGB"), np.float32)).permute(2, 0, 1) / 127.5 - 1)
+        shown = [torch.from_numpy(np.asarray(pp.map_preview(self.control_type, m, self.adapter.cfg.in_channels),
+                                             np.float32)).permute(2, 0, 1) / 127.5 - 1 for m in maps[:n].cpu()]
         image_grid([x[:n].cpu(), torch.stack(shown), out.images.float().cpu() * 2 - 1], path)
 
     def final_files(self, out, info):
