@@ -333,10 +333,13 @@ class Studio:
         shared = (cls, params["seed"], params.get("guidance_scale", 4.0), params.get("top_k", 900),
                   params.get("top_p", 0.95), bool(params.get("more_smooth", False)))
         if "control_type" not in params:  # the Control tab's own settings stay as they are
-            return shared + (gr.skip(),) * 7
-        return shared + (cls, params["control_type"], params.get("canny_low", 100.0), params.get("canny_high", 200.0),
+            return shared + (gr.skip(),) * 9
+        ctype = params["control_type"]
+        return shared + (cls, ctype, params.get("canny_low", 100.0), params.get("canny_high", 200.0),
                          params.get("control_strength", 1.0), params.get("control_guidance_start", 0.0),
-                         params.get("control_guidance_end", 1.0))
+                         params.get("control_guidance_end", 1.0),
+                         # a type set by the program fires no .input: its preprocessors come along here
+                         *_control_type_changed(ctype, params.get("preprocessor")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,7 +716,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
         selected.change(studio.parameters_of, selected, params_view, api_visibility="private", queue=False)
         reuse.click(studio.reuse_settings, selected, [gen_class, seed, guidance, top_k, top_p, more_smooth,
                                                       control_class, control_type, canny_low, canny_high,
-                                                      control_strength, control_start, control_end],
+                                                      control_strength, control_start, control_end,
+                                                      preprocessor, canny_row],
                     api_visibility="private", queue=False)
         send_edit.click(_to_editor, selected, editor, api_visibility="private", queue=False).then(
             lambda: gr.Tabs(selected="edit"), None, tabs, api_visibility="private", queue=False)
