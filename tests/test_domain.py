@@ -268,6 +268,10 @@ def test_eval_end_to_end_on_a_tiny_pipeline(tmp_path, capsys):
         with_a, without = by[f"{name}, with the {t} adapter"], by[f"{name}, without (baseline)"]
         assert with_a == without and np.isfinite(with_a), name  # an untrained adapter changes nothing
         assert (tmp_path / "control" / f"control_{t}.png").exists()
+        assert np.isfinite(by[f"{name}, VQVAE reconstructions (ceiling)"]), name
+    assert by["seg mIoU, renders (judge's own error)"] == by["seg mIoU (renders)"]  # same judge, same renders
+    assert by["depth rel-RMSE, renders (judge's own error)"] == by["depth rel-RMSE (renders)"]
+    assert "canny F1, renders (judge's own error)" not in by
 
 
 def test_confidence_interval():
