@@ -295,18 +295,24 @@ class ControlHook:
 
 def control_loss(var, adapter: ControlAdapter, labels: torch.Tensor, x_in: torch.Tensor, maps: torch.Tensor,
                  targets: torch.Tensor, class_drop_rate: float = 0.1,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None, scale_weighting: str = "token") -> torch.Tensor:
     """Teacher-forced cross-entropy of the frozen VAR steered by `adapter` (train the adapter only).
 
     labels (B,) int64; x_in (B, L-1, Cvae) from `quantizer.tokens_to_var_input(tokens)`; maps as
     prepare_map accepts (batch B); targets (B, L) = torch.cat(tokens, dim=1). Classes are replaced by
     the null class with probability class_drop_rate while the control stays (the sampler's
     conditional branch may be the null class under control; its unconditional branch is the base
-    model, which needs no training). The caller freezes `var` (requires_grad False, eval mode)."""
+    model, which needs no training). scale_weighting: "token" (the plain token mean) or "equal"
+    (every scale weighs the same; models.var.token_weights). The caller freezes `var` (requires_grad False, eval mode)."""
     B = labels.shape[0]
     if class_drop_rate > 0:
         drop = torch.rand(B, generator=generator, device="cpu").to(labels.device) < class_drop_rate
         labels = torch.where(drop, torch.full_like(labels, var.num_classes), labels)
     hook = ControlHook([Control(adapter, maps)], B, var.begin_ends)
     logits = var(labels, x_in, cond_drop_rate=0.0, block_hook=hook)  # (B, L, V) fp32
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    if scale_weighting == "token":
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    from models.var import token_weights
+
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, L)
+    return (ce * token_weights(var.cfg.patch_nums, scale_weighting).to(ce.device)).sum(1).mean()

@@ -250,6 +250,21 @@ class SampleResult:
 # the model
 
 
+def token_weights(patch_nums: Sequence[int], weighting: str = "token") -> torch.Tensor:
+    """Loss weights (L,) of a teacher-forced sequence, summing to 1. "token": every token the same
+    (the official loss; with scales ending 13, 16 the two finest are 62% of it); "equal": every
+    scale the same total weight, so the coarse scales that fix an image's layout are not drowned by
+    the fine ones."""
+    sizes = torch.tensor([int(p) * int(p) for p in patch_nums], dtype=torch.float64)
+    if weighting == "token":
+        w = torch.ones(int(sizes.sum()), dtype=torch.float64)
+    elif weighting == "equal":
+        w = (1.0 / sizes).repeat_interleave(sizes.long())
+    else:
+        raise ValueError(f"scale weighting must be 'token' or 'equal', got {weighting!r}")
+    return (w / w.sum()).float()
+
+
 def scale_levels_and_mask(patch_nums: Sequence[int]):
     """lvl_1L (1, L) int64: the scale of each token; mask (1, 1, L, L): 0 where the query's scale is
     at or after the key's, -inf elsewhere (block-causal: full inside a scale, causal across)."""

@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.var import VAR, VARConfig
+from models.var import VAR, VARConfig, token_weights
 from models.vqvae import VQVAE, VQVAEConfig
 
 TRAIN_SEED_LIMIT = 10_000_000  # training renders seeds below this ...
@@ -757,11 +757,7 @@ class VARTask(Task):
         pn = self.var.cfg.patch_nums
         sizes = torch.tensor([p * p for p in pn], dtype=torch.float32)
         self.scale_of_token = torch.repeat_interleave(torch.arange(len(pn)), sizes.long()).to(self.device)
-        if self.args.scale_weighting == "equal":
-            w = (1.0 / (len(pn) * sizes)).repeat_interleave(sizes.long())
-        else:
-            w = torch.full((int(sizes.sum()),), 1.0 / float(sizes.sum()))
-        self.token_weight = w.to(self.device)
+        self.token_weight = token_weights(pn, self.args.scale_weighting).to(self.device)
         groups = np.array_split(np.arange(len(pn)), 3)
         self.groups = {g: [int(i) for i in idx] for g, idx in zip(("coarse", "mid", "fine"), groups) if len(idx)}
         self.window = None
@@ -886,6 +882,7 @@ class ControlTask(Task):
     find_unused_parameters = True
     panels = [("train cross-entropy", "train", ["loss"], False),
               ("held-out cross-entropy", "eval", ["ce", "ce_base"], False),
+              ("held-out scale-balanced cross-entropy", "eval", ["wce", "wce_base"], False),
               ("held-out token accuracy", "eval", ["acc", "acc_base"], False)]
 
     @classmethod
@@ -901,6 +898,12 @@ class ControlTask(Task):
         g.add_argument("--canny-high", type=float, default=200.0, help="canny maps: high threshold")
         g.add_argument("--class-drop-rate", type=float, default=0.1,
                        help="replace the class by the null class (the control stays) this often")
+        g.add_argument("--scale-balance", type=float, default=1.0,
+                       help="loss weight of a token of scale pn x pn: (pn*pn)^-balance; 1: every scale weighs the "
+                            "same (the coarse scales fix the layout), 0: the plain token mean")
+        g.add_argument("--scale-weighting", choices=["token", "equal"], default="equal",
+                       help="equal: every scale counts the same in the loss (the coarse scales fix the layout, "
+                            "where a depth or segmentation map says most); token: every token the same")
         g.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance of the sample grid")
 
     @property
@@ -957,10 +960,11 @@ class ControlTask(Task):
             self.var.eval()  # frozen: no dropout / drop-path
             return self
 
-        def forward(self, labels, x_in, maps, targets, class_drop_rate):
+        def forward(self, labels, x_in, maps, targets, class_drop_rate, scale_weighting="token"):
             from models.control import control_loss
 
-            return control_loss(self.var, self.adapter, labels, x_in, maps, targets, class_drop_rate)
+            return control_loss(self.var, self.adapter, labels, x_in, maps, targets, class_drop_rate,
+                                scale_weighting=scale_weighting)
 
     def resolution(self):
         return self.vae.cfg.resolution
@@ -984,7 +988,8 @@ class ControlTask(Task):
 
     def training_step(self, model, batch, step):
         target, x_in = self.tokens(batch["image"])
-        loss = model(batch["class_id"], x_in, self.maps(batch), target, self.args.class_drop_rate)
+        loss = model(batch["class_id"], x_in, self.maps(batch), target, self.args.class_drop_rate,
+                     self.args.scale_weighting)
         return loss, {}
 
     def set_eval_batch(self, batch):
@@ -997,7 +1002,8 @@ class ControlTask(Task):
     @torch.no_grad()
     def evaluate(self):
         """Held-out teacher-forced cross-entropy and token accuracy with the adapter, beside the
-        frozen base model's (the gain is what the control map tells the model)."""
+        frozen base model's (the gain is what the control map tells the model); wce: the same with
+        every scale weighing the same (token_weights "equal"), where the layout scales show."""
         from models.control import Control, ControlHook
 
         if self.eval_batch is None:
@@ -1009,7 +1015,9 @@ class ControlTask(Task):
             out = {}
             for suffix, h in (("", hook), ("_base", None)):
                 logits = self.var(labels, x_in, cond_drop_rate=0.0, block_hook=h)
-                out["ce" + suffix] = float(F.cross_entropy(logits.flatten(0, 1), target.flatten()))
+                ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, L)
+                out["ce" + suffix] = float(ce.mean())
+                out["wce" + suffix] = float((ce * token_weights(self.var.cfg.patch_nums, "equal")).sum(1).mean())
                 out["acc" + suffix] = float((logits.argmax(-1) == target).float().mean())
         finally:
             self.adapter.train()

@@ -187,7 +187,8 @@ def test_control_loss_trains_the_adapter_only(tiny_pair):
     for p in var.parameters():
         p.requires_grad_(False)
     tokens = [torch.randint(0, var.cfg.vocab_size, (2, pn * pn), generator=_gen(pn)) for pn in var.patch_nums]
-    x_in = vae.quantize.tokens_to_var_input(tokens)
+    with torch.no_grad():  # the tokenizer is frozen too (its in-place residual sum is not for autograd)
+        x_in = vae.quantize.tokens_to_var_input(tokens)
     targets, labels = torch.cat(tokens, 1), torch.tensor([1, 2])
     a = adapter_for(var)
     a.train()
@@ -200,6 +201,23 @@ def test_control_loss_trains_the_adapter_only(tiny_pair):
     assert all(p.grad is None for p in var.parameters())
     dropped = control_loss(var, a, labels, x_in, edge_map(), targets, class_drop_rate=1.0)
     assert torch.isfinite(dropped)
+    with torch.no_grad():  # every scale weighing the same: the mean of the per-scale means
+        ce = torch.nn.functional.cross_entropy(var(labels, x_in).transpose(1, 2), targets, reduction="none")
+        per_scale = torch.stack([ce[:, bg:ed].mean() for bg, ed in var.begin_ends])
+        equal = control_loss(var, a, labels, x_in, edge_map(), targets, class_drop_rate=0.0, scale_weighting="equal")
+    assert equal.item() == pytest.approx(per_scale.mean().item(), rel=1e-5)
+    assert equal.item() != pytest.approx(base.item(), rel=1e-3)
+
+
+def test_token_weights():
+    from models.var import token_weights
+
+    pn = (1, 2, 4)
+    tok, eq = token_weights(pn, "token"), token_weights(pn, "equal")
+    assert tok.shape == eq.shape == (21,) and torch.allclose(tok, torch.full((21,), 1 / 21))
+    assert torch.allclose(torch.stack([eq[0:1].sum(), eq[1:5].sum(), eq[5:].sum()]), torch.full((3,), 1 / 3))
+    with pytest.raises(ValueError, match="'token' or 'equal'"):
+        token_weights(pn, "coarse")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -206,6 +206,7 @@ def test_control_adapter_learns_the_map_and_joins_the_bundle(trained_var, tmp_pa
     r, ev = rows(out), rows(out, "eval")
     assert r[-1]["loss"] < r[0]["loss"], (r[0]["loss"], r[-1]["loss"])
     assert ev[-1]["ce"] < ev[-1]["ce_base"], ev[-1]  # the map tells the model something
+    assert ev[-1]["wce"] < ev[-1]["wce_base"], ev[-1]  # also with every scale weighing the same (the loss)
     for name in ("samples.png", "control_canny.safetensors", "control_canny.json", "checkpoint.pt"):
         assert (out / name).exists(), name
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
