@@ -306,6 +306,17 @@ CONTROL_JUDGES = {"canny": "canny F1 vs the control edges (higher is better)",
                   "segmentation": "seg mIoU vs the control layout (higher is better)"}
 
 
+def control_score(control_type: str, images: torch.Tensor, maps: torch.Tensor, nets: Dict[str, torch.nn.Module]) -> float:
+    """How well images (N,3,R,R) in [-1, 1] follow their ground-truth maps (preprocess.ground_truth_maps):
+    canny F1 (1 px), rel-RMSE of the depth net's estimate, mIoU of the seg net's labels."""
+    if control_type == "canny":
+        edges = np.stack([metrics.canny(im) for im in dom.tensor_to_images(images)])
+        return metrics.edge_f1(edges, maps[:, 0].numpy() > 0.5)
+    if control_type == "depth":
+        return metrics.depth_rel_rmse(dom.estimate_depth(nets["depth"], images, units="normalised"), maps[:, 0].numpy())
+    return metrics.miou(dom.segment(nets["seg"], images), maps.numpy(), nets["seg"].cfg.num_classes)
+
+
 @register_section("control", help="adherence to canny / depth / segmentation maps, with each adapter and without",
                   needs=("world",))
 def control_section(ctx: EvalContext) -> List[Row]:
@@ -347,12 +358,7 @@ def control_section(ctx: EvalContext) -> List[Row]:
         gen = ctx.cached(f"control {t}", lambda: generate(t, maps))
 
         def score(x):
-            if t == "canny":
-                edges = np.stack([metrics.canny(im) for im in dom.tensor_to_images(x)])
-                return metrics.edge_f1(edges, maps[:, 0].numpy() > 0.5)
-            if t == "depth":
-                return metrics.depth_rel_rmse(dom.estimate_depth(dnet, x, units="normalised"), maps[:, 0].numpy())
-            return metrics.miou(dom.segment(snet, x), maps.numpy(), snet.cfg.num_classes)
+            return control_score(t, x, maps, ctx.nets)
 
         with_a, without, ceiling = score(gen), score(base), score(ctx.reconstructions())
         name = {"canny": "canny F1", "depth": "depth rel-RMSE", "segmentation": "seg mIoU"}[t]
