@@ -619,7 +619,8 @@ def build_ui(studio: Studio) -> gr.Blocks:
                             control_map = gr.Image(None, label="Control map", format="png", interactive=False,
                                                    height=180, scale=2, elem_id="control-map")
                         with gr.Row():
-                            control_strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Control strength")
+                            control_strength = gr.Slider(0, 2, value=1.0, step=0.05, label="Control strength",
+                                                         info="1 = as trained; depth: try 1.5-2")
                             control_start = gr.Slider(0, 1, value=0.0, step=0.05, label="Control from",
                                                       info="fraction of the scales")
                             control_end = gr.Slider(0, 1, value=1.0, step=0.05, label="Control until")
