@@ -304,6 +304,7 @@ def preprocessors_section(ctx: EvalContext) -> List[Row]:
 CONTROL_JUDGES = {"canny": "canny F1 vs the control edges (higher is better)",
                   "depth": "depth rel-RMSE vs the control depth (lower is better)",
                   "segmentation": "seg mIoU vs the control layout (higher is better)"}
+CONTROL_METRICS = {"canny": "canny F1", "depth": "depth rel-RMSE", "segmentation": "seg mIoU"}
 
 
 def control_score(control_type: str, images: torch.Tensor, maps: torch.Tensor, nets: Dict[str, torch.nn.Module]) -> float:
@@ -361,7 +362,7 @@ def control_section(ctx: EvalContext) -> List[Row]:
             return control_score(t, x, maps, ctx.nets)
 
         with_a, without, ceiling = score(gen), score(base), score(ctx.reconstructions())
-        name = {"canny": "canny F1", "depth": "depth rel-RMSE", "segmentation": "seg mIoU"}[t]
+        name = CONTROL_METRICS[t]
         rows += [Row(f"{name}, with the {t} adapter", with_a, "{:.4f}", f"n={ctx.n}; {CONTROL_JUDGES[t]}"),
                  Row(f"{name}, without (baseline)", without, "{:.4f}", "same classes and seeds, no control"),
                  Row(f"{name}, VQVAE reconstructions (ceiling)", ceiling, "{:.4f}",

@@ -898,9 +898,6 @@ class ControlTask(Task):
         g.add_argument("--canny-high", type=float, default=200.0, help="canny maps: high threshold")
         g.add_argument("--class-drop-rate", type=float, default=0.1,
                        help="replace the class by the null class (the control stays) this often")
-        g.add_argument("--scale-balance", type=float, default=1.0,
-                       help="loss weight of a token of scale pn x pn: (pn*pn)^-balance; 1: every scale weighs the "
-                            "same (the coarse scales fix the layout), 0: the plain token mean")
         g.add_argument("--scale-weighting", choices=["token", "equal"], default="equal",
                        help="equal: every scale counts the same in the loss (the coarse scales fix the layout, "
                             "where a depth or segmentation map says most); token: every token the same")

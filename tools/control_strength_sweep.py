@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from studio import checkpoints, domain as dom, preprocess as pp  # noqa: E402
-from studio.eval import CONTROL_JUDGES, control_score  # noqa: E402
+from studio.eval import CONTROL_JUDGES, CONTROL_METRICS, control_score  # noqa: E402
 from studio.pipeline import VARPipeline  # noqa: E402
 
 
@@ -42,8 +42,7 @@ def main(argv=None) -> int:
             x = pipe(class_labels=labels, guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed),
                      output_type="pt", **kw).images.float() * 2 - 1
             row.append(control_score(t, x, maps, nets))
-        name = {"canny": "canny F1", "depth": "depth rel-RMSE", "segmentation": "seg mIoU"}[t]
-        print(f"{name:<16}" + "".join(f"{v:>8.3f}" for v in row), flush=True)
+        print(f"{CONTROL_METRICS[t]:<16}" + "".join(f"{v:>8.3f}" for v in row), flush=True)
     return 0
 
 
