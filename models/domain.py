@@ -15,7 +15,7 @@ hundred metres into ~0, log-depth keeps relief at every distance. The prediction
 world has one scale: trees, haze and the horizon fix it), so no per-image alignment is needed;
 `DepthNet.metric_depth` turns it into metres.
 
-Networks only: tensors in, tensors out; saving and loading live in studio/domain.py. Inputs whose
+Networks only: tensors in, tensors out; saving and loading live in studio/domainnets.py, training in lab/domain.py. Inputs whose
 side is not a multiple of the UNet's stride are padded (reflect) and the output cropped back.
 """
 from __future__ import annotations

@@ -78,7 +78,7 @@ class VARPipeline:
             self.dtype = dtype
         self.var.to(self.device, self.dtype)
         self.vae.to(self.device, self.dtype)
-        # channels-last convolutions make the decoder ~12% faster on CPU (python -m studio.bench);
+        # channels-last convolutions make the decoder ~12% faster on CPU (python -m lab.bench);
         # the encoder keeps the standard layout: its exact fp32 rounding decides argmin ties
         self.vae.decoder.to(memory_format=torch.channels_last)
         self.vae.quantize.float()  # codebook distances and f_hat accumulate in fp32

@@ -10,9 +10,9 @@
     m, preview = pp.preprocess("depth", image, "world", size=256, net=...)    # one entry point
 
 Map conventions (what the adapters of models/control.py are trained on):
-- canny: cv2.Canny-identical edges (studio.metrics.canny, default thresholds 100/200 as CAR and
+- canny: cv2.Canny-identical edges (canny_edges, OpenCV, default thresholds 100/200 as CAR and
   ControlAR use) of the image resized to the model's resolution; 1 = edge.
-- depth: normalised log-depth of the world (studio.domain.estimate_depth(units="normalised")),
+- depth: normalised log-depth of the world (studio.domainnets.estimate_depth(units="normalised")),
   0 near, 1 far. A transformers depth model (DPT / Depth Anything) predicts relative inverse depth;
   its map is 1 - minmax(prediction): the same order (near low), not the same curve.
 - segmentation: class ids; the world's 8 SEG_CLASSES from its seg net, or ADE20K's 150 classes from
@@ -139,15 +139,27 @@ def map_preview(control_type: str, map_, num_classes: Optional[int] = None) -> I
 # canny
 
 
+def canny_edges(image, low: float = 100.0, high: float = 200.0) -> np.ndarray:
+    """Binary (H,W) bool edge map by cv2.Canny(grey, low, high) (L1 gradient, 3x3 Sobel).
+
+    image: (H,W,3)/(H,W) uint8, float in [0, 1], or PIL; colour goes to grey by OpenCV's RGB2GRAY."""
+    import cv2
+
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        a = np.clip(np.rint(a.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    if a.ndim == 3:
+        a = cv2.cvtColor(np.ascontiguousarray(a[..., :3]), cv2.COLOR_RGB2GRAY)
+    return cv2.Canny(np.ascontiguousarray(a), float(low), float(high)) > 0
+
+
 def canny(image, size: Optional[int] = 256, low: float = 100.0, high: float = 200.0) -> ControlMap:
     """Edges of the image resized to size x size (None: its own size) with OpenCV's Canny or our
     identical torch port."""
-    from studio import metrics
-
     _check_size(size)
     if not 0 <= low <= high:
         raise ValueError(f"canny thresholds need 0 <= low <= high, got low={low}, high={high}")
-    edges = metrics.canny(np.asarray(_rgb_at(image, size)), low, high)
+    edges = canny_edges(np.asarray(_rgb_at(image, size)), low, high)
     m = torch.from_numpy(edges.astype(np.float32))[None]
     return ControlMap(m, edges_preview(m))
 
@@ -157,14 +169,14 @@ def canny(image, size: Optional[int] = 256, low: float = 100.0, high: float = 20
 
 
 def depth(image, size: int = 256, net=None, model: Optional[Union[HFModel, torch.nn.Module]] = None) -> ControlMap:
-    """Depth map of an image: with `net`, the world's DepthNet (studio.domain); with `model`, a
+    """Depth map of an image: with `net`, the world's DepthNet (studio.domainnets); with `model`, a
     transformers depth model (see load_depth_model)."""
     _check_size(size)
     if (net is None) == (model is None):
-        raise ValueError("give the world's depth net (net=, from studio.domain.load_domain_nets) or a transformers "
+        raise ValueError("give the world's depth net (net=, from studio.domainnets.load_domain_nets) or a transformers "
                          "depth model (model=, from load_depth_model), not both or neither")
     if net is not None:
-        from studio.domain import estimate_depth
+        from studio.domainnets import estimate_depth
 
         d = estimate_depth(net, _rgb_at(image, size), units="normalised")  # (S, S) in [0, 1]
         m = torch.from_numpy(np.ascontiguousarray(d, np.float32))[None].clamp_(0, 1)
@@ -190,10 +202,10 @@ def segmentation(image, size: int = 256, net=None,
     transformers semantic-segmentation model (see load_segmentation_model; ADE20K ids)."""
     _check_size(size)
     if (net is None) == (model is None):
-        raise ValueError("give the world's seg net (net=, from studio.domain.load_domain_nets) or a transformers "
+        raise ValueError("give the world's seg net (net=, from studio.domainnets.load_domain_nets) or a transformers "
                          "segmentation model (model=, from load_segmentation_model), not both or neither")
     if net is not None:
-        from studio.domain import segment
+        from studio.domainnets import segment
 
         ids = segment(net, _rgb_at(image, size))
         m = torch.from_numpy(np.asarray(ids, np.int64))[None]
@@ -238,7 +250,7 @@ def _load_hf(auto_class: str, what: str, model_id: Union[str, Path], cache_dir, 
             f"the {what} model {str(model_id)!r} is not in the local Hugging Face cache{where}. The studio never "
             f"downloads weights while it runs: fetch them once on a connected machine with "
             f"`hf download {model_id}` (the same cache), or pass the folder that holds the model. "
-            f"The world's own {what} net (studio.domain) needs no download.") from e
+            f"The world's own {what} net (studio.domainnets) needs no download.") from e
     try:
         processor = transformers.AutoImageProcessor.from_pretrained(str(model_id), local_files_only=True,
                                                                     cache_dir=cache_dir)
@@ -376,7 +388,7 @@ def preprocess(control_type: str, image, preprocessor: Optional[str] = None, siz
     fn = depth if control_type == "depth" else segmentation
     if preprocessor == "world":
         if net is None:
-            raise ValueError(f"the world {control_type} preprocessor needs its net (studio.domain.load_domain_nets)")
+            raise ValueError(f"the world {control_type} preprocessor needs its net (studio.domainnets.load_domain_nets)")
         return fn(image, size, net=net)
     if model is None:
         raise ValueError(f"the transformers {control_type} preprocessor needs a model "
@@ -402,14 +414,12 @@ def ground_truth_maps(control_type: str, images=None, depth_m=None, labels=None,
             if a.is_floating_point():
                 a = a.detach().float().add(1).mul(127.5).clamp(0, 255).round().byte()
             a = a.permute(0, 2, 3, 1).cpu().numpy() if a.shape[1] == 3 else a.cpu().numpy()
-        from studio import metrics
-
-        edges = np.stack([metrics.canny(np.ascontiguousarray(im), low, high) for im in np.asarray(a)])
+        edges = np.stack([canny_edges(np.ascontiguousarray(im), low, high) for im in np.asarray(a)])
         return torch.from_numpy(edges.astype(np.float32))[:, None]
     if control_type == "depth":
         if depth_m is None:
             raise ValueError("depth maps need the depth in metres")
-        from studio.domain import normalise_depth
+        from studio.domainnets import normalise_depth
 
         d = depth_m.detach().cpu().numpy() if isinstance(depth_m, torch.Tensor) else np.asarray(depth_m)
         return torch.from_numpy(normalise_depth(d, near, far))[:, None]

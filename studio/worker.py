@@ -922,10 +922,10 @@ class _Runner:
         return pp.preprocess(ctype, image, choice, size=pipe.resolution, **kw), record
 
     def _domain_net(self, model: str, pipe, ctype: str):
-        """The world's depth or seg net that ships in the model's bundle (studio.domain)."""
+        """The world's depth or seg net that ships in the model's bundle (studio.domainnets)."""
         kind = "depth" if ctype == "depth" else "seg"
         if model not in self.domain_nets:
-            from studio.domain import load_domain_nets
+            from studio.domainnets import load_domain_nets
 
             folder = Path(str(pipe.source))
             self.domain_nets[model] = (load_domain_nets(folder, ("depth", "seg"), device=pipe.device)

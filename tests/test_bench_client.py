@@ -1,4 +1,4 @@
-"""`python -m studio.bench_client` end to end on the tiny random bundle: it starts the app, times the three
+"""`python -m lab.bench_client` end to end on the tiny random bundle: it starts the app, times the three
 preview modes through gradio_client, prints the table and stops the app. No wall-clock thresholds."""
 import os
 import re
@@ -14,7 +14,7 @@ from test_worker import TINY_PATCH_NUMS, tiny_bundle  # noqa: F401 (the fixture)
 
 pytest.importorskip("gradio_client")
 
-from studio.bench_client import Run, format_table, summarize  # noqa: E402
+from lab.bench_client import Run, format_table, summarize  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NUM_SCALES = len(TINY_PATCH_NUMS)
@@ -33,7 +33,7 @@ def test_overhead_is_relative_to_previews_off():
 
 def test_bench_client_prints_three_sane_rows_and_stops_the_app(tiny_bundle):  # noqa: F811
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "studio.bench_client", "--model", str(tiny_bundle), "--runs", "1",
+    proc = subprocess.run([sys.executable, "-m", "lab.bench_client", "--model", str(tiny_bundle), "--runs", "1",
                            "--device", "cpu", "--threads", "1", "--class", "class 3"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout

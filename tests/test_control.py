@@ -322,7 +322,7 @@ def landscape():
 
 
 def test_canny_preprocessor(landscape):
-    from studio import metrics
+    from lab import metrics
 
     m, preview = pp.canny(landscape.image, size=64, low=50, high=120)
     assert m.shape == (1, 64, 64) and m.dtype == torch.float32 and set(m.unique().tolist()) <= {0.0, 1.0}

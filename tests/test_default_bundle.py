@@ -34,7 +34,7 @@ def test_generates_every_class_and_images_are_not_constant(default_pipe):
 
 
 def test_domain_nets_ship_in_the_bundle_and_run(default_pipe):
-    from studio.domain import estimate_depth, load_domain_nets, segment
+    from lab.domain import estimate_depth, load_domain_nets, segment
     from studio.world import render
 
     nets = load_domain_nets(default_bundle_path(), required=True)

@@ -1,5 +1,5 @@
-"""Domain nets (models/domain.py), their training/inference helpers (studio/domain.py), the metrics
-(studio/metrics.py) and the evaluation command (studio/eval.py) on tiny models."""
+"""Domain nets (models/domain.py), their training/inference helpers (lab/domain.py), the metrics
+(lab/metrics.py) and the evaluation command (lab/eval.py) on tiny models."""
 import math
 
 import numpy as np
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from models.domain import ClassConfig, ClassNet, DepthConfig, DepthNet, SegConfig, SegNet, build, count_params
-from studio import domain as dom
-from studio import metrics
+from lab import domain as dom
+from lab import metrics
 
 TINY = {"depth": {"widths": [4, 8, 8]}, "seg": {"widths": [4, 8, 8]}, "class": {"widths": [4, 8, 8]}}
 
@@ -204,12 +204,12 @@ def test_edge_f1():
 def test_canny_finds_a_square():
     img = np.zeros((32, 32), np.uint8)
     img[8:24, 8:24] = 255
-    edges = metrics.canny(img, 100, 200, backend="torch")
+    edges = metrics.canny(img, 100, 200)
     border = np.zeros_like(edges)
     border[8:24, 8:24] = True
     border[9:23, 9:23] = False
     assert metrics.edge_f1(edges, border, tolerance=1) > 0.9
-    assert not metrics.canny(np.full((16, 16, 3), 128, np.uint8), backend="torch").any()
+    assert not metrics.canny(np.full((16, 16, 3), 128, np.uint8)).any()
 
 
 def test_frechet_distance():
@@ -234,7 +234,7 @@ def test_accuracy():
 def test_eval_end_to_end_on_a_tiny_pipeline(tmp_path, capsys):
     from models.var import VAR, VARConfig
     from models.vqvae import VQVAE, VQVAEConfig
-    from studio.eval import SECTIONS, format_table, run_eval
+    from lab.eval import SECTIONS, format_table, run_eval
     from studio.pipeline import VARPipeline
     from studio.world import CLASS_NAMES
 

@@ -1,4 +1,4 @@
-"""studio/train.py: few-step runs of each trainer on tiny models and tiny data.
+"""lab/train.py: few-step runs of each trainer on tiny models and tiny data.
 
 The data come from a stand-in world defined here (same API as `studio.world`: render_batch,
 CLASS_NAMES, dataset.WorldShards), so these tests do not depend on the real renderer's speed or
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from studio import train
+from lab import train
 
 TINY_VAE = {"vocab_size": 64, "z_channels": 8, "ch": 32, "ch_mult": [1, 1, 2], "num_res_blocks": 1,
             "using_sa": False, "using_mid_sa": False, "patch_nums": [1, 2, 4, 8]}  # 32 px, L = 85

@@ -26,7 +26,7 @@ def make_tiny_bundle(folder):
     from models.domain import build
     from models.var import VAR, VARConfig
     from models.vqvae import VQVAE, VQVAEConfig
-    from studio import domain
+    from studio import domainnets as domain
     from studio.pipeline import VARPipeline
     from studio.world import SEG_PALETTE
 

@@ -2,9 +2,9 @@
 
     python tools/assemble_default.py --var runs/var_export --domain runs/domain --out assets/default
 
---var is a bundle written by `python -m studio.train var --export ...` (VQVAE + transformer), with
-the control adapters that `python -m studio.train control --export` added to it, if any;
---domain is a folder of domain nets written by `python -m studio.domain train ...`. Everything is
+--var is a bundle written by `python -m lab.train var --export ...` (VQVAE + transformer), with
+the control adapters that `python -m lab.train control --export` added to it, if any;
+--domain is a folder of domain nets written by `python -m lab.domain train ...`. Everything is
 stored as fp16 safetensors next to one config.json; the total size is printed (the budget is 64 MB).
 """
 import argparse
@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from studio import checkpoints  # noqa: E402
-from studio.domain import bundle_parts, load_domain_nets  # noqa: E402
+from lab.domain import bundle_parts, load_domain_nets  # noqa: E402
 from studio.pipeline import VARPipeline  # noqa: E402
 
 

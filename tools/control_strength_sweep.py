@@ -13,8 +13,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from studio import checkpoints, domain as dom, preprocess as pp  # noqa: E402
-from studio.eval import CONTROL_JUDGES, CONTROL_METRICS, control_score  # noqa: E402
+from lab import domain as dom
+from studio import checkpoints, preprocess as pp  # noqa: E402
+from lab.eval import CONTROL_JUDGES, CONTROL_METRICS, control_score  # noqa: E402
 from studio.pipeline import VARPipeline  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """What the live preview costs, seen from a client: the real app, driven through `gradio_client`.
 
-    python -m studio.bench_client                          # the embedded default model, 5 runs per mode
-    python -m studio.bench_client --model my_bundle/ --runs 9 --class volcano --device cuda
+    python -m lab.bench_client                          # the embedded default model, 5 runs per mode
+    python -m lab.bench_client --model my_bundle/ --runs 9 --class volcano --device cuda
 
 Starts `app.py` in its own process (loopback, a free port unless --port, outputs in a temporary
 folder), waits until it serves, then times /generate in three preview modes: "full" (every scale

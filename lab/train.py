@@ -1,10 +1,10 @@
 """Training CLI for the embedded default model (and any VAR of our architecture), on `accelerate`.
 
     python -m studio.world --out data/world128 --count 12000     # shards (or train on --data render:128)
-    python -m studio.train vqvae --data data/world128 --out runs/vqvae --minutes 20 --precision bf16
-    python -m studio.train var --data data/world128 --vae runs/vqvae --out runs/var --minutes 40 \
+    python -m lab.train vqvae --data data/world128 --out runs/vqvae --minutes 20 --precision bf16
+    python -m lab.train var --data data/world128 --vae runs/vqvae --out runs/var --minutes 40 \
         --precision bf16 --export runs/var_export
-    accelerate launch -m studio.train var ...          # the same command on several GPUs
+    accelerate launch -m lab.train var ...          # the same command on several GPUs
 
 On the CPU, bf16 autocast is much faster where the CPU has bf16 instructions (AVX512-BF16, AMX);
 on a machine whose cores are shared with other work, `--threads 1` beats oversubscribed threads.
@@ -1315,7 +1315,7 @@ def run(args) -> dict:
     if main:
         info = {k: summary[k] for k in ("step", "images_seen", "minutes", "precision", "data")}
         info.update(batch_size=args.batch_size * acc.num_processes, lr=args.lr, seed=args.seed,
-                    command="python -m studio.train " + " ".join(args.argv))
+                    command="python -m lab.train " + " ".join(args.argv))
         if summary["last_eval"]:
             info["held_out"] = {k: v for k, v in summary["last_eval"].items() if isinstance(v, (int, float))}
         task.final_files(out, info)
@@ -1379,7 +1379,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m studio.train", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m lab.train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="task", required=True, metavar="{" + ",".join(TASKS) + "}")
     for name, cls in TASKS.items():

@@ -1,8 +1,8 @@
 """Quality metrics of a model on the landscape world, printed as a table.
 
-    python -m studio.eval                                  # the embedded default, all sections
-    python -m studio.eval --model runs/bundle --n 200 --out runs/eval --sections reconstruction,class
-    python -m studio.eval --domain runs/domain             # domain nets from another folder
+    python -m lab.eval                                  # the embedded default, all sections
+    python -m lab.eval --model runs/bundle --n 200 --out runs/eval --sections reconstruction,class
+    python -m lab.eval --domain runs/domain             # domain nets from another folder
 
 Sections (run in this order; `--sections` picks some):
   reconstruction   VQVAE reconstruction PSNR on held-out renders
@@ -19,7 +19,7 @@ this world only): a *domain* Frechet distance, NOT comparable to published (Ince
 
 Other parts of the studio add their own tables with the registry:
 
-    from studio.eval import register_section, Row
+    from lab.eval import register_section, Row
     @register_section("editing", help="preservation outside masks, seam error")
     def editing_section(ctx):              # ctx: EvalContext (pipe, nets, renders, generated, ...)
         return [Row("seam error", 0.01, note="...")]
@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from studio import metrics
-from studio import domain as dom
+from lab import metrics
+from lab import domain as dom
 
 FD_NOTE = "domain FD (ClassNet features), not comparable to published FID"
 
@@ -75,7 +75,7 @@ SECTIONS: Dict[str, Section] = {}
 
 
 def register_section(name: str, help: str = "", needs: Sequence[str] = ()):
-    """Decorator: add a table section `fn(ctx) -> list[Row]` to `python -m studio.eval`."""
+    """Decorator: add a table section `fn(ctx) -> list[Row]` to `python -m lab.eval`."""
 
     def deco(fn):
         SECTIONS[name] = Section(name, fn, help, tuple(needs))
@@ -467,7 +467,7 @@ def format_table(rows: Sequence[Row]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m studio.eval", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m lab.eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="sections:\n" + "\n".join(f"  {s.name:15s} {s.help}" for s in SECTIONS.values()))
     p.add_argument("--model", default="default", help="a bundle / official folder, a hub id, or 'default'")

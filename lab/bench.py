@@ -1,9 +1,9 @@
 """Generation benchmark: per-scale latency, total, decoder time and peak memory, beside baselines.
 
-    python -m studio.bench                          # d16-sized random model, fp32 and bf16, KV cache on/off
-    python -m studio.bench --model default --batch 4
-    python -m studio.bench --model weights/ --device cuda --dtypes fp32,bf16,fp16
-    python -m studio.bench --reference /tmp/varref  # adds the published code (fp32) on the same shapes
+    python -m lab.bench                          # d16-sized random model, fp32 and bf16, KV cache on/off
+    python -m lab.bench --model default --batch 4
+    python -m lab.bench --model weights/ --device cuda --dtypes fp32,bf16,fp16
+    python -m lab.bench --reference /tmp/varref  # adds the published code (fp32) on the same shapes
 
 Every row runs in a fresh subprocess (so peak memory is that run's own) and reports the median of
 `--repeat` timed runs after one warm-up run. Baselines (no KV cache; the reference code) are
@@ -129,7 +129,7 @@ def child_main(args):
 
 
 def spawn(base: list, extra: list) -> dict:
-    cmd = [sys.executable, "-m", "studio.bench", "--child"] + base + extra
+    cmd = [sys.executable, "-m", "lab.bench", "--child"] + base + extra
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=str(Path(__file__).resolve().parent.parent))
     for line in p.stdout.splitlines():
         if line.startswith("BENCH_RESULT "):

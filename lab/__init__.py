@@ -1,0 +1,1 @@
+"""The lab: what makes and judges models (trainers, eval, metrics, benchmarks). Never imported by studio/."""
