@@ -6,6 +6,8 @@
 
 Sections (run in this order; `--sections` picks some):
   reconstruction   VQVAE reconstruction PSNR on held-out renders
+  sharpness        high-frequency energy, canny edge density and F1, chroma anomaly: renders,
+                   reconstructions and samples
   class            the class recogniser's accuracy on generated images (default guidance) and on renders
   frechet          domain Frechet distance: generated vs renders, beside the render-vs-render floor
                    (two disjoint held-out sets) and VQVAE reconstructions vs renders
@@ -173,6 +175,31 @@ def reconstruction_section(ctx: EvalContext) -> List[Row]:
     a = dom.tensor_to_images(x).astype(np.float64) / 255
     b = dom.tensor_to_images(r).astype(np.float64) / 255
     return [Row("VQVAE recon PSNR (renders)", metrics.psnr(a, b, 1.0), "{:.2f} dB", f"n={ctx.n}, {ctx.resolution} px")]
+
+
+@register_section("sharpness", help="detail and artifacts of renders, reconstructions and samples (OpenCV)")
+def sharpness_section(ctx: EvalContext) -> List[Row]:
+    """The tokenizer's ceiling seen as detail: high-frequency energy and the largest chroma anomaly
+    relative to the renders (1.0 = as the renders), canny edge density, and the canny F1 of the
+    reconstructions against the renders' own edges (1 px tolerance)."""
+    sets = {"renders": dom.tensor_to_images(ctx.render_tensor("A")),
+            "reconstructions": dom.tensor_to_images(ctx.reconstructions()),
+            "samples": dom.tensor_to_images(ctx.generated()["images"])}
+    hf = {k: float(np.mean(metrics.high_frequency_energy(v))) for k, v in sets.items()}
+    chroma = {k: float(np.median(metrics.chroma_anomaly(v))) for k, v in sets.items()}
+    rows = []
+    for k, v in sets.items():
+        note = f"n={len(v)}" + (f", guidance {ctx.guidance:g}" if k == "samples" else "")
+        rows += [Row(f"high-frequency energy, {k} / renders", hf[k] / max(hf["renders"], 1e-9), "{:.3f}",
+                     f"{note}; variance of the Laplacian of the grey image (renders: {hf['renders']:.1f})"),
+                 Row(f"canny edge density (100/200), {k}", float(np.mean(metrics.edge_density(v))), "{:.2%}", note),
+                 Row(f"largest chroma anomaly, {k} / renders", chroma[k] / max(chroma["renders"], 1e-9), "{:.3f}",
+                     f"{note}; median over images of max |CrCb - 9x9 median| (renders: {chroma['renders']:.1f})")]
+    edges_r = np.stack([metrics.canny(im) for im in sets["renders"]])
+    edges_c = np.stack([metrics.canny(im) for im in sets["reconstructions"]])
+    rows.append(Row("canny F1, reconstructions vs renders", metrics.edge_f1(edges_c, edges_r, 1), "{:.3f}",
+                    "1 px tolerance, canny 100/200 on both"))
+    return rows
 
 
 @register_section("class", help="class recogniser accuracy on generated images and on renders",

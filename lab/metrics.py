@@ -6,7 +6,10 @@ and returns a Python float (or a small array where it says so).
     psnr(a, b, data_range)            reconstruction quality, dB
     depth_rel_rmse(pred, gt, align)   RMSE / (gt.max() - gt.min()), per image, then averaged
     miou(pred, gt, num_classes)       mean IoU over the classes present in gt or pred
-    canny(image, low, high)           binary edge map (OpenCV's Canny if installed, else our own)
+    canny(image, low, high)           binary edge map (OpenCV's Canny, the product's detector)
+    high_frequency_energy(images)     variance of the Laplacian of the grey image, per image
+    edge_density(images, low, high)   share of canny edge pixels, per image
+    chroma_anomaly(images)            largest |CrCb - 9x9 median| of an image: saturated blobs, fringes
     edge_f1(pred, gt, tolerance)      F1 of two edge maps, a match within `tolerance` pixels
     frechet_distance(f1, f2)          Frechet distance of two feature sets (Gaussian fit)
     accuracy(logits_or_pred, target)  fraction of correct class predictions
@@ -154,6 +157,46 @@ def edge_f1(pred, gt, tolerance: int = 1) -> float:
     precision = (p & _dilate(g, tolerance)).sum() / n_p
     recall = (g & _dilate(p, tolerance)).sum() / n_g
     return 0.0 if precision + recall == 0 else float(2 * precision * recall / (precision + recall))
+
+
+# ---------------------------------------------------------------------------------------------
+# sharpness and artifacts (OpenCV; images (N,H,W,3) uint8 RGB)
+
+
+def _u8_batch(images) -> np.ndarray:
+    a = _np(images, None)
+    if a.ndim == 3:
+        a = a[None]
+    if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3:
+        raise ValueError(f"expected (N,H,W,3) uint8 RGB images, got {a.dtype} {a.shape}")
+    return a
+
+
+def high_frequency_energy(images) -> np.ndarray:
+    """(N,) variance of the Laplacian of each grey image (0..255 scale): high for sharp detail."""
+    import cv2
+
+    return np.array([cv2.Laplacian(cv2.cvtColor(np.ascontiguousarray(im), cv2.COLOR_RGB2GRAY), cv2.CV_64F).var()
+                     for im in _u8_batch(images)])
+
+
+def edge_density(images, low: float = 100.0, high: float = 200.0) -> np.ndarray:
+    """(N,) share of pixels on a canny edge."""
+    return np.array([canny(im, low, high).mean() for im in _u8_batch(images)])
+
+
+def chroma_anomaly(images, window: int = 9) -> np.ndarray:
+    """(N,) the largest distance of a pixel's chroma (Cr, Cb) from the median of its window x window
+    neighbourhood: a saturated blob or a colour fringe stands out from its surroundings."""
+    import cv2
+
+    out = []
+    for im in _u8_batch(images):
+        ycc = cv2.cvtColor(np.ascontiguousarray(im), cv2.COLOR_RGB2YCrCb)
+        dev = [np.abs(ycc[..., c].astype(np.int16) - cv2.medianBlur(np.ascontiguousarray(ycc[..., c]), window))
+               for c in (1, 2)]
+        out.append(float(np.hypot(dev[0], dev[1]).max()))
+    return np.array(out)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -279,3 +279,20 @@ def test_confidence_interval():
     assert hi == 1.0 and 0.9 < lo < 0.95  # Wilson: [0.929, 1]
     lo, hi = metrics.confidence_interval(0.5, 100)
     assert lo == pytest.approx(0.404, abs=1e-3) and hi == pytest.approx(0.596, abs=1e-3)
+
+
+def test_sharpness_metrics_see_blur_and_colour_blobs():
+    import cv2
+
+    rng = np.random.default_rng(0)
+    sharp = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    blurred = np.stack([cv2.GaussianBlur(im, (0, 0), 2.0) for im in sharp])
+    assert (metrics.high_frequency_energy(blurred) < 0.2 * metrics.high_frequency_energy(sharp)).all()
+    assert (metrics.edge_density(blurred) < metrics.edge_density(sharp)).all()
+    grey = np.full((1, 64, 64, 3), 120, np.uint8)
+    blob = grey.copy()
+    blob[0, 10:16, 10:16] = (255, 0, 255)  # a small saturated patch on a grey field
+    assert metrics.chroma_anomaly(grey)[0] == 0.0
+    assert metrics.chroma_anomaly(blob)[0] > 50
+    with pytest.raises(ValueError):
+        metrics.high_frequency_energy(np.zeros((1, 8, 8), np.float32))
