@@ -95,7 +95,8 @@ class DecoderTask(T.Task):
         self.vae.decoder.requires_grad_(True)
         self.vae.post_quant_conv.requires_grad_(True)
         self.vae.encoder.eval()
-        self.vgg = VGG16Features.from_hed_h5(a.perceptual_weights, a.perceptual_blocks).to(self.device)
+        self.vgg = (VGG16Features.from_hed_h5(a.perceptual_weights, a.perceptual_blocks).to(self.device)
+                    if a.perceptual_weight > 0 else None)
         self.disc = PatchDiscriminator(ndf=a.disc_ndf).to(self.device)
         self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=a.disc_lr, betas=(0.5, 0.9))
         self._d_batch, self._d_logged = None, None
