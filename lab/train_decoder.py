@@ -82,7 +82,7 @@ class DecoderTask(T.Task):
         g.add_argument("--prefix-frac", type=float, default=0.25,
                        help="share of every batch decoded from a coarse prefix of the pyramid")
         g.add_argument("--prefix-weight", type=float, default=1.0, help="weight of the prefixes' L1")
-        g.add_argument("--peak-weight", type=float, default=1.0,
+        g.add_argument("--peak-weight", type=float, default=0.1,
                        help="weight of the mean of each image's worst 0.5%% pixel errors (localised blobs)")
 
     class Module(nn.Module):

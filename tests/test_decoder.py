@@ -34,6 +34,17 @@ def write_hed_like_h5(path, blocks=2, seed=0):
     return path
 
 
+def load_assemble_tool():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "assemble_default.py"
+    spec = importlib.util.spec_from_file_location("assemble_default", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_vgg_loads_keras_kernels_in_the_right_orientation(tmp_path):
     path = write_hed_like_h5(tmp_path / "hed.h5")
     net = perceptual.VGG16Features.from_hed_h5(path, blocks=2)
@@ -108,6 +119,19 @@ def test_decoder_training_keeps_the_tokens_and_learns(tmp_path):
     assert any(not torch.equal(sd0[k], sd1[k]) for k in sd0 if k.startswith("decoder."))
     x = torch.from_numpy(STANDIN.render_batch(range(4), 32)[0]).permute(0, 3, 1, 2).float() / 127.5 - 1
     assert all(torch.equal(a, b) for a, b in zip(before.img_to_tokens(x), after.img_to_tokens(x)))
+    # the assembly tool takes the fine-tuned tokenizer into a bundle, and refuses one with other tokens
+    assemble = load_assemble_tool()
+    from models.var import VAR, VARConfig
+    from studio.pipeline import VARPipeline
+
+    pipe = VARPipeline(before, VAR(VARConfig(vocab_size=64, z_channels=8, num_classes=4, depth=1, embed_dim=32,
+                                             num_heads=2, patch_nums=before.cfg.patch_nums)), ["a", "b", "c", "d"])
+    assemble.swap_tokenizer(pipe, str(tmp_path / "exp"))
+    assert torch.equal(pipe.vae.decoder.conv_out.weight, after.decoder.conv_out.weight)
+    after.encoder.conv_in.weight.data.add_(0.01)
+    train.save_vqvae(tmp_path / "bad", after)
+    with pytest.raises(SystemExit, match="encoder/codebook differ"):
+        assemble.swap_tokenizer(pipe, str(tmp_path / "bad"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert "g_loss" not in train_rows[2] and "g_loss" in train_rows[-1]  # adversarial from --disc-start on

@@ -20,12 +20,29 @@ from lab.domain import bundle_parts, load_domain_nets  # noqa: E402
 from studio.pipeline import VARPipeline  # noqa: E402
 
 
+def swap_tokenizer(pipe, folder) -> None:
+    """Put the VQVAE of `folder` into `pipe`, refusing one whose tokens would differ (encoder, quant_conv
+    or quantiser changed): the transformer and the adapters were trained on the old tokens."""
+    from lab.train import load_vqvae
+
+    new = load_vqvae(folder).to(pipe.vae.quant_conv.weight.device)
+    mine, theirs = pipe.vae.state_dict(), new.state_dict()
+    token_side = [k for k in mine if not k.startswith(("decoder.", "post_quant_conv.")) and "ema_vocab_hit" not in k]
+    changed = [k for k in token_side if not torch.equal(mine[k].float(), theirs[k].float().to(mine[k].device))]
+    if changed:
+        raise SystemExit(f"--vae {folder}: its encoder/codebook differ from --var's ({', '.join(changed[:4])} ...); "
+                         "the transformer would read other tokens")
+    pipe.vae.load_state_dict({k: v.to(mine[k].dtype) for k, v in theirs.items()})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--var", required=True, help="bundle with the VQVAE and the transformer")
     ap.add_argument("--domain", required=True, help="folder with depth/seg/class .safetensors")
     ap.add_argument("--control", action="append", default=[],
                     help="a bundle holding control adapters trained on the same transformer (repeatable)")
+    ap.add_argument("--vae", help="take the tokenizer from this export (e.g. `lab.train decoder --export`): its "
+                                   "encoder and codebook must equal --var's, so the tokens stay the same")
     ap.add_argument("--out", default="assets/default")
     ap.add_argument("--max-mb", type=float, default=64.0)
     args = ap.parse_args(argv)
@@ -37,6 +54,8 @@ def main(argv=None):
             raise SystemExit(f"{folder}: its transformer differs from --var's; its adapters were trained for another model")
         for adapter in other.controls.values():
             pipe.add_control(adapter)
+    if args.vae:
+        swap_tokenizer(pipe, args.vae)
     nets = load_domain_nets(args.domain, required=True)
     extra_cfg, extra_tensors = bundle_parts(nets)
     if pipe.controls:  # adapters trained on this transformer
