@@ -43,8 +43,9 @@ from models.domain import NETS, ClassNet, DepthNet, SegNet, build, count_params
 from lab import metrics
 from studio.domainnets import (  # noqa: F401  (re-exported: the lab's one name for the domain nets)
     EVAL_SEED_START, FILE_FORMAT, default_config, KINDS, TRAIN_SEED_LIMIT, bundle_parts, class_features, classify,
-    estimate_depth, images_to_tensor, load_domain_nets, load_net, net_from_state_dict, normalise_depth,
-    save_net, segment, tensor_to_images, to_input, world, _device, _state_dict_f32)
+    estimate_depth, load_domain_nets, load_net, net_from_state_dict, normalise_depth, save_net, segment, world,
+    _device, _state_dict_f32)
+from studio.images import images_to_tensor, tensor_to_images  # noqa: F401  (re-exported likewise)
 
 
 

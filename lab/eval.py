@@ -290,7 +290,7 @@ def editing_section(ctx: EvalContext) -> List[Row]:
 
 
 def dom_feather_band(mask: np.ndarray, pixels: int) -> np.ndarray:
-    from studio.editing import feather
+    from studio.images import feather
 
     return feather(mask, pixels) > 0
 

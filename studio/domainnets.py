@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 from models.domain import NETS, ClassNet, DepthNet, SegNet, build
+from studio import images as im
 
 TRAIN_SEED_LIMIT = 10_000_000  # training renders use seeds below this ...
 EVAL_SEED_START = 10_000_000  # ... held-out renders use seeds from here on
@@ -49,22 +49,6 @@ def default_config(kind: str, size: int = 128, **overrides) -> dict:
 
 def _device(net: nn.Module) -> torch.device:
     return next(net.parameters()).device
-
-
-# ---------------------------------------------------------------------------------------------
-# tensors
-
-
-def images_to_tensor(images_NHW3: np.ndarray) -> torch.Tensor:
-    """uint8 (N,H,W,3) -> float (N,3,H,W) in [-1, 1]."""
-    a = np.ascontiguousarray(images_NHW3)
-    if not a.flags.writeable:
-        a = a.copy()
-    return torch.from_numpy(a).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-
-
-def tensor_to_images(x_N3HW: torch.Tensor) -> np.ndarray:
-    return x_N3HW.detach().float().add(1).mul(127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,32 +135,10 @@ def bundle_parts(nets: Dict[str, nn.Module]) -> Tuple[dict, Dict[str, Dict[str, 
 # inference
 
 
-def to_input(img, device=None) -> Tuple[torch.Tensor, bool]:
-    """PIL image(s), uint8 (H,W,3)/(N,H,W,3) arrays, or a (3,H,W)/(N,3,H,W) tensor in [-1,1]
-    -> ((N,3,H,W) float in [-1,1], whether the input was a single image)."""
-    if isinstance(img, torch.Tensor):
-        single = img.ndim == 3
-        x = img[None] if single else img
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"image tensor must be (3,H,W) or (N,3,H,W) in [-1, 1], got {tuple(img.shape)}")
-        x = x.float()
-    elif isinstance(img, Image.Image):
-        single, x = True, images_to_tensor(np.asarray(img.convert("RGB"))[None])
-    elif isinstance(img, np.ndarray):
-        single = img.ndim == 3
-        a = img[None] if single else img
-        if a.ndim != 4 or a.shape[-1] != 3:
-            raise ValueError(f"image array must be (H,W,3) or (N,H,W,3), got {img.shape}")
-        if a.dtype != np.uint8:
-            a = np.clip(np.rint(a.astype(np.float64) * 255), 0, 255).astype(np.uint8)  # floats in [0, 1]
-        x = images_to_tensor(a)
-    elif isinstance(img, (list, tuple)):
-        if not img:
-            raise ValueError("no images given")
-        return torch.cat([to_input(i)[0] for i in img]).to(device or "cpu"), False
-    else:
-        raise ValueError(f"expected a PIL image, an array or a tensor, got {type(img).__name__}")
-    return x.to(device or "cpu"), single
+def _batch(img, net: nn.Module) -> Tuple[torch.Tensor, bool]:
+    """Images (see studio.images.to_tensor_batch) -> ((N,3,H,W) in [-1,1] on the net's device, single)."""
+    x, single = im.to_tensor_batch(img)
+    return x.to(_device(net)), single
 
 
 def _at_net_resolution(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -198,7 +160,7 @@ def estimate_depth(net: DepthNet, img, units: str = "metres", batch_size: int = 
     prediction back to the input's size."""
     if units not in ("metres", "normalised"):
         raise ValueError(f"units must be 'metres' or 'normalised', not {units!r}")
-    x, single = to_input(img, _device(net))
+    x, single = _batch(img, net)
     out = []
     for xb in x.split(batch_size):
         t = _back(net(_at_net_resolution(net, xb)), xb.shape[-2:]).clamp(0, 1)
@@ -211,7 +173,7 @@ def estimate_depth(net: DepthNet, img, units: str = "metres", batch_size: int = 
 def segment(net: SegNet, img, batch_size: int = 32, return_probs: bool = False):
     """Semantic labels (H,W) int64 (or (N,H,W)) at the input's size; with return_probs also the
     (…, C, H, W) float32 softmax."""
-    x, single = to_input(img, _device(net))
+    x, single = _batch(img, net)
     labels, probs = [], []
     for xb in x.split(batch_size):
         logits = _back(net(_at_net_resolution(net, xb)), xb.shape[-2:]).float()
@@ -228,7 +190,7 @@ def segment(net: SegNet, img, batch_size: int = 32, return_probs: bool = False):
 @torch.no_grad()
 def classify(net: ClassNet, img, batch_size: int = 64, return_probs: bool = False):
     """Class id (int for one image, (N,) int64 for a batch); with return_probs also the softmax."""
-    x, single = to_input(img, _device(net))
+    x, single = _batch(img, net)
     logits = torch.cat([net(_at_net_resolution(net, xb)).float().cpu() for xb in x.split(batch_size)])
     ids = logits.argmax(1).numpy()
     if return_probs:
@@ -240,7 +202,7 @@ def classify(net: ClassNet, img, batch_size: int = 64, return_probs: bool = Fals
 @torch.no_grad()
 def class_features(net: ClassNet, img, batch_size: int = 64) -> np.ndarray:
     """(N, D) float64 penultimate features (for the domain Frechet distance)."""
-    x, _ = to_input(img, _device(net))
+    x, _ = _batch(img, net)
     return torch.cat([net.features(_at_net_resolution(net, xb)).double().cpu() for xb in x.split(batch_size)]).numpy()
 
 

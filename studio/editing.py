@@ -1,88 +1,32 @@
-"""Masks, crops and canvases for zero-shot editing (no model code here).
+"""Zero-shot editing's geometry: what the model sees and where its result goes (no model code here).
 
 Zero-shot editing with VAR: encode the image to its token pyramid, then at every scale keep the
-known tokens and let the model generate the rest. This module turns a user's pixel mask (white =
-regenerate) into per-scale keep masks, crops the region around the mask, feathers the seam, and
-plans the sliding windows of out-painting.
+known tokens and let the model generate the rest. This module turns a user's image and pixel mask
+(white = regenerate) into an InpaintPlan: the square the model sees, the per-scale keep masks, and
+the feathered paste-back of each result; and it holds the OutpaintCanvas whose sliding windows
+out-painting fills one by one. The pipeline only samples: `VARPipeline.inpaint` asks for a plan,
+runs the model on `plan.model_image` with `plan.keep_masks(...)`, and hands each result to
+`plan.paste`. Pixel conversions, masks, crops and blending are studio.images'.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from studio import images as im
+from studio.images import Region
+
+INPAINT_AREAS = ("masked", "whole")
+
 
 # ---------------------------------------------------------------------------------------------
-# masks
-
-
-def mask_to_array(mask_image, size: Tuple[int, int]) -> np.ndarray:
-    """A mask image (PIL any mode, array, or tensor; white = regenerate) -> (H, W) float32 in [0, 1].
-
-    RGBA masks (a painted layer) count painted, opaque pixels; `size` is the image's (W, H) and the
-    mask must have the same size."""
-    if isinstance(mask_image, torch.Tensor):
-        mask_image = mask_image.detach().cpu().numpy()
-    if isinstance(mask_image, np.ndarray):
-        arr = mask_image.astype(np.float32)
-        if arr.ndim == 3:
-            arr = arr.max(axis=-1) if arr.shape[-1] in (1, 3, 4) else arr.max(axis=0)
-        if arr.max() > 1.0:
-            arr = arr / 255.0
-    elif isinstance(mask_image, Image.Image):
-        if mask_image.mode in ("RGBA", "LA", "PA") or "transparency" in mask_image.info:
-            rgba = np.asarray(mask_image.convert("RGBA"), dtype=np.float32) / 255.0
-            arr = rgba[..., :3].max(axis=-1) * rgba[..., 3]
-        else:
-            arr = np.asarray(mask_image.convert("L"), dtype=np.float32) / 255.0
-    else:
-        raise ValueError(f"mask must be a PIL image, an array or a tensor, not {type(mask_image).__name__}")
-    if arr.ndim != 2:
-        raise ValueError(f"mask must be a single-channel image, got shape {arr.shape}")
-    if (arr.shape[1], arr.shape[0]) != tuple(size):
-        raise ValueError(f"the mask is {arr.shape[1]}x{arr.shape[0]} but the image is {size[0]}x{size[1]}; "
-                         "they must be the same size")
-    if not np.isfinite(arr).all():
-        raise ValueError("the mask contains NaN or infinite values")
-    return np.clip(arr, 0.0, 1.0)
-
-
-def grow_mask(mask: np.ndarray, pixels: int) -> np.ndarray:
-    """Binary dilation (pixels > 0) or erosion (pixels < 0) with a square of radius |pixels|."""
-    binary = torch.from_numpy((mask > 0.5).astype(np.float32))[None, None]
-    if pixels == 0:
-        return binary[0, 0].numpy()
-    k = 2 * abs(pixels) + 1
-    if pixels > 0:
-        out = F.max_pool2d(binary, k, stride=1, padding=abs(pixels))
-    else:
-        out = 1 - F.max_pool2d(1 - binary, k, stride=1, padding=abs(pixels))
-    return out[0, 0].numpy()
-
-
-def feather(mask: np.ndarray, pixels: int) -> np.ndarray:
-    """Soft blend weights: the binary mask box-blurred twice with radius pixels/2 (a tent).
-
-    Pixels farther than `pixels` from the mask get weight exactly 0, so the original shows through
-    unchanged there; inside the mask deeper than `pixels` the weight is exactly 1."""
-    binary = (mask > 0.5).astype(np.float32)
-    if pixels <= 0:
-        return binary
-    x = torch.from_numpy(binary)[None, None]
-    r1 = pixels // 2
-    r2 = pixels - r1
-    for r in (r1, r2):
-        if r > 0:
-            k = 2 * r + 1
-            x = F.avg_pool2d(F.pad(x, (r, r, r, r), mode="replicate"), k, stride=1)
-    out = x[0, 0].numpy()
-    out[out < 1e-6] = 0.0
-    out[out > 1 - 1e-6] = 1.0
-    return out
+# masks per scale (the official zero-shot rule)
 
 
 def latent_regen_mask(mask: np.ndarray, grid: int, coverage: float = 0.0) -> np.ndarray:
@@ -90,8 +34,8 @@ def latent_regen_mask(mask: np.ndarray, grid: int, coverage: float = 0.0) -> np.
 
     A cell is regenerated when more than `coverage` of its pixels are masked (0: any masked pixel,
     so a thin brush stroke still regenerates the tokens under it)."""
-    binary = torch.from_numpy((mask > 0.5).astype(np.float32))[None, None]
-    frac = F.adaptive_avg_pool2d(binary, (grid, grid))[0, 0]
+    b = torch.from_numpy(im.binary(mask))[None, None]
+    frac = F.adaptive_avg_pool2d(b, (grid, grid))[0, 0]
     return (frac > coverage).numpy() if coverage > 0 else (frac > 1e-9).numpy()
 
 
@@ -111,90 +55,75 @@ def scale_keep_masks(regen_last: np.ndarray, patch_nums: Sequence[int]) -> List[
 
 
 # ---------------------------------------------------------------------------------------------
-# crops and paste-back
+# in-painting
 
 
 @dataclass
-class Region:
-    """A square crop box (x0, y0, side) in image pixels."""
+class InpaintPlan:
+    """An in-painting job in pixels: the user's image and mask, and the square the model works on."""
 
-    x0: int
-    y0: int
-    side: int
+    image: np.ndarray  # (H, W, 3) float in [0, 1], as given
+    mask: np.ndarray  # (H, W) binary, grown or shrunk: 1 = regenerate
+    alpha: np.ndarray  # (H, W) paste-back weights: the feathered mask (0 = the original exactly)
+    region: Optional[Region]  # the square cropped around the mask, or None: the whole image
+    model_image: np.ndarray  # (R, R, 3) float in [0, 1]: what the model encodes
+    regen: np.ndarray  # (grid, grid) bool: the latent cells to regenerate
 
     @property
-    def box(self) -> Tuple[int, int, int, int]:
-        return self.x0, self.y0, self.x0 + self.side, self.y0 + self.side
+    def empty(self) -> bool:
+        return not self.mask.any()
+
+    @property
+    def size(self) -> Tuple[int, int]:
+        return self.image.shape[1], self.image.shape[0]
+
+    def keep_masks(self, patch_nums: Sequence[int]) -> List[torch.Tensor]:
+        return scale_keep_masks(self.regen, patch_nums)
+
+    def crop(self, arr: np.ndarray) -> np.ndarray:
+        """A full-size (H, W[, C]) array (a control map) cut like the image (not resized)."""
+        return arr if self.region is None else im.crop(arr, self.region)
+
+    def paste(self, generated: np.ndarray) -> np.ndarray:
+        """The model's (R, R, 3) float result -> the edited (H, W, 3) image: resized to the crop,
+        put back in place, and blended over the original with the feathered mask."""
+        H, W = self.image.shape[:2]
+        side = (W, H) if self.region is None else (self.region.side, self.region.side)
+        patch = im.resize(generated, side)
+        full = patch if self.region is None else im.paste(self.image, patch, self.region)
+        return im.blend(self.image, full, self.alpha)
 
 
-def region_around(mask: np.ndarray, padding: int, min_side: int) -> Region:
-    """The square around the mask's bounding box plus `padding`, at least `min_side`, inside the image
-    when it fits (an image smaller than the square is padded by the caller)."""
-    H, W = mask.shape
-    ys, xs = np.nonzero(mask > 0.5)
-    y0, y1 = int(ys.min()) - padding, int(ys.max()) + 1 + padding
-    x0, x1 = int(xs.min()) - padding, int(xs.max()) + 1 + padding
-    side = max(y1 - y0, x1 - x0, min_side)
-    side = min(side, max(H, W))
-    cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
-    x0 = int(round(cx - side / 2))
-    y0 = int(round(cy - side / 2))
-    x0 = min(max(x0, 0), max(W - side, 0)) if side <= W else (W - side) // 2
-    y0 = min(max(y0, 0), max(H - side, 0)) if side <= H else (H - side) // 2
-    return Region(x0, y0, side)
+def plan_inpaint(image, mask_image, resolution: int, grid: int, mask_blur: int = 4, mask_grow: int = 0,
+                 inpaint_area: str = "masked", padding: int = 32, mask_coverage: float = 0.0) -> InpaintPlan:
+    """Check the settings and lay out an in-painting (see VARPipeline.inpaint for their meaning).
 
-
-def crop_square(arr: np.ndarray, region: Region) -> np.ndarray:
-    """Crop (H, W[, C]) to the region, edge-replicating where it leaves the image."""
-    H, W = arr.shape[:2]
-    x0, y0, x1, y1 = region.box
-    pad = ((max(0, -y0), max(0, y1 - H)), (max(0, -x0), max(0, x1 - W))) + ((0, 0),) * (arr.ndim - 2)
-    if any(p for pair in pad for p in pair):
-        arr = np.pad(arr, pad, mode="edge")
-        x0, x1 = x0 + pad[1][0], x1 + pad[1][0]
-        y0, y1 = y0 + pad[0][0], y1 + pad[0][0]
-    return arr[y0:y1, x0:x1]
-
-
-def resize_float(arr: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    """Resize an (H, W, 3) float array in [0, 1] to (w, h) with Lanczos."""
-    if (arr.shape[1], arr.shape[0]) == tuple(size):
-        return arr
-    im = Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8))
-    return np.asarray(im.resize(size, Image.Resampling.LANCZOS), dtype=np.float32) / 255.0
-
-
-def blend(original: np.ndarray, generated: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """original * (1 - alpha) + generated * alpha, where alpha == 0 returns the original exactly."""
-    a = alpha[..., None]
-    out = original * (1 - a) + generated * a
-    out[alpha == 0] = original[alpha == 0]
-    return out
-
-
-def to_float_rgb(image) -> np.ndarray:
-    from studio.pipeline import to_rgb
-
-    if isinstance(image, np.ndarray):  # uint8, or float in [0, 1] kept exact (no rounding to 8 bits)
-        arr = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else np.clip(image.astype(np.float32), 0, 1)
-        if arr.ndim == 2:
-            arr = np.repeat(arr[..., None], 3, axis=-1)
-        if arr.ndim != 3 or arr.shape[-1] not in (3, 4) or arr.shape[0] < 1 or arr.shape[1] < 1:
-            raise ValueError(f"expected an (H, W, 3) image array, got shape {arr.shape}")
-        return np.ascontiguousarray(arr[..., :3])
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"expected a PIL image or an array, got {type(image).__name__}")
-    if image.width < 1 or image.height < 1:
-        raise ValueError("the image is empty")
-    return np.asarray(to_rgb(image), dtype=np.float32) / 255.0
-
-
-def to_pil(arr: np.ndarray) -> Image.Image:
-    return Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8))
+    "masked" crops the square around the mask and its feather band plus `padding`, at least the
+    model's resolution (never upscaled) or the whole image if that is smaller; "whole" resizes the
+    whole image to the model's resolution."""
+    if inpaint_area not in INPAINT_AREAS:
+        raise ValueError(f"inpaint_area must be 'masked' or 'whole', not {inpaint_area!r}")
+    if mask_blur < 0 or padding < 0:
+        raise ValueError("mask_blur and padding must be >= 0")
+    if not 0.0 <= mask_coverage < 1.0:
+        raise ValueError(f"mask_coverage must be in [0, 1), got {mask_coverage}")
+    orig = im.to_float_rgb(image)
+    H, W = orig.shape[:2]
+    mask = im.grow_mask(im.mask_to_array(mask_image, (W, H)), int(mask_grow))
+    alpha = im.feather(mask, int(mask_blur))
+    R = int(resolution)
+    region = None
+    if inpaint_area == "masked" and mask.any():
+        region = im.region_around(np.maximum(mask, alpha > 0), int(padding), min_side=min(R, max(H, W)))
+    view = orig if region is None else im.crop(orig, region)
+    view_mask = mask if region is None else im.crop(mask, region)
+    model_mask = im.resize_nearest(view_mask, (R, R))
+    return InpaintPlan(orig, mask, alpha, region, im.resize(view, (R, R)),
+                       latent_regen_mask(model_mask, grid, mask_coverage))
 
 
 # ---------------------------------------------------------------------------------------------
-# out-painting windows
+# out-painting
 
 
 def next_outpaint_window(known: np.ndarray, side: int, min_known: float = 0.3) -> Optional[Tuple[int, int]]:
@@ -207,9 +136,7 @@ def next_outpaint_window(known: np.ndarray, side: int, min_known: float = 0.3) -
     step = max(1, side // 8)
     xs = sorted(set(list(range(0, max(W - side, 0) + 1, step)) + [max(W - side, 0)]))
     ys = sorted(set(list(range(0, max(H - side, 0) + 1, step)) + [max(H - side, 0)]))
-    k = torch.from_numpy(known.astype(np.float32))[None, None]
-    # known fraction of every window position via an integral image
-    integ = F.pad(k, (1, 0, 1, 0)).cumsum(2).cumsum(3)[0, 0]
+    integ = cv2.integral(known.astype(np.uint8), sdepth=cv2.CV_64F)  # (H+1, W+1): known pixels above-left
     best, best_score = None, None
     for y0 in ys:
         for x0 in xs:
@@ -224,3 +151,56 @@ def next_outpaint_window(known: np.ndarray, side: int, min_known: float = 0.3) -
             if best_score is None or score > best_score:
                 best, best_score = (x0, y0), score
     return best
+
+
+class OutpaintCanvas:
+    """The growing canvas of an out-painting: the original in place, the margins edge-filled until
+    generated, and which pixels are known. Windows are squares of `window` pixels (default the
+    image's shorter side), each overlapping known content."""
+
+    MAX_PIXELS = 64_000_000
+
+    def __init__(self, image, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0,
+                 window: Optional[int] = None):
+        for name, v in (("left", left), ("right", right), ("top", top), ("bottom", bottom)):
+            if int(v) != v or v < 0:
+                raise ValueError(f"{name} must be a whole number of pixels >= 0, got {v}")
+        left, right, top, bottom = int(left), int(right), int(top), int(bottom)
+        self.original = im.to_float_rgb(image)
+        H, W = self.original.shape[:2]
+        H2, W2 = H + top + bottom, W + left + right
+        if H2 * W2 > self.MAX_PIXELS:
+            raise ValueError(f"the canvas would be {W2}x{H2}; at most 64 megapixels")
+        self.side = max(16, min(int(window or min(H, W)), H2, W2))
+        self.canvas = np.pad(self.original, ((top, bottom), (left, right), (0, 0)), mode="edge")
+        self.known = np.zeros((H2, W2), dtype=bool)
+        self.known[top:top + H, left:left + W] = True
+        self.is_original = self.known.copy()
+        self.box = (left, top, left + W, top + H)  # where the original sits
+
+    def next_window(self) -> Optional[Region]:
+        pos = next_outpaint_window(self.known, self.side)
+        return None if pos is None else Region(pos[0], pos[1], self.side)
+
+    def window(self, region: Region) -> Tuple[Image.Image, np.ndarray]:
+        """The window's picture (margins edge-filled) and its mask: 1 = not yet known."""
+        return im.to_pil(im.crop(self.canvas, region)), (~im.crop(self.known, region)).astype(np.float32)
+
+    def merge(self, region: Region, generated: np.ndarray, mask_blur: int) -> None:
+        """Take a window's result: new pixels take it, earlier generated pixels blend over a
+        feathered band, the original is never touched."""
+        win_mask = (~im.crop(self.known, region)).astype(np.float32)
+        alpha = np.maximum(im.feather(win_mask, int(mask_blur)), win_mask).astype(np.float32)
+        alpha[im.crop(self.is_original, region)] = 0.0
+        self.canvas = im.paste(self.canvas, im.blend(im.crop(self.canvas, region), generated, alpha), region)
+        self.known = im.paste(self.known, np.ones((region.side, region.side), bool), region)
+
+    def picture(self) -> Image.Image:
+        return im.to_pil(self.canvas)
+
+    def result(self) -> np.ndarray:
+        """The finished (H2, W2, 3) float canvas, the original's pixels exactly as given."""
+        x0, y0, x1, y1 = self.box
+        out = self.canvas.copy()
+        out[y0:y1, x0:x1] = self.original
+        return out

@@ -21,7 +21,8 @@ from PIL import Image
 from models.control import Control, ControlAdapter, ControlConfig, ControlHook
 from models.var import VAR, SampleResult, ScaleEvent
 from models.vqvae import VQVAE
-from studio import checkpoints
+from studio import checkpoints, editing, preprocess
+from studio import images as im
 
 ClassLabel = Union[int, str]
 OneOrMany = Union[object, Sequence[object]]  # one control's value, or a list with one per control
@@ -147,29 +148,9 @@ class VARPipeline:
         """PIL image(s), uint8/float arrays or a tensor -> (B, 3, R, R) float in [-1, 1] on the device.
 
         PIL and numpy inputs of any size and mode are converted to RGB and resized to the model's
-        resolution; tensors must already be (B, 3, R, R) in [-1, 1]."""
-        R = self.resolution
-        if isinstance(images, torch.Tensor):
-            x = images if images.ndim == 4 else images[None]
-            if x.shape[1:] != (3, R, R):
-                raise ValueError(f"image tensor must be (B, 3, {R}, {R}) in [-1, 1], got {tuple(x.shape)}")
-            return x.to(self.device, torch.float32)
-        if isinstance(images, (Image.Image, np.ndarray)):
-            images = [images]
-        out = []
-        for im in images:
-            if isinstance(im, np.ndarray):
-                arr = im if im.dtype == np.uint8 else (np.clip(im, 0, 1) * 255).round().astype(np.uint8)
-                im = Image.fromarray(arr)
-            if not isinstance(im, Image.Image):
-                raise ValueError(f"expected PIL images, arrays or a tensor, got {type(im).__name__}")
-            im = to_rgb(im)
-            if im.size != (R, R):
-                im = im.resize((R, R), Image.Resampling.LANCZOS)
-            out.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
-        if not out:
-            raise ValueError("no images given")
-        return torch.stack(out).to(self.device)
+        resolution (float arrays in [0, 1] are taken exactly); tensors must already be (B, 3, R, R)
+        in [-1, 1]. See studio.images.to_tensor_batch."""
+        return im.to_tensor_batch(images, self.resolution)[0].to(self.device)
 
     # -- tokens <-> images ----------------------------------------------------------------------
     @torch.no_grad()
@@ -199,15 +180,7 @@ class VARPipeline:
         return self.vae.fhat_to_img(f_hat)
 
     def postprocess(self, images_m11: torch.Tensor, output_type: str = "pil"):
-        x = images_m11.float().add(1).mul_(0.5).clamp_(0, 1)  # [0, 1]
-        if output_type == "pt":
-            return x.cpu()
-        arr = x.permute(0, 2, 3, 1).cpu().numpy()
-        if output_type == "np":
-            return arr
-        if output_type == "pil":
-            return [Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
-        raise ValueError(f"output_type must be 'pil', 'np' or 'pt', not {output_type!r}")
+        return im.tensor_to_output(images_m11, output_type)
 
     # -- generation -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -249,8 +222,7 @@ class VARPipeline:
             half, so guidance_scale pushes towards the class and the control (models/control.py).
         """
         self._check_sampling_args(guidance_scale, top_k, top_p)
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', not {output_type!r}")
+        im.check_output_type(output_type)
         t_start = time.perf_counter()
         labels = self._labels(class_labels, num_images_per_label, generator)
         B = labels.shape[0]
@@ -349,60 +321,26 @@ class VARPipeline:
             towards that class. `.tokens` holds the token maps used (model resolution).
         control_*: as in __call__; the maps cover the whole image (any size: they are resized to it)
             and are cropped with it."""
-        from studio import editing as ed
-
-        if inpaint_area not in ("masked", "whole"):
-            raise ValueError(f"inpaint_area must be 'masked' or 'whole', not {inpaint_area!r}")
-        if mask_blur < 0 or padding < 0:
-            raise ValueError("mask_blur and padding must be >= 0")
-        if not 0.0 <= mask_coverage < 1.0:
-            raise ValueError(f"mask_coverage must be in [0, 1), got {mask_coverage}")
-        orig = ed.to_float_rgb(image)
-        H, W = orig.shape[:2]
-        mask = ed.mask_to_array(mask_image, (W, H))
-        mask = ed.grow_mask(mask, int(mask_grow))
-        alpha = ed.feather(mask, int(mask_blur))
-        R = self.resolution
-        if not mask.any():  # nothing to regenerate: the input comes back
-            tokens = self._encode_float(ed.resize_float(orig, (R, R)))
-            images = np.repeat(orig[None], num_images, axis=0)
-            return VAROutput(self._np_to_output(images, output_type), [t.repeat(num_images, 1) for t in tokens])
-        if inpaint_area == "masked":
-            region = ed.region_around(np.maximum(mask, alpha > 0), padding, min_side=min(R, max(H, W)))
-        else:
-            region = None
-        crop = orig if region is None else ed.crop_square(orig, region)
-        crop_mask = mask if region is None else ed.crop_square(mask, region)
-        ch, cw = crop.shape[:2]
-        model_in = ed.resize_float(crop, (R, R))
-        model_mask = np.asarray(Image.fromarray((crop_mask * 255).astype(np.uint8)).resize((R, R), Image.Resampling.NEAREST),
-                                dtype=np.float32) / 255.0
-        regen = ed.latent_regen_mask(model_mask, self.patch_nums[-1], mask_coverage)
+        im.check_output_type(output_type)
+        plan = editing.plan_inpaint(image, mask_image, self.resolution, self.patch_nums[-1], mask_blur, mask_grow,
+                                    inpaint_area, padding, mask_coverage)
+        if plan.empty:  # nothing to regenerate: the input comes back
+            tokens = self.encode(plan.model_image)
+            images = np.repeat(plan.image[None], num_images, axis=0)
+            return VAROutput(im.float_to_output(images, output_type), [t.repeat(num_images, 1) for t in tokens])
         kw = dict(top_k=top_k, top_p=top_p, more_smooth=more_smooth, generator=generator,
                   callback_on_scale_end=callback_on_scale_end)
         if control_image is not None or control_type is not None:
-            kw.update(control_image=self._crop_control_maps(control_image, control_type, (H, W), region),
+            kw.update(control_image=self._crop_control_maps(control_image, control_type, plan),
                       control_type=control_type, control_strength=control_strength,
                       control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end)
-        if regen.all():  # everything regenerated: a fresh sample
+        if plan.regen.all():  # everything regenerated: a fresh sample
             out = self._generate_with_known(None, None, class_labels, num_images, guidance_scale, kw)
         else:
-            known = self._encode_float(model_in)
-            masks = ed.scale_keep_masks(regen, self.patch_nums)
-            out = self._generate_with_known(known, masks, class_labels, num_images, guidance_scale, kw)
-        results = []
-        for gen in out.images:
-            gen_crop = ed.resize_float(gen, (cw, ch))
-            if region is None:
-                full = gen_crop
-            else:
-                full = orig.copy()
-                x0, y0, x1, y1 = region.box
-                sx0, sy0 = max(0, -x0), max(0, -y0)
-                full[max(y0, 0):min(y1, H), max(x0, 0):min(x1, W)] = gen_crop[sy0:sy0 + min(y1, H) - max(y0, 0),
-                                                                              sx0:sx0 + min(x1, W) - max(x0, 0)]
-            results.append(ed.blend(orig, full, alpha))
-        out.images = self._np_to_output(np.stack(results), output_type)
+            known = self.encode(plan.model_image)
+            out = self._generate_with_known(known, plan.keep_masks(self.patch_nums), class_labels, num_images,
+                                            guidance_scale, kw)
+        out.images = im.float_to_output(np.stack([plan.paste(gen) for gen in out.images]), output_type)
         return out
 
     @torch.no_grad()
@@ -416,52 +354,23 @@ class VARPipeline:
         overlapping known content; every window is an in-painting of its unknown part, pasted with a
         feathered seam. The original pixels stay exactly in place. `on_window(index, canvas_pil)`
         reports the canvas after each window."""
-        from studio import editing as ed
-
-        for name, v in (("left", left), ("right", right), ("top", top), ("bottom", bottom)):
-            if int(v) != v or v < 0:
-                raise ValueError(f"{name} must be a whole number of pixels >= 0, got {v}")
-        orig = ed.to_float_rgb(image)
-        H, W = orig.shape[:2]
-        H2, W2 = H + top + bottom, W + left + right
-        if H2 * W2 > 64_000_000:
-            raise ValueError(f"the canvas would be {W2}x{H2}; at most 64 megapixels")
-        side = int(window or min(H, W))
-        side = max(16, min(side, H2, W2))
-        canvas = np.pad(orig, ((top, bottom), (left, right), (0, 0)), mode="edge")
-        known = np.zeros((H2, W2), dtype=bool)
-        known[top:top + H, left:left + W] = True
+        canvas = editing.OutpaintCanvas(image, left, right, top, bottom, window)
         all_tokens, n = None, 0
-        while (pos := ed.next_outpaint_window(known, side)) is not None:
+        while (win := canvas.next_window()) is not None:
             if n >= max_windows:
                 raise ValueError(f"out-painting needs more than {max_windows} windows; use a larger window")
-            x0, y0 = pos
-            win = canvas[y0:y0 + side, x0:x0 + side]
-            win_mask = (~known[y0:y0 + side, x0:x0 + side]).astype(np.float32)
-            res = self.inpaint(ed.to_pil(win), win_mask, class_labels=class_labels, guidance_scale=guidance_scale,
+            picture, mask = canvas.window(win)
+            res = self.inpaint(picture, mask, class_labels=class_labels, guidance_scale=guidance_scale,
                                top_k=top_k, top_p=top_p, more_smooth=more_smooth, generator=generator,
                                mask_blur=0, inpaint_area="whole", callback_on_scale_end=callback_on_scale_end,
                                output_type="np")
-            gen = res.images[0]
-            # new pixels take the window's result; earlier generated pixels blend over a feathered
-            # band; the original image is never touched
-            alpha = np.maximum(ed.feather(win_mask, mask_blur), win_mask)
-            alpha[self._is_original(top, left, H, W, x0, y0, side)] = 0.0
-            canvas[y0:y0 + side, x0:x0 + side] = ed.blend(win, gen, alpha.astype(np.float32))
-            known[y0:y0 + side, x0:x0 + side] = True
+            canvas.merge(win, res.images[0], mask_blur)
             all_tokens = res.tokens
             n += 1
             if on_window is not None:
-                on_window(n, ed.to_pil(canvas))
-        canvas[top:top + H, left:left + W] = orig
-        return VAROutput(self._np_to_output(canvas[None], output_type), all_tokens or [],
+                on_window(n, canvas.picture())
+        return VAROutput(im.float_to_output(canvas.result()[None], output_type), all_tokens or [],
                          timings={"windows": n})
-
-    @staticmethod
-    def _is_original(top, left, H, W, x0, y0, side) -> np.ndarray:
-        ys = np.arange(y0, y0 + side)[:, None]
-        xs = np.arange(x0, x0 + side)[None, :]
-        return (ys >= top) & (ys < top + H) & (xs >= left) & (xs < left + W)
 
     @torch.no_grad()
     def variations(self, image, keep_scales: int, class_labels: Optional[ClassLabel] = None, num_images: int = 1,
@@ -491,10 +400,6 @@ class VARPipeline:
             class_labels = -1
         labels = class_labels if isinstance(class_labels, (list, tuple)) else [class_labels] * B
         return self(class_labels=labels, known_tokens=known, **kwargs)
-
-    def _encode_float(self, rgb01: np.ndarray) -> List[torch.Tensor]:
-        """(R, R, 3) float in [0, 1] -> tokens, without rounding the pixels to 8 bits."""
-        return self.encode(torch.from_numpy(np.ascontiguousarray(rgb01)).permute(2, 0, 1)[None].mul(2).sub(1))
 
     # -- control adapters -------------------------------------------------------------------------
     def add_control(self, adapter: ControlAdapter) -> None:
@@ -556,8 +461,6 @@ class VARPipeline:
     def _control_map(self, image, ctype: str, adapter: ControlAdapter) -> torch.Tensor:
         """A control image as a map tensor on the device (pictures go through the "none" preprocessor)."""
         if not isinstance(image, torch.Tensor):
-            from studio import preprocess
-
             n = adapter.cfg.in_channels if adapter.cfg.label_map else None
             image = preprocess.user_map(ctype, image, size=None, num_classes=n).map
         return image.to(self.device)
@@ -579,38 +482,17 @@ class VARPipeline:
             out.append(Control(adapter, m, float(s), float(a), float(b)))
         return out
 
-    def _crop_control_maps(self, control_image, control_type, hw, region) -> list:
-        """Control maps brought to the image's size (H, W) and cropped like the image (inpaint)."""
-        from studio import editing as ed
-
+    def _crop_control_maps(self, control_image, control_type, plan: editing.InpaintPlan) -> list:
+        """Control maps brought to the image's size and cut like the image (inpaint)."""
         images, types = self._control_lists(control_image, control_type)
+        W, H = plan.size
         out = []
         for image, ctype in zip(images, types):
             adapter = self._adapter(ctype)
-            m = adapter.prepare_map(self._control_map(image, ctype, adapter).cpu(), size=hw).float()  # (N,C,H,W)
-            if region is not None:
+            m = adapter.prepare_map(self._control_map(image, ctype, adapter).cpu(), size=(H, W)).float()  # (N,C,H,W)
+            if plan.region is not None:
                 N, C = m.shape[:2]
-                arr = ed.crop_square(m.reshape(N * C, *hw).permute(1, 2, 0).numpy(), region)
+                arr = plan.crop(m.reshape(N * C, H, W).permute(1, 2, 0).numpy())
                 m = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).reshape(N, C, *arr.shape[:2])
             out.append(m.argmax(1) if adapter.cfg.label_map else m)
         return out if isinstance(control_type, (list, tuple)) else out[0]
-
-    def _np_to_output(self, images: np.ndarray, output_type: str):
-        if output_type == "np":
-            return images
-        if output_type == "pt":
-            return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        if output_type == "pil":
-            return [Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)) for a in images]
-        raise ValueError(f"output_type must be 'pil', 'np' or 'pt', not {output_type!r}")
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparency is composited over white."""
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, im).convert("RGB")
-    return im.convert("RGB")

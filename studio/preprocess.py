@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models.control import resize_map
+from studio import images as im
 
 DEFAULT_DEPTH_MODEL = "Intel/dpt-hybrid-midas"  # the MiDaS DPT-hybrid that CAR and ControlAR use
 DEFAULT_SEG_MODEL = "nvidia/segformer-b0-finetuned-ade-512-512"  # ADE20K, 150 classes, 3.7M params
@@ -60,31 +61,6 @@ class HFModel(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def _rgb_at(image, size: Optional[int]) -> Image.Image:
-    """PIL / uint8 array / float [0,1] array -> RGB PIL image, resized (Lanczos) to size x size."""
-    from studio.pipeline import to_rgb
-
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    if isinstance(image, np.ndarray):
-        a = image
-        if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3, 4):
-            a = a.transpose(1, 2, 0)
-        if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (1, 3, 4)):
-            raise ValueError(f"expected an (H, W, 3) image array, got shape {image.shape}")
-        if a.dtype != np.uint8:
-            if not np.issubdtype(a.dtype, np.floating):
-                raise ValueError(f"image arrays must be uint8 or floats in [0, 1], got {a.dtype}")
-            a = (np.clip(a, 0, 1) * 255).round().astype(np.uint8)
-        image = Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a)
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"expected a PIL image, a numpy array or a torch tensor, not {type(image).__name__}")
-    im = to_rgb(image)
-    if size is not None and im.size != (size, size):
-        im = im.resize((size, size), Image.Resampling.LANCZOS)
-    return im
 
 
 def _check_size(size):
@@ -159,7 +135,7 @@ def canny(image, size: Optional[int] = 256, low: float = 100.0, high: float = 20
     _check_size(size)
     if not 0 <= low <= high:
         raise ValueError(f"canny thresholds need 0 <= low <= high, got low={low}, high={high}")
-    edges = canny_edges(np.asarray(_rgb_at(image, size)), low, high)
+    edges = canny_edges(np.asarray(im.rgb_picture(image, size)), low, high)
     m = torch.from_numpy(edges.astype(np.float32))[None]
     return ControlMap(m, edges_preview(m))
 
@@ -178,7 +154,7 @@ def depth(image, size: int = 256, net=None, model: Optional[Union[HFModel, torch
     if net is not None:
         from studio.domainnets import estimate_depth
 
-        d = estimate_depth(net, _rgb_at(image, size), units="normalised")  # (S, S) in [0, 1]
+        d = estimate_depth(net, im.rgb_picture(image, size), units="normalised")  # (S, S) in [0, 1]
         m = torch.from_numpy(np.ascontiguousarray(d, np.float32))[None].clamp_(0, 1)
         return ControlMap(m, depth_preview(m))
     hf = model if isinstance(model, HFModel) else HFModel(model)
@@ -207,7 +183,7 @@ def segmentation(image, size: int = 256, net=None,
     if net is not None:
         from studio.domainnets import segment
 
-        ids = segment(net, _rgb_at(image, size))
+        ids = segment(net, im.rgb_picture(image, size))
         m = torch.from_numpy(np.asarray(ids, np.int64))[None]
         return ControlMap(m, labels_preview(m, net.cfg.num_classes))
     hf = model if isinstance(model, HFModel) else HFModel(model)
@@ -225,12 +201,12 @@ def segmentation(image, size: int = 256, net=None,
 
 def _hf_pixel_values(hf: HFModel, image, mean, std) -> torch.Tensor:
     device = next(hf.model.parameters()).device
-    im = _rgb_at(image, None)
+    pic = im.rgb_picture(image, None)
     if hf.processor is not None:
-        return hf.processor(images=im, return_tensors="pt")["pixel_values"].to(device)
+        return hf.processor(images=pic, return_tensors="pt")["pixel_values"].to(device)
     side = getattr(hf.model.config, "image_size", 384)
     side = int(side[0] if isinstance(side, (list, tuple)) else side)
-    x = torch.from_numpy(np.asarray(im.resize((side, side), Image.Resampling.BICUBIC), np.float32) / 255.0)
+    x = torch.from_numpy(np.asarray(pic.resize((side, side), Image.Resampling.BICUBIC), np.float32) / 255.0)
     x = (x - torch.tensor(mean)) / torch.tensor(std)
     return x.permute(2, 0, 1)[None].to(device)
 
@@ -325,7 +301,7 @@ def user_map(control_type: str, image, size: Optional[int] = None, num_classes: 
             if a.mode in ("L", "I", "I;16"):
                 ids = np.asarray(a, np.int64)
             else:
-                ids = nearest_palette_labels(np.asarray(_rgb_at(a, None)), palette)
+                ids = nearest_palette_labels(np.asarray(im.rgb_picture(a, None)), palette)
         elif a.ndim == 2 and (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
             ids = a.astype(np.int64)
         elif a.ndim == 3 and a.shape[-1] in (3, 4) and a.dtype == np.uint8:
@@ -343,9 +319,9 @@ def user_map(control_type: str, image, size: Optional[int] = None, num_classes: 
     # g: a picture's gray level in [0, 1] (edges white, depth near bright); f: a map as it is
     g = f = None
     if isinstance(a, Image.Image):
-        g = np.asarray(_rgb_at(a, None).convert("L"), np.float32) / 255.0
+        g = im.grey(a)
     elif a.ndim == 3 and a.shape[-1] in (3, 4) and a.dtype == np.uint8:
-        g = np.asarray(Image.fromarray(a[..., :3]).convert("L"), np.float32) / 255.0
+        g = im.grey(a[..., :3])
     elif a.ndim == 2 and a.dtype == np.uint8:
         g = a.astype(np.float32) / 255.0
     elif a.ndim == 2 and (np.issubdtype(a.dtype, np.floating) or a.dtype == np.bool_):

@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 
 from studio import editing as ed
+from studio import images
 
 
 def _gen(seed=0):
@@ -29,7 +30,7 @@ def test_outside_the_mask_is_unchanged_and_inside_regenerated(tiny_pipe, photo):
     out = tiny_pipe.inpaint(photo, mask, generator=_gen(1), mask_blur=6, output_type="np")
     src = np.asarray(photo, dtype=np.float32) / 255
     res = out.images[0]
-    band = ed.feather(ed.mask_to_array(mask, (R, R)), 6) > 0
+    band = images.feather(images.mask_to_array(mask, (R, R)), 6) > 0
     assert np.abs(res - src)[~band].max() <= 1 / 255
     assert np.abs(res - src)[np.asarray(mask) > 0].mean() > 0.02
 
@@ -57,7 +58,7 @@ def test_odd_sizes_rgba_and_grey_inputs(tiny_pipe):
             assert out.images[0].size == size and out.images[0].mode == "RGB"
             src = np.asarray(im.convert("RGB"), dtype=np.int16)
             res = np.asarray(out.images[0], dtype=np.int16)
-            far = ed.feather(ed.mask_to_array(mask, size), 2) == 0
+            far = images.feather(images.mask_to_array(mask, size), 2) == 0
             assert np.abs(res - src)[far].max() <= 1
 
 
