@@ -45,6 +45,7 @@ from studio.domainnets import (  # noqa: F401  (re-exported: the lab's one name 
     EVAL_SEED_START, FILE_FORMAT, default_config, KINDS, TRAIN_SEED_LIMIT, bundle_parts, class_features, classify,
     estimate_depth, load_domain_nets, load_net, net_from_state_dict, normalise_depth, save_net, segment, world,
     _device, _state_dict_f32)
+from studio import images
 from studio.images import images_to_tensor, tensor_to_images  # noqa: F401  (re-exported likewise)
 
 
@@ -127,16 +128,6 @@ class RenderPool:
 # augmentation
 
 
-def _gaussian_blur(x_13HW: torch.Tensor, sigma: float) -> torch.Tensor:
-    r = max(1, int(math.ceil(2.5 * sigma)))
-    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
-    k = (k / k.sum()).to(x_13HW)
-    C = x_13HW.shape[1]
-    x = F.pad(x_13HW, (r, r, r, r), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
-
-
 def _jpeg(x_13HW: torch.Tensor, quality: int) -> torch.Tensor:
     buf = io.BytesIO()
     Image.fromarray(tensor_to_images(x_13HW)[0]).save(buf, format="JPEG", quality=int(quality))
@@ -161,7 +152,8 @@ def degrade(x_N3HW: torch.Tensor, rng: np.random.Generator, p: float = 0.6) -> t
                 x = F.interpolate(small, size=(H, W), mode="bicubic" if rng.random() < 0.5 else "bilinear",
                                   align_corners=False)
             if ops[1]:
-                x = _gaussian_blur(x, float(rng.uniform(0.4, 1.4)))
+                blurred = images.gaussian_blur(x[0].permute(1, 2, 0).numpy(), float(rng.uniform(0.4, 1.4)))
+                x = torch.from_numpy(blurred).permute(2, 0, 1)[None]
             if ops[2]:
                 x = _jpeg(x.clamp(-1, 1), int(rng.integers(25, 85)))
             if ops[3]:

@@ -20,7 +20,6 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 def _np(x, dtype=np.float64) -> np.ndarray:
@@ -128,14 +127,8 @@ def pixel_accuracy(pred, gt) -> float:
 # ---------------------------------------------------------------------------------------------
 # edges
 
+from studio import images  # noqa: E402
 from studio.preprocess import canny_edges as canny  # noqa: E402,F401  (the product's detector is the judge's)
-
-
-def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    if radius <= 0:
-        return mask
-    t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return (F.max_pool2d(t, 2 * radius + 1, 1, radius)[0, 0] > 0).numpy()
 
 
 def edge_f1(pred, gt, tolerance: int = 1) -> float:
@@ -154,8 +147,8 @@ def edge_f1(pred, gt, tolerance: int = 1) -> float:
         return 1.0
     if n_p == 0 or n_g == 0:
         return 0.0
-    precision = (p & _dilate(g, tolerance)).sum() / n_p
-    recall = (g & _dilate(p, tolerance)).sum() / n_g
+    precision = (p & images.dilate(g, tolerance)).sum() / n_p
+    recall = (g & images.dilate(p, tolerance)).sum() / n_g
     return 0.0 if precision + recall == 0 else float(2 * precision * recall / (precision + recall))
 
 

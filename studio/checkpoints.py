@@ -4,6 +4,22 @@ Everything is strict: a checkpoint that does not fit the model exactly is refuse
 that names the missing keys, the unexpected keys and the mismatched shapes. Official `.pth` files
 are read with `torch.load(weights_only=True)`; the architecture (depth, width, shared AdaLN, scales,
 VAE widths) is read from the tensors themselves, so no file names or flags have to agree.
+
+Why not diffusers' ModelMixin / ConfigMixin / DiffusionPipeline for this plumbing:
+- ModelMixin.from_pretrained is not strict: an unexpected key is a warning, a missing one a warning
+  followed by "NotImplementedError: Cannot copy out of meta tensor" that names no key; we refuse
+  with every missing / unexpected / mis-shaped key named (tests/test_checkpoints.py). It cannot read
+  the official trainer .pth files or infer a config from their tensors, so load_official stays.
+- its layout (model_index.json, one subfolder per component with config.json and
+  diffusion_pytorch_model.safetensors) is not our bundle's (one config.json, vae/var/control_*/
+  domain .safetensors side by side); the embedded bundle must keep loading as it is, so adopting
+  it would add a second format to read, not remove one.
+- ConfigMixin wants @register_to_config keyword constructors: VAR(cfg) would become VAR(**kwargs)
+  everywhere and models/ would import diffusers, for what a dataclass's to_dict/from_dict does.
+- DiffusionPipeline.to casts every component (our quantiser must stay float32, the decoder is
+  channels-last), and enable_model_cpu_offload moves a component in its forward() pre-hook
+  (accelerate CpuOffload): sampling runs through VAR.sample and the quantiser's methods, never
+  VQVAE.forward, so the hooks would not fire.
 """
 from __future__ import annotations
 

@@ -10,6 +10,16 @@ Conventions (the rest of the studio relies on them):
 Blur and morphology are OpenCV's (cv2.blur, cv2.dilate / cv2.erode with a disc); resizing is PIL's
 Lanczos on float32 channels (measured better than cv2.resize, see `resize`). Nothing is rounded to
 8 bits on the way.
+
+Why not diffusers' VaeImageProcessor: its pil/numpy/pt/normalize steps give exactly our numbers,
+but `import diffusers.image_processor` costs ~1.9 CPU-s on top of the pipeline's ~1.4 (every worker
+start and CLI run pays it), and it lacks what we need around them: `convert_to_rgb` turns
+transparent pixels black (we composite over white), `numpy_to_pil` does not clip (1.2 -> 50),
+arrays and tensors resize by nearest neighbour. Its mask helpers do not fit our in-painting either:
+`blur` (PIL GaussianBlur, 8-bit) reaches ~2.5x blur_factor outside the mask where our band is
+exactly `mask_blur` px; `get_crop_region` has no minimum side (a 20 px mask is upscaled ~6x) and
+clamps to the image, so a wide box in a small image comes out non-square and is stretched;
+`apply_overlay` works in 8 bits and only on boxes inside the image.
 """
 from __future__ import annotations
 
@@ -299,6 +309,21 @@ def feather(mask: np.ndarray, pixels: int) -> np.ndarray:
     x[x < 1e-6] = 0.0
     x[x > 1 - 1e-6] = 1.0
     return x
+
+
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Bool (H, W) mask grown by a square of radius `radius` (Chebyshev distance <= radius)."""
+    if radius <= 0:
+        return mask
+    k = np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)
+    return cv2.dilate(mask.astype(np.uint8), k, borderType=cv2.BORDER_CONSTANT, borderValue=0) > 0
+
+
+def gaussian_blur(arr: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of a float image (H, W[, C]), truncated at 2.5 sigma, edges mirrored."""
+    r = max(1, int(np.ceil(2.5 * sigma)))
+    return cv2.GaussianBlur(np.ascontiguousarray(arr, dtype=np.float32), (2 * r + 1, 2 * r + 1), sigmaX=sigma,
+                            sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
 
 
 # ---------------------------------------------------------------------------------------------

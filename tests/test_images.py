@@ -69,6 +69,19 @@ def test_feather_band_is_exactly_pixels_wide(px):
     assert np.array_equal(im.feather(m, 0), m)
 
 
+def test_dilate_and_gaussian_blur():
+    m = np.zeros((9, 9), bool)
+    m[4, 4] = True
+    assert np.array_equal(np.argwhere(im.dilate(m, 2)).min(0), [2, 2]) and im.dilate(m, 2).sum() == 25  # Chebyshev
+    assert im.dilate(m, 0) is m
+    flat = np.full((20, 30, 3), 0.25, np.float32)
+    assert np.allclose(im.gaussian_blur(flat, 1.2), 0.25, atol=1e-6)
+    dot = np.zeros((21, 21), np.float32)
+    dot[10, 10] = 1
+    b = im.gaussian_blur(dot, 1.0)
+    assert abs(b.sum() - 1) < 1e-5 and b[10, 10] == b.max() and np.allclose(b, b.T) and b[10, 14] == 0  # 2.5 sigma
+
+
 def test_mask_reading_rgba_grey_and_size_check():
     painted = np.zeros((8, 10, 4), np.uint8)
     painted[2:4, 3:6] = (255, 0, 0, 255)  # a red stroke on a transparent layer
