@@ -123,7 +123,7 @@ def canny_edges(image, low: float = 100.0, high: float = 200.0) -> np.ndarray:
 
     a = np.asarray(image)
     if a.dtype != np.uint8:
-        a = np.clip(np.rint(a.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+        a = im.to_uint8(a)
     if a.ndim == 3:
         a = cv2.cvtColor(np.ascontiguousarray(a[..., :3]), cv2.COLOR_RGB2GRAY)
     return cv2.Canny(np.ascontiguousarray(a), float(low), float(high)) > 0
@@ -386,11 +386,11 @@ def ground_truth_maps(control_type: str, images=None, depth_m=None, labels=None,
         if images is None:
             raise ValueError("canny maps need the images")
         a = images
-        if isinstance(a, torch.Tensor):
-            if a.is_floating_point():
-                a = a.detach().float().add(1).mul(127.5).clamp(0, 255).round().byte()
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            a = im.tensor_to_images(a)
+        elif isinstance(a, torch.Tensor):
             a = a.permute(0, 2, 3, 1).cpu().numpy() if a.shape[1] == 3 else a.cpu().numpy()
-        edges = np.stack([canny_edges(np.ascontiguousarray(im), low, high) for im in np.asarray(a)])
+        edges = np.stack([canny_edges(np.ascontiguousarray(x), low, high) for x in np.asarray(a)])
         return torch.from_numpy(edges.astype(np.float32))[:, None]
     if control_type == "depth":
         if depth_m is None:
