@@ -21,7 +21,7 @@ from PIL import Image
 from models.control import Control, ControlAdapter, ControlConfig, ControlHook
 from models.var import VAR, SampleResult, ScaleEvent
 from models.vqvae import VQVAE
-from studio import checkpoints, editing, preprocess
+from studio import checkpoints, preview, editing, preprocess
 from studio import images as im
 
 ClassLabel = Union[int, str]
@@ -48,6 +48,9 @@ class VARPipeline:
         self.class_names = list(class_names)
         self.source = source
         self.extras = extras or {}
+        # the live preview's latent-to-colour map fitted on this model's samples (studio.preview);
+        # a bundle may ship one, else the worker fits it on first use
+        self.fast_preview: Optional[preview.FastMap] = None
         self.controls: Dict[str, ControlAdapter] = {}  # control type -> adapter (see add_control)
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self.to(device, dtype)
@@ -66,6 +69,7 @@ class VARPipeline:
                    loaded.extras)
         if isinstance(loaded.extras.get("config"), dict):  # a bundle: its control adapters, if any
             pipe.load_controls(Path(loaded.source), loaded.extras["config"])
+            pipe.fast_preview = preview.load_from_bundle(loaded.source, loaded.extras["config"])
         return pipe
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "VARPipeline":

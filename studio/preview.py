@@ -1,4 +1,4 @@
-"""The fast live preview: a linear latent-to-RGB map, fitted on the model's own images.
+"""The fast live preview: a small latent-to-colour map, fitted on the model's own images.
 
 A full decode of every scale's f_hat costs a decoder pass per scale; the fast preview maps each
 latent vector to a colour by a tiny MLP instead and upsamples. The map is fitted to the decoder's
@@ -86,3 +86,28 @@ def colour_error_per_scale(pipe, fmap: FastMap, num_images: int = 4, seed: int =
     both on the latent grid, per scale, on samples other than the fit's (seed)."""
     f_hats = sample_prefixes(pipe, num_images, seed) if f_hats is None else f_hats
     return [float((fmap(f) - decoded_on_grid(pipe, f)).abs().mean() * 127.5) for f in f_hats]
+
+
+# -- in a bundle: preview.safetensors beside config.json, its settings under config.json["preview"] ----------
+PREVIEW_FILE = "preview.safetensors"
+
+
+def bundle_parts(fmap: FastMap, about: str = "") -> tuple:
+    """(extra_config, extra_tensors) for studio.checkpoints.save_bundle."""
+    cfg = {"preview": {"channels": fmap.net[0].in_features, "hidden": fmap.net[0].out_features, "about": about}}
+    return cfg, {PREVIEW_FILE[: -len(".safetensors")]: {k: v.float() for k, v in fmap.state_dict().items()}}
+
+
+def load_from_bundle(folder, config: dict) -> Optional[FastMap]:
+    """The bundle's fitted map, or None when it has none."""
+    from pathlib import Path
+
+    from studio.checkpoints import load_into, read_safetensors
+
+    spec = config.get("preview")
+    path = Path(folder) / PREVIEW_FILE
+    if not spec or not path.exists():
+        return None
+    fmap = FastMap(int(spec["channels"]), int(spec["hidden"]))
+    load_into(fmap, {k: v.float() for k, v in read_safetensors(path).items()}, f"{Path(folder).name}/{PREVIEW_FILE}")
+    return fmap.eval().requires_grad_(False)

@@ -43,6 +43,8 @@ def main(argv=None):
                     help="a bundle holding control adapters trained on the same transformer (repeatable)")
     ap.add_argument("--vae", help="take the tokenizer from this export (e.g. `lab.train decoder --export`): its "
                                    "encoder and codebook must equal --var's, so the tokens stay the same")
+    ap.add_argument("--preview-images", type=int, default=8,
+                    help="samples the live preview's colour map is fitted on (0: ship none)")
     ap.add_argument("--out", default="assets/default")
     ap.add_argument("--max-mb", type=float, default=64.0)
     args = ap.parse_args(argv)
@@ -61,6 +63,15 @@ def main(argv=None):
     if pipe.controls:  # adapters trained on this transformer
         extra_cfg["control"] = {t: a.cfg.to_dict() for t, a in pipe.controls.items()}
         extra_tensors.update({f"control_{t}": a.state_dict() for t, a in pipe.controls.items()})
+    if args.preview_images:  # fitted last: it depends on the decoder
+        from studio import preview
+
+        fmap = preview.fit_fast_map(pipe, num_images=args.preview_images)
+        err = preview.colour_error_per_scale(pipe, fmap, num_images=4, seed=1)
+        pcfg, ptensors = preview.bundle_parts(fmap, f"fitted on {args.preview_images} samples; colour error per "
+                                                    f"scale (0-255, 4 other samples): {[round(e, 1) for e in err]}")
+        extra_cfg.update(pcfg)
+        extra_tensors.update(ptensors)
     extra_cfg["about"] = "VAR Studio embedded default: a small VAR trained on the procedural landscape world"
     out = Path(args.out)
     checkpoints.save_bundle(out, pipe.vae, pipe.var, pipe.class_names, torch.float16, extra_cfg, extra_tensors)
