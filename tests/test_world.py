@@ -1,5 +1,6 @@
-"""The procedural landscape world (studio/world): determinism, shapes, and geometric consistency of
-image, depth and labels. Small sizes keep the whole file to a few seconds."""
+"""The procedural landscape world (studio/world) and its shards (lab/worlddata.py): determinism,
+shapes, and geometric consistency of image, depth and labels. Small sizes keep the whole file to a
+few seconds."""
 from __future__ import annotations
 
 import hashlib
@@ -20,9 +21,9 @@ from studio.world import (
     render,
     render_batch,
 )
+from lab.worlddata import ShardShuffleSampler, WorldShards
+from lab.worlddata import main as cli_main
 from studio.world.classes import SEG_PALETTE_JSON, WORLD_CLASSES_JSON
-from studio.world.cli import main as cli_main
-from studio.world.dataset import ShardShuffleSampler, WorldShards
 
 N = len(CLASS_NAMES)
 SIZE = 48
