@@ -1,4 +1,4 @@
-"""The decoder trainer (lab/train_decoder.py) and its losses (lab/perceptual.py) on tiny models.
+"""The decoder trainer (lab/train/decoder.py) and its losses (lab/perceptual.py) on tiny models.
 
 The tokenizer's tokens must not change (the VAR and the control adapters read them), the decoder
 must learn, the adversarial part must switch on, and the VGG16 weights must load from the HED
@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from lab import perceptual, train
-from lab import train_decoder  # noqa: F401  (registers the `decoder` task)
-from test_train import COMMON, STANDIN, vqvae_args, write_standin_shards
+from lab.train import decoder
+from test_train import COMMON, STANDIN, use_world, vqvae_args, write_standin_shards
 
 
 @pytest.fixture(autouse=True)
 def standin_world(monkeypatch):
-    monkeypatch.setattr(train, "load_world", lambda: STANDIN)
+    use_world(monkeypatch)
 
 
 def write_hed_like_h5(path, blocks=2, seed=0):
@@ -94,9 +94,9 @@ def test_patch_discriminator_and_hinge():
 
 def test_prefix_target_is_the_images_coarse_grid():
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    t1 = train_decoder.prefix_target(x, 1)
+    t1 = decoder.prefix_target(x, 1)
     assert torch.allclose(t1, x.mean(dim=(2, 3), keepdim=True).expand_as(x), atol=1e-5)  # 1x1: the mean colour
-    assert (train_decoder.prefix_target(x, 32) - x).abs().max() < 1e-5  # the full grid: the image itself
+    assert (decoder.prefix_target(x, 32) - x).abs().max() < 1e-5  # the full grid: the image itself
 
 
 def test_decoder_training_keeps_the_tokens_and_learns(tmp_path):

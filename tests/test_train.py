@@ -1,8 +1,8 @@
-"""lab/train.py: few-step runs of each trainer on tiny models and tiny data.
+"""lab/train/: few-step runs of each trainer on tiny models and tiny data.
 
 The data come from a stand-in world defined here (same API as `studio.world`: render_batch,
-CLASS_NAMES, dataset.WorldShards), so these tests do not depend on the real renderer's speed or
-looks; two tests also run the real renderer and the real shards when `studio.world` has them.
+CLASS_NAMES, SEG_CLASSES; and as `lab.worlddata.WorldShards`), so these tests do not depend on the
+real renderer's speed or looks; two tests also run the real renderer and the real shards.
 """
 import json
 import signal
@@ -76,13 +76,18 @@ def write_standin_shards(folder: Path, seeds, size: int):
 
 
 STANDIN = types.SimpleNamespace(__name__="standin_world", render_batch=standin_render_batch,
-                                CLASS_NAMES=CLASS_NAMES, SEG_CLASSES=["sky", "ground"],
-                                dataset=types.SimpleNamespace(WorldShards=StandinShards))
+                                CLASS_NAMES=CLASS_NAMES, SEG_CLASSES=["sky", "ground"])
+
+
+def use_world(mp, world=STANDIN, shards=StandinShards):
+    """Train on `world` (the renderer) and read shard folders with `shards` (a WorldShards)."""
+    mp.setattr(train.data, "load_world", lambda: world)
+    mp.setattr(train.data, "open_shards", shards)
 
 
 @pytest.fixture(autouse=True)
 def standin_world(monkeypatch):
-    monkeypatch.setattr(train, "load_world", lambda: STANDIN)
+    use_world(monkeypatch)
     return STANDIN
 
 
@@ -113,7 +118,7 @@ def var_args(out, data, vae, steps, *extra):
 def trained_vqvae(tmp_path_factory, shards):
     """A tiny VQVAE overfit on the 8 fixed images (shared by the var tests)."""
     mp = pytest.MonkeyPatch()
-    mp.setattr(train, "load_world", lambda: STANDIN)
+    use_world(mp)
     out = tmp_path_factory.mktemp("vqvae")
     summary = train.main(vqvae_args(out, shards, 40, "--restart-after", "10", "--restart-every", "10"))
     mp.undo()
@@ -158,7 +163,7 @@ def test_vqvae_export_reloads(trained_vqvae, tmp_path):
 def trained_var(tmp_path_factory, trained_vqvae, shards):
     """A tiny VAR on the tiny VQVAE, exported as a bundle (shared by the control tests)."""
     mp = pytest.MonkeyPatch()
-    mp.setattr(train, "load_world", lambda: STANDIN)
+    use_world(mp)
     root = tmp_path_factory.mktemp("var")
     out, bundle = root / "run", root / "bundle"
     train.main(var_args(out, shards, trained_vqvae[0], 30, "--cond-drop-rate", "0.0", "--export", str(bundle)))
@@ -340,27 +345,21 @@ def test_render_data_with_a_worker_and_bf16(tmp_path):
 
 
 def test_real_world_renderer(tmp_path, monkeypatch):
-    """The real `studio.world.render_batch` feeds the trainer (skipped until it exists)."""
-    try:
-        import studio.world as world
-    except ImportError:
-        world = None
-    if not hasattr(world, "render_batch"):
-        pytest.skip("studio.world.render_batch is not there yet")
-    monkeypatch.setattr(train, "load_world", lambda: world)
+    """The real `studio.world.render_batch` feeds the trainer."""
+    import studio.world as world
+    from lab.worlddata import WorldShards
+
+    use_world(monkeypatch, world, WorldShards)
     s = train.main(vqvae_args(tmp_path / "w", "render:32", 2, "--eval-size", "2"))
     assert s["step"] == 2
 
 
 def test_real_world_shards(tmp_path, monkeypatch):
-    """Shards written by the real `studio.world` dataset writer feed the trainer (skipped until it exists)."""
-    try:
-        import studio.world as world
-        from studio.world.cli import write_dataset
-        from studio.world.dataset import WorldShards  # noqa: F401
-    except ImportError:
-        pytest.skip("studio.world's shard writer / WorldShards are not there yet")
-    monkeypatch.setattr(train, "load_world", lambda: world)
+    """Shards written by the real dataset writer (`lab.worlddata`) feed the trainer."""
+    import studio.world as world
+    from lab.worlddata import WorldShards, write_dataset
+
+    use_world(monkeypatch, world, WorldShards)
     write_dataset(tmp_path / "shards", count=8, size=32, shard_size=4)
     src = train.ShardSource(str(tmp_path / "shards"))
     assert len(src) == 8 and list(src.block_offsets) == [0, 4, 8]
@@ -376,3 +375,63 @@ def test_cli_help_and_config_errors(capsys, tmp_path):
     assert "--minutes" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown VQVAEConfig fields"):
         train.main(["vqvae", "--out", str(tmp_path), "--steps", "1", "--config", '{"chanels": 3}', *COMMON])
+
+
+def test_every_trainer_is_registered_and_listed():
+    assert list(train.TASKS) == ["vqvae", "var", "control", "decoder"]
+    assert "{vqvae,var,control,decoder}" in train.build_parser().format_help()
+
+
+def _bad_inputs(tmp_path):
+    """(flags, what the message says) of runs that cannot start."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    return [
+        (["vqvae", "--data", str(tmp_path / "nowhere")], r"--data \S*nowhere: not a folder of shards, nor render"),
+        (["vqvae", "--data", "render:big"], r"--data render:big: the size of render:SIZE must be a whole number"),
+        (["vqvae", "--data", str(empty)], r"--data \S*empty: \S*meta.json not found: not a world shard folder"),
+        (["vqvae", "--config", "{chanels: 3"], r"--config: neither a file nor valid JSON"),
+        (["vqvae", "--config", "[1, 2]"], r"--config: expected a JSON object of VQVAEConfig fields"),
+        (["var", "--vae", str(tmp_path / "nowhere")], r"--vae \S*nowhere: expected a bundle folder, a vqvae export"),
+        (["var", "--vae", str(text)], r"--vae \S*notes.txt: not a torch checkpoint"),
+        (["vqvae", "--resume", str(tmp_path / "nowhere")], r"--resume \S*nowhere: no checkpoint there"),
+    ]
+
+
+def test_bad_flags_data_and_checkpoints_raise_a_value_error_from_the_library(tmp_path, monkeypatch):
+    from lab.worlddata import WorldShards
+
+    use_world(monkeypatch, STANDIN, WorldShards)
+    for flags, message in _bad_inputs(tmp_path):
+        args = train.build_parser().parse_args(flags + ["--out", str(tmp_path / "run"), "--steps", "1", *COMMON])
+        args.argv = flags
+        with pytest.raises(ValueError, match=message) as e:
+            train.run(args)
+        assert isinstance(e.value, train.TrainError), flags
+    with pytest.raises(ValueError, match="expected a bundle folder"):
+        train.load_vqvae(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="not a folder of shards"):
+        train.make_source(str(tmp_path / "nowhere"), 32, ("image", "class_id"))
+
+
+def test_bad_flags_data_and_checkpoints_end_the_command_with_one_clear_line(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from lab.worlddata import WorldShards
+
+    use_world(monkeypatch, STANDIN, WorldShards)
+    for flags, message in _bad_inputs(tmp_path):
+        with pytest.raises(SystemExit, match=r"^\[train\] error: " + message):
+            train.main(flags + ["--out", str(tmp_path / "run"), "--steps", "1", *COMMON])
+    # the command itself: status 1, the message as its last line, no traceback
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "lab.train", "var", "--vae", str(tmp_path / "nowhere"), "--out",
+                           str(tmp_path / "cli"), "--steps", "1", "--cpu", "--quiet"], cwd=root, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"[train] error: --vae {tmp_path / 'nowhere'}: expected")

@@ -1,6 +1,6 @@
 """`decoder` trainer: fine-tune the tokenizer's decoder for detail, the encoder and codebook frozen.
 
-    python -m lab.train_decoder --base assets/default --out runs/decoder --minutes 120 --threads 1
+    python -m lab.train decoder --base assets/default --out runs/decoder --minutes 120 --threads 1
 
 Only `post_quant_conv` and `decoder` train, so token maps, the VAR and the control adapters stay
 valid (the tokens of an image do not change). The loss is VQGAN's: L1 + a perceptual distance
@@ -16,18 +16,18 @@ of coarse previews and of the all-zero f_hat.
 """
 from __future__ import annotations
 
-import copy
-import sys
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lab import train as T
 from lab.perceptual import PatchDiscriminator, VGG16Features, adaptive_weight, hinge_d_loss, perceptual_distance
+from lab.train.artifacts import image_grid, save_vqvae
+from lab.train.data import to_resolution
+from lab.train.task import Task, TrainError, psnr, register
+from lab.train.var import vqvae_for
 from models.vqvae import VQVAE, VQVAEConfig
 
 
@@ -70,8 +70,8 @@ def high_frequency_energy(x_B3HW: torch.Tensor) -> torch.Tensor:
     return lap.flatten(1).var(dim=1)
 
 
-@T.register
-class DecoderTask(T.Task):
+@register
+class DecoderTask(Task):
     name = "decoder"
     help = "fine-tune the VQVAE decoder (perceptual + adversarial loss, coarse prefixes); tokens unchanged"
     defaults = dict(lr=1e-4, batch_size=8, weight_decay=0.0, beta1=0.5, beta2=0.9, grad_clip=1.0,
@@ -118,15 +118,18 @@ class DecoderTask(T.Task):
             self.vae.load_state_dict(ckpt["model"])
         else:
             if not a.base:
-                raise ValueError("decoder: --base is required (the tokenizer to fine-tune) for a fresh run")
-            self.vae = T.load_vqvae(a.base)
+                raise TrainError("decoder: --base is required (the tokenizer to fine-tune) for a fresh run")
+            self.vae = vqvae_for(a.base, "--base")
         self.vae.to(self.device)
         self.vae.requires_grad_(False)
         self.vae.decoder.requires_grad_(True)
         self.vae.post_quant_conv.requires_grad_(True)
         self.vae.encoder.eval()
-        self.vgg = (VGG16Features.from_hed_h5(a.perceptual_weights, a.perceptual_blocks).to(self.device)
-                    if a.perceptual_weight > 0 else None)
+        try:
+            self.vgg = (VGG16Features.from_hed_h5(a.perceptual_weights, a.perceptual_blocks).to(self.device)
+                        if a.perceptual_weight > 0 else None)
+        except FileNotFoundError as e:  # the HED weights: not installed, or --perceptual-weights is wrong
+            raise TrainError(str(e)) from e
         self.disc = PatchDiscriminator(ndf=a.disc_ndf).to(self.device)
         self.disc_opt = torch.optim.Adam(self.disc.parameters(), lr=a.disc_lr, betas=(0.5, 0.9))
         self._d_batch, self._d_logged = None, None
@@ -182,7 +185,7 @@ class DecoderTask(T.Task):
         peak = peak_error(rec_full, x_full) if a.peak_weight > 0 else rec.new_zeros(())
         nll = nll + a.peak_weight * peak
         m = {"l1": l1.detach(), "perceptual": perc.detach(), "peak": peak.detach(),
-             "psnr_train": T.psnr(rec_full.detach().clamp(-1, 1), x_full).mean()}
+             "psnr_train": psnr(rec_full.detach().clamp(-1, 1), x_full).mean()}
         loss = nll + a.spike_weight * spike
         m["spike"] = spike.detach()
         if n_pre:
@@ -221,7 +224,7 @@ class DecoderTask(T.Task):
         return inner.vae.decoder.conv_out.weight
 
     def set_eval_batch(self, batch):
-        self.eval_x = None if batch is None else T.to_resolution(batch["image"], self.resolution()).to(self.device)
+        self.eval_x = None if batch is None else to_resolution(batch["image"], self.resolution()).to(self.device)
 
     @torch.no_grad()
     def evaluate(self):
@@ -247,7 +250,7 @@ class DecoderTask(T.Task):
             return t.add(1).mul(127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
 
         chroma = float(np.median(chroma_anomaly(u8(rec))) / max(np.median(chroma_anomaly(u8(x))), 1e-6))
-        return {"psnr": float(T.psnr(rec, x).mean()), "psnr_prefix": float(T.psnr(pre, pre_t).mean()),
+        return {"psnr": float(psnr(rec, x).mean()), "psnr_prefix": float(psnr(pre, pre_t).mean()),
                 "hf_ratio": hf, "chroma_ratio": chroma, "zero_fhat_spread": float(zero.std(dim=(2, 3)).mean())}
 
     def write_samples(self, path):
@@ -257,19 +260,11 @@ class DecoderTask(T.Task):
         if not hasattr(self, "eval_rec"):
             self.evaluate()
         n = self.args.num_samples
-        T.image_grid([self.eval_x[:n], self.eval_rec[:n], self.eval_pre[:n]], path)
+        image_grid([self.eval_x[:n], self.eval_rec[:n], self.eval_pre[:n]], path)
 
     def final_files(self, out, info):
-        T.save_vqvae(out, self.vae, info)
+        save_vqvae(out, self.vae, info)
 
     def export(self, folder, info):
-        T.save_vqvae(Path(folder), self.vae, info)
+        save_vqvae(Path(folder), self.vae, info)
 
-
-def main(argv: Optional[Sequence[str]] = None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return T.main(["decoder"] + argv)
-
-
-if __name__ == "__main__":
-    main()

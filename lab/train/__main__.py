@@ -1,0 +1,3 @@
+from lab.train.cli import main
+
+main()
