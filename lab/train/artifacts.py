@@ -90,6 +90,16 @@ def load_vqvae(path: str) -> VQVAE:
                      f"or a vqvae checkpoint")
 
 
+def vqvae_for(path: str, flag: str) -> VQVAE:
+    """`load_vqvae(path)`, its errors prefixed with the flag that named the path."""
+    from studio.checkpoints import CheckpointError
+
+    try:
+        return load_vqvae(path)
+    except (TrainError, CheckpointError) as e:
+        raise TrainError(f"{flag} {e}") from e
+
+
 def read_metrics(path: Path) -> List[dict]:
     if not path.exists():
         return []

@@ -16,18 +16,15 @@ of coarse previews and of the all-zero f_hat.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lab.perceptual import PatchDiscriminator, VGG16Features, adaptive_weight, hinge_d_loss, perceptual_distance
-from lab.train.artifacts import image_grid, save_vqvae
-from lab.train.data import to_resolution
-from lab.train.task import Task, TrainError, psnr, register
-from lab.train.var import vqvae_for
+from lab.train.artifacts import vqvae_for
+from lab.train.task import TrainError, psnr, register
+from lab.train.vqvae import TokenizerTask
 from models.vqvae import VQVAE, VQVAEConfig
 
 
@@ -71,7 +68,7 @@ def high_frequency_energy(x_B3HW: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class DecoderTask(Task):
+class DecoderTask(TokenizerTask):
     name = "decoder"
     help = "fine-tune the VQVAE decoder (perceptual + adversarial loss, coarse prefixes); tokens unchanged"
     defaults = dict(lr=1e-4, batch_size=8, weight_decay=0.0, beta1=0.5, beta2=0.9, grad_clip=1.0,
@@ -223,9 +220,6 @@ class DecoderTask(Task):
         inner = getattr(model, "module", model)
         return inner.vae.decoder.conv_out.weight
 
-    def set_eval_batch(self, batch):
-        self.eval_x = None if batch is None else to_resolution(batch["image"], self.resolution()).to(self.device)
-
     @torch.no_grad()
     def evaluate(self):
         if self.eval_x is None:
@@ -242,7 +236,7 @@ class DecoderTask(Task):
         finally:
             self.vae.train()
             self.vae.encoder.eval()
-        self.eval_rec, self.eval_pre = rec, pre
+        self.eval_decodes = (rec, pre)
         hf = float(high_frequency_energy(rec).mean() / high_frequency_energy(x).mean().clamp_min(1e-6))
         from lab.metrics import chroma_anomaly
 
@@ -252,19 +246,3 @@ class DecoderTask(Task):
         chroma = float(np.median(chroma_anomaly(u8(rec))) / max(np.median(chroma_anomaly(u8(x))), 1e-6))
         return {"psnr": float(psnr(rec, x).mean()), "psnr_prefix": float(psnr(pre, pre_t).mean()),
                 "hf_ratio": hf, "chroma_ratio": chroma, "zero_fhat_spread": float(zero.std(dim=(2, 3)).mean())}
-
-    def write_samples(self, path):
-        """Rows: renders, decodes of the full pyramid, of its first half."""
-        if self.eval_x is None:
-            return
-        if not hasattr(self, "eval_rec"):
-            self.evaluate()
-        n = self.args.num_samples
-        image_grid([self.eval_x[:n], self.eval_rec[:n], self.eval_pre[:n]], path)
-
-    def final_files(self, out, info):
-        save_vqvae(out, self.vae, info)
-
-    def export(self, folder, info):
-        save_vqvae(Path(folder), self.vae, info)
-

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 class TrainError(ValueError):
     """A run cannot start as asked (a missing or wrong flag, data folder, checkpoint or config); the
-    message says which. The command line prints it and exits with status 2."""
+    message says which. The command line (`main`) prints it as one line and exits with status 1."""
 
 
 TASKS: Dict[str, type] = {}

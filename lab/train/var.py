@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import lab.train.data as data
-from lab.train.artifacts import image_grid, load_vqvae
+from lab.train.artifacts import image_grid, vqvae_for
 from lab.train.config import add_config_flags, config_from_args, config_json, note_ignored_config
 from lab.train.data import to_resolution
 from lab.train.task import Task, TrainError, register
@@ -19,16 +19,6 @@ from models.vqvae import VQVAE, VQVAEConfig
 # The embedded default's transformer: 5M parameters, 64-wide heads as in the official shape rule;
 # one image takes about 0.5 s on one CPU core, the fp16 bundle is 16 MB.
 DEFAULT_VAR = dict(depth=6, embed_dim=192, num_heads=3, mlp_ratio=4.0, cond_drop_rate=0.1, drop_path_rate=0.0)
-
-
-def vqvae_for(path: str, flag: str) -> VQVAE:
-    """`load_vqvae(path)`, its errors prefixed with the flag that named the path."""
-    from studio.checkpoints import CheckpointError
-
-    try:
-        return load_vqvae(path)
-    except (TrainError, CheckpointError) as e:
-        raise TrainError(f"{flag} {e}") from e
 
 
 @torch.no_grad()

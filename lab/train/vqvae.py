@@ -1,6 +1,8 @@
 """`vqvae` trainer: the multi-scale VQVAE tokenizer (reconstruction + quantiser loss, dead-code restarts)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,8 +38,33 @@ def quantizer_queries(q, f_BChw) -> torch.Tensor:
     return torch.cat(queries).view(-1, C, 1, 1)
 
 
+class TokenizerTask(Task):
+    """What the trainers of a tokenizer (`self.vae`) share: the held-out images, a sample grid of
+    them and two of their decodes (`evaluate` sets `eval_decodes`), and the VQVAE files as output."""
+
+    eval_decodes: tuple = ()
+
+    def set_eval_batch(self, batch):
+        self.eval_x = None if batch is None else to_resolution(batch["image"], self.resolution()).to(self.device)
+
+    def write_samples(self, path):
+        """Rows: the held-out images, their decodes from all scales, from the first half of the scales."""
+        if self.eval_x is None:
+            return
+        if not self.eval_decodes:
+            self.evaluate()
+        n = self.args.num_samples
+        image_grid([self.eval_x[:n], *(d[:n] for d in self.eval_decodes)], path)
+
+    def final_files(self, out, info):
+        save_vqvae(Path(out), self.vae, info)
+
+    def export(self, folder, info):
+        save_vqvae(Path(folder), self.vae, info)
+
+
 @register
-class VQVAETask(Task):
+class VQVAETask(TokenizerTask):
     name = "vqvae"
     help = "train the multi-scale VQVAE tokenizer"
     defaults = dict(lr=1e-3, batch_size=8, weight_decay=0.0, beta1=0.9, beta2=0.95, grad_clip=1.0,
@@ -149,9 +176,6 @@ class VQVAETask(Task):
         self.restarted = 0
         return out
 
-    def set_eval_batch(self, batch):
-        self.eval_x = None if batch is None else to_resolution(batch["image"], self.resolution()).to(self.device)
-
     @torch.no_grad()
     def evaluate(self):
         if self.eval_x is None:
@@ -164,21 +188,6 @@ class VQVAETask(Task):
             used = torch.cat(tokens, 1).unique().numel()
         finally:
             self.vae.train()
-        self.eval_rec, self.eval_half = rec, half
+        self.eval_decodes = (rec, half)
         return {"psnr": float(psnr(rec, self.eval_x).mean()), "psnr_half_scales": float(psnr(half, self.eval_x).mean()),
                 "eval_codes_used": used}
-
-    def write_samples(self, path):
-        """Rows: originals, reconstructions from all scales, from the first half of the scales."""
-        if self.eval_x is None:
-            return
-        if not hasattr(self, "eval_rec"):
-            self.evaluate()
-        n = self.args.num_samples
-        image_grid([self.eval_x[:n], self.eval_rec[:n], self.eval_half[:n]], path)
-
-    def final_files(self, out, info):
-        save_vqvae(out, self.vae, info)
-
-    def export(self, folder, info):
-        save_vqvae(folder, self.vae, info)
