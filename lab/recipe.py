@@ -87,14 +87,14 @@ def steps(size: Size, runs: Path, out: Path) -> List[Step]:
     data, r = runs / "world", runs
     thr = ["--threads", str(size.threads)] if size.threads else []
     train = [py, "-m", "lab.train"]
-    s: List[Step] = [Step("world", [py, "-m", "studio.world", "--out", str(data), "--count", str(size.images),
+    s: List[Step] = [Step("world", [py, "-m", "lab.worlddata", "--out", str(data), "--count", str(size.images),
                                     "--size", str(size.resolution), "--shard-size", str(min(1000, size.images))],
                           data / "meta.json")]
     vq_cfg = ["--config", json.dumps(size.vqvae)] if size.vqvae else []
     s.append(Step("vqvae", train + ["vqvae", "--out", str(r / "vqvae"), "--data", str(data), *vq_cfg,
                                     *size.budget["vqvae"], *size.common, *thr, "--export", str(r / "vqvae_export")],
                   r / "vqvae_export" / "vae.safetensors"))
-    s.append(Step("decoder", [py, "-m", "lab.train_decoder", "--base", str(r / "vqvae_export"), "--out", str(r / "decoder"),
+    s.append(Step("decoder", train + ["decoder", "--base", str(r / "vqvae_export"), "--out", str(r / "decoder"),
                                       "--data", str(data), *size.budget["decoder"], *size.extra.get("decoder", ()),
                                       *size.common, *thr, "--export", str(r / "decoder_export")],
                   r / "decoder_export" / "vae.safetensors"))

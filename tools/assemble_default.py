@@ -25,7 +25,10 @@ def swap_tokenizer(pipe, folder) -> None:
     or quantiser changed): the transformer and the adapters were trained on the old tokens."""
     from lab.train import load_vqvae
 
-    new = load_vqvae(folder).to(pipe.vae.quant_conv.weight.device)
+    try:
+        new = load_vqvae(folder).to(pipe.vae.quant_conv.weight.device)
+    except ValueError as e:  # lab.train.TrainError or a CheckpointError: a readable reason
+        raise SystemExit(f"--vae {e}") from e
     mine, theirs = pipe.vae.state_dict(), new.state_dict()
     token_side = [k for k in mine if not k.startswith(("decoder.", "post_quant_conv.")) and "ema_vocab_hit" not in k]
     changed = [k for k in token_side if not torch.equal(mine[k].float(), theirs[k].float().to(mine[k].device))]
