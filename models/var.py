@@ -27,7 +27,17 @@ from .vqvae import MultiScaleQuantizer
 # block_hook(block_index, x_BLC, start) -> x_BLC: called after every block on its output; x holds the
 # sequence positions [start, start + L) (whole scales). In the sampler, with guidance, its rows are
 # the B conditional rows followed by the B unconditional ones.
+# A hook object may also have `begin(x_in_BLC, start, cond_BD)`, called before the first block with
+# the same positions' input *without* the level/position embeddings (sos + pos_start at the first
+# scale, word_embed of the previous scale's f_hat map after it) and the class embeddings of the rows:
+# CAR's branch (models/car.py) reads the input there.
 BlockHook = Callable[[int, torch.Tensor, int], torch.Tensor]
+
+
+def _begin(block_hook: Optional[BlockHook], x_in_BLC, start: int, cond_BD) -> None:
+    begin = getattr(block_hook, "begin", None)
+    if begin is not None:
+        begin(x_in_BLC, start, cond_BD)
 
 
 @dataclass
@@ -363,8 +373,9 @@ class VAR(nn.Module):
         L = x_BLCv_wo_first_l.shape[1] + 1
         cond_BD = self.class_emb(label_B)
         sos = cond_BD.unsqueeze(1) + self.pos_start
-        x = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.to(self.dtype))), dim=1)
-        x = x + (self.lvl_embed(self.lvl_1L[:, :L]) + self.pos_1LC[:, :L])
+        x_in = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.to(self.dtype))), dim=1)
+        _begin(block_hook, x_in, 0, cond_BD)
+        x = x_in + (self.lvl_embed(self.lvl_1L[:, :L]) + self.pos_1LC[:, :L])
         attn_bias = self.attn_bias_for_masking[:, :, :L, :L]
         for bi, (blk, mod) in enumerate(zip(self.blocks, self.block_modulations(cond_BD))):
             x = blk(x, mod, attn_bias)
@@ -427,9 +438,10 @@ class VAR(nn.Module):
         cond_BD = self.class_emb(labels)
         mods = self.block_modulations(cond_BD)
         lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC  # (1, L, C)
-        x = cond_BD.unsqueeze(1) + self.pos_start + lvl_pos[:, :1]
+        x_in = cond_BD.unsqueeze(1) + self.pos_start  # a scale's input without level/position embeddings
+        x = x_in + lvl_pos[:, :1]
         caches = [KVCache() if use_kv_cache else None for _ in self.blocks]
-        inputs = []  # without a cache: every scale's input so far
+        inputs, raw_inputs = [], []  # without a cache: every scale's input so far (with / without lvl_pos)
         size = self.patch_nums[-1]
         f_hat = torch.zeros(B, quantizer.cfg.z_channels, size, size, device=dev)
         result = SampleResult(tokens=[], f_hat=f_hat)
@@ -438,20 +450,23 @@ class VAR(nn.Module):
             t0 = time.perf_counter()
             if use_cfg and si > last_cfg:  # no guidance from here on: keep only the conditional half
                 use_cfg = False
-                x, cond_BD = x[:B], cond_BD[:B]
+                x, x_in, cond_BD = x[:B], x_in[:B], cond_BD[:B]
                 mods = [m[:B] for m in mods]
                 for c in caches:
                     if c is not None:
                         c.keep_first(B)
-                inputs = [t[:B] for t in inputs]
+                inputs, raw_inputs = [t[:B] for t in inputs], [t[:B] for t in raw_inputs]
             if use_kv_cache:
+                _begin(block_hook, x_in, self.begin_ends[si][0], cond_BD)
                 for bi, (blk, mod, cache) in enumerate(zip(self.blocks, mods, caches)):
                     x = blk(x, mod, None, cache)
                     if block_hook is not None:
                         x = block_hook(bi, x, self.begin_ends[si][0])
             else:
                 inputs.append(x)
+                raw_inputs.append(x_in)
                 x = torch.cat(inputs, dim=1)
+                _begin(block_hook, torch.cat(raw_inputs, dim=1), 0, cond_BD)
                 ed = x.shape[1]
                 bias = self.attn_bias_for_masking[:, :, :ed, :ed]
                 for bi, (blk, mod) in enumerate(zip(self.blocks, mods)):
@@ -491,10 +506,10 @@ class VAR(nn.Module):
             last = si == self.num_scales - 1
             if not last:
                 bg, ed = self.begin_ends[si + 1]
-                x = self.word_embed(nxt.reshape(B, quantizer.cfg.z_channels, -1).transpose(1, 2).to(self.dtype))
-                x = x + lvl_pos[:, bg:ed]
+                x_in = self.word_embed(nxt.reshape(B, quantizer.cfg.z_channels, -1).transpose(1, 2).to(self.dtype))
+                x = x_in + lvl_pos[:, bg:ed]
                 if use_cfg:
-                    x = x.repeat(2, 1, 1)
+                    x, x_in = x.repeat(2, 1, 1), x_in.repeat(2, 1, 1)
             if callback is not None:
                 ev = ScaleEvent(si, self.num_scales, pn, idx_Bl, f_hat, time.perf_counter() - t0)
                 if callback(ev) is True and not last:
