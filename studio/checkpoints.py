@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from models.car import CAR, CARConfig
 from models.var import VAR, VARConfig, scale_levels_and_mask
 from models.vqvae import VQVAE, VQVAEConfig
 
@@ -221,6 +222,60 @@ def _check_buffers(var: VAR, what: str) -> None:
         raise CheckpointError(f"{what}: attn_bias_for_masking is not the block-causal mask of its scales")
     if any(blk.attn.zero_k_bias.abs().max() != 0 for blk in var.blocks):
         raise CheckpointError(f"{what}: zero_k_bias is not zero")
+
+
+# ---------------------------------------------------------------------------------------------
+# CAR adapters (car_<type>_dNN.pth: a plain dict of the branch's `car*` keys)
+
+
+def car_type_from_name(path: Path) -> str:
+    m = re.fullmatch(r"car_([a-z]+)_d\d+", Path(path).stem)
+    if m is None:
+        raise CheckpointError(f"cannot tell the control type from the file name {Path(path).name} (expected "
+                              "car_<type>_d16.pth); pass control_type=")
+    return m.group(1)
+
+
+def car_config_for(sd: Dict[str, torch.Tensor], var_cfg: VARConfig, control_type: str, what: str) -> CARConfig:
+    """The CAR config of `sd` for the VAR `var_cfg`: the branch's shape is the VAR's (width, heads,
+    depth/2 blocks); only the stem's widths are read from the file. A file made for another VAR is
+    refused here, with both depths named."""
+    try:
+        C = sd["car_var_conv.weight"].shape[0]
+        n_blocks = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"car_blocks\.(\d+)\.", k)))
+        stem = [sd["car_control_convs.conv_in.weight"]]
+        stem += [sd[f"car_control_convs.blocks.{i}.weight"] for i in range(1, 64, 2)
+                 if f"car_control_convs.blocks.{i}.weight" in sd]
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{what} is not a CAR adapter (cannot read its shape: {e!r})") from e
+    if (C, 2 * n_blocks) != (var_cfg.embed_dim, var_cfg.depth):
+        raise CheckpointError(
+            f"{what} is a CAR adapter for a VAR of depth {2 * n_blocks} (width {C}: car_var_conv.weight "
+            f"{tuple(sd['car_var_conv.weight'].shape)}, {n_blocks} car_blocks); the loaded VAR is d{var_cfg.depth} "
+            f"(width {var_cfg.embed_dim}). Load the VAR it was made for (var_d{2 * n_blocks}.pth).")
+    return CARConfig.for_var(var_cfg, control_type, in_channels=stem[0].shape[1],
+                             stem_widths=tuple(w.shape[0] for w in stem))
+
+
+def load_car(path: Path, var_cfg: VARConfig, control_type: Optional[str] = None, materialize: bool = True) -> CAR:
+    """A released CAR file for the VAR `var_cfg`, loaded strictly (weights_only). materialize=False
+    checks every key and shape on a meta-device branch without allocating it."""
+    path = Path(path)
+    control_type = control_type or car_type_from_name(path)
+    sd = torch_load(path)
+    cfg = car_config_for(sd, var_cfg, control_type, path.name)
+    with torch.device("meta"):
+        car = CAR(cfg)
+    check_state_dict(car, sd, path.name)
+    if not materialize:
+        return car
+    car = car.to_empty(device="cpu")
+    for blk in car.car_blocks:
+        blk.attn.zero_k_bias.zero_()
+    load_into(car, sd, path.name)
+    if any(blk.attn.zero_k_bias.abs().max() != 0 for blk in car.car_blocks):
+        raise CheckpointError(f"{path.name}: zero_k_bias is not zero")
+    return car.eval()
 
 
 # ---------------------------------------------------------------------------------------------

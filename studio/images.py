@@ -394,3 +394,32 @@ def blend(original: np.ndarray, generated: np.ndarray, alpha: np.ndarray) -> np.
     out = original * (1 - a) + generated * a
     out[alpha == 0] = original[alpha == 0]
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CAR condition pictures
+
+
+def car_scale_maps(picture, patch_nums, pixels_per_token: int = 16):
+    """A CAR condition picture -> one (1, 3, s, s) float32 tensor in [-1, 1] per scale, s = 16 * pn.
+
+    The released CAR's rule (inference.py, get_control_for_each_scale): the picture is resized
+    straight to each scale's size with PIL's default filter (BICUBIC for RGB), then uint8/255
+    in float32 and x + x - 1. Pictures of other modes are made RGB first (to_rgb: the released code
+    expects RGB; a grey 'L' map would give a one-channel tensor there). uint8 arrays (H, W[, 3])
+    are taken as pictures; float maps are refused (they would have to be rounded to 8 bits)."""
+    if isinstance(picture, np.ndarray):
+        if picture.dtype != np.uint8:
+            raise ValueError(f"a CAR control map is an 8-bit picture: give a PIL image or a uint8 array, "
+                             f"not a {picture.dtype} array")
+        picture = Image.fromarray(_hwc(picture, "control map"))
+    if not isinstance(picture, Image.Image):
+        raise ValueError(f"a CAR control map must be a PIL image or a uint8 array, not {type(picture).__name__}")
+    picture = to_rgb(picture)
+    out = []
+    for pn in patch_nums:
+        s = pixels_per_token * int(pn)
+        arr = np.asarray(picture.resize((s, s), Image.Resampling.BICUBIC)).astype(np.float32) / 255.0
+        t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))[None]
+        out.append(t.add(t).add_(-1))
+    return out

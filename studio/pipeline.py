@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.control import Control, ControlAdapter, ControlConfig, ControlHook
+from models.car import CAR, CARHook
+from models.control import Control, ControlAdapter, ControlConfig, ControlHook, active_scales
 from models.var import VAR, SampleResult, ScaleEvent
 from models.vqvae import VQVAE
 from studio import checkpoints, preview, editing, preprocess
@@ -52,6 +53,7 @@ class VARPipeline:
         # a bundle may ship one, else the worker fits it on first use
         self.fast_preview: Optional[preview.FastMap] = None
         self.controls: Dict[str, ControlAdapter] = {}  # control type -> adapter (see add_control)
+        self.car_controls: Dict[str, CAR] = {}  # control type -> released CAR branch (see load_control)
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self.to(device, dtype)
 
@@ -83,6 +85,8 @@ class VARPipeline:
             self.dtype = dtype
         self.var.to(self.device, self.dtype)
         self.vae.to(self.device, self.dtype)
+        for car in getattr(self, "car_controls", {}).values():
+            car.to(self.device, self.dtype)
         # channels-last convolutions make the decoder ~12% faster on CPU (python -m lab.bench);
         # the encoder keeps the standard layout: its exact fp32 rounding decides argmin ties
         self.vae.decoder.to(memory_format=torch.channels_last)
@@ -219,7 +223,10 @@ class VARPipeline:
             are forced in place of the sampled ones (editing, variations, re-roll).
         control_image / control_type: a control map ("canny", "depth", "segmentation"; see
             studio.preprocess: a map tensor, or a picture read by its "none" path) for an adapter in
-            self.controls; lists give several controls, whose injections add up.
+            self.controls; lists give several controls, whose injections add up. For a released CAR
+            adapter (load_control: "canny", "hed", "depth", "normal", "sketch") the map is the
+            condition picture (PIL or uint8 array, RGB) and a list gives one picture per class label
+            (or per image); the guidance is on the class only, as CAR's own sampler does.
         control_strength: multiplies a control's injection (0 = off). control_guidance_start/end:
             the fraction of the scales where it acts (scale si when si/n >= start, (si+1)/n <= end).
             Each may be a list, one value per control. Guidance sees no control in its unconditional
@@ -231,9 +238,13 @@ class VARPipeline:
         labels = self._labels(class_labels, num_images_per_label, generator)
         B = labels.shape[0]
         known_tokens, known_mask = self._check_known(known_tokens, known_mask, B)
-        controls = self._controls(control_image, control_type, control_strength, control_guidance_start,
-                                  control_guidance_end)
-        block_hook = ControlHook(controls, B, self.var.begin_ends) if controls else None
+        if isinstance(control_type, str) and control_type in self.car_controls:
+            block_hook = self._car_hook(control_image, control_type, B, num_images_per_label, control_strength,
+                                        control_guidance_start, control_guidance_end)
+        else:
+            controls = self._controls(control_image, control_type, control_strength, control_guidance_start,
+                                      control_guidance_end)
+            block_hook = ControlHook(controls, B, self.var.begin_ends) if controls else None
         per_scale = []
 
         def on_scale(ev: ScaleEvent):
@@ -406,6 +417,37 @@ class VARPipeline:
         return self(class_labels=labels, known_tokens=known, **kwargs)
 
     # -- control adapters -------------------------------------------------------------------------
+    def load_control(self, path: Union[str, Path], control_type: Optional[str] = None) -> None:
+        """Load a released CAR adapter (car_<type>_d16.pth, for the official var_d16.pth) under its type,
+        read from the file name when control_type is None; it replaces a control of the same type.
+        Strict: every key and shape must be those of a CAR built on this VAR."""
+        car = checkpoints.load_car(Path(path), self.var.cfg, control_type)
+        for p in car.parameters():
+            p.requires_grad_(False)
+        self.controls.pop(car.cfg.control_type, None)
+        self.car_controls[car.cfg.control_type] = car.to(self.device, self.dtype)
+
+    def _car_hook(self, control_image, ctype: str, B: int, per_label: int, strength, start, end) -> CARHook:
+        """The sampler hook of a CAR control: CAR's per-scale maps for one picture, or one per label/image."""
+        car = self.car_controls[ctype]
+        if control_image is None:
+            raise ValueError("control_image and control_type go together: give both or neither")
+        for name, v in (("control_strength", strength), ("control_guidance_start", start),
+                        ("control_guidance_end", end)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+                raise ValueError(f"{name} must be one finite number for a CAR control, got {v!r}")
+        if strength < 0:
+            raise ValueError(f"control_strength must be >= 0, got {strength}")
+        pictures = list(control_image) if isinstance(control_image, (list, tuple)) else [control_image]
+        if len(pictures) not in (1, B, B // per_label):
+            raise ValueError(f"control_image has {len(pictures)} pictures for {B // per_label} labels x {per_label} "
+                             "images; give one picture, one per label or one per image")
+        per_picture = [im.car_scale_maps(p, self.patch_nums, car.cfg.stride) for p in pictures]
+        maps = [torch.cat([m[si] for m in per_picture]).to(self.device) for si in range(self.num_scales)]
+        if len(pictures) not in (1, B):  # one per label: each label's images share it
+            maps = [m.repeat_interleave(per_label, dim=0) for m in maps]
+        return CARHook(car, self.var, maps, B, float(strength), active_scales(self.num_scales, start, end))
+
     def add_control(self, adapter: ControlAdapter) -> None:
         """Hold `adapter` under its control type (replacing one of the same type)."""
         c, v = adapter.cfg, self.var.cfg
@@ -415,6 +457,7 @@ class VARPipeline:
                              f"scales {tuple(v.patch_nums)}")
         for p in adapter.parameters():
             p.requires_grad_(False)
+        self.car_controls.pop(c.control_type, None)
         self.controls[c.control_type] = adapter.eval().to(self.device, self.dtype)
 
     def load_controls(self, folder: Path, config: dict) -> None:
@@ -440,7 +483,8 @@ class VARPipeline:
         if ctype not in self.controls:
             have = ", ".join(sorted(self.controls)) or "none"
             raise ValueError(f"this model has no {ctype!r} control adapter (it has: {have}); a bundle provides one "
-                             f"as control_{ctype}.safetensors, or add one with pipe.add_control(adapter)")
+                             f"as control_{ctype}.safetensors, or add one with pipe.add_control(adapter) (a released CAR "
+                             f"file: pipe.load_control(path))")
         return self.controls[ctype]
 
     @staticmethod

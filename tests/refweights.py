@@ -58,3 +58,39 @@ def make_reference_images():
     x[1, :, 100:180, 120:250] = torch.tensor([0.1, 0.95, -0.9]).view(3, 1, 1)
     x[1, :, 10:50, 10:50] = -1.0
     return x.clamp(-1, 1).contiguous()
+
+
+def make_control_pictures(n: int = 3, size: int = 256, seed: int = 7):
+    """n deterministic RGB condition pictures (PIL, size x size): 0 an edge map (white lines on
+    black, like canny), 1 a smooth grey ramp with shapes (like depth), 2 a smooth colour field (like
+    normals); further ones repeat the kinds with other draws. numpy only, so both sides agree."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
+    out = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            a = np.zeros((size, size), np.uint8)
+            for _ in range(8):
+                y0, x0 = rng.integers(0, size - 40, 2)
+                h, w = rng.integers(20, 120, 2)
+                y1, x1 = min(y0 + h, size - 1), min(x0 + w, size - 1)
+                a[y0, x0:x1] = a[y1, x0:x1] = 255
+                a[y0:y1, x0] = a[y0:y1, x1] = 255
+            rgb = np.repeat(a[..., None], 3, axis=2)
+        elif kind == 1:
+            f = 0.6 * yy + 0.2 * np.sin(6 * xx + rng.uniform(0, 6))
+            for _ in range(3):
+                cy, cx, r = rng.uniform(0.2, 0.8, 3) * [1, 1, 0.3]
+                f = np.where((yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2, rng.uniform(0.3, 1.0), f)
+            g = np.clip(f, 0, 1) * 255
+            rgb = np.repeat(g.round().astype(np.uint8)[..., None], 3, axis=2)
+        else:
+            ph = rng.uniform(0, 6, 3)
+            rgb = np.stack([0.5 + 0.5 * np.sin(4 * xx + 3 * yy + p) for p in ph], axis=-1)
+            rgb = (rgb * 255).round().astype(np.uint8)
+        out.append(Image.fromarray(np.ascontiguousarray(rgb), "RGB"))
+    return out
