@@ -4,6 +4,7 @@
     python -m lab.bench --model default --batch 4
     python -m lab.bench --model weights/ --device cuda --dtypes fp32,bf16,fp16
     python -m lab.bench --reference /tmp/varref  # adds the published code (fp32) on the same shapes
+    python -m lab.bench --car --dtypes fp32 --batch 1 --repeat 1 --no-baseline   # CAR beside plain VAR
 
 Every row runs in a fresh subprocess (so peak memory is that run's own) and reports the median of
 `--repeat` timed runs after one warm-up run. Baselines (no KV cache; the reference code) are
@@ -53,6 +54,29 @@ def build_pipeline(model: str, device: str, dtype_name: str):
     return VARPipeline(vae, var, class_names_for(1000), device=device, dtype=dtype)
 
 
+def add_random_car(pipe, control_type: str = "canny"):
+    """A CAR branch of the released shape for this VAR (depth/2 blocks), random weights; returns a
+    condition picture (an edge drawing) for it."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from models.car import CAR, CARConfig
+
+    with torch.device("meta"):
+        car = CAR(CARConfig.for_var(pipe.var.cfg, control_type))
+    car = car.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in car.parameters():
+            p.normal_(0, 0.02) if p.ndim > 1 else p.normal_(0, 0.01)
+        for blk in car.car_blocks:
+            blk.attn.zero_k_bias.zero_()
+    pipe.car_controls[control_type] = car.eval().to(pipe.device, pipe.dtype)
+    a = np.zeros((pipe.resolution, pipe.resolution, 3), np.uint8)
+    a[::32], a[:, ::24] = 255, 255
+    return Image.fromarray(a)
+
+
 def peak_memory_mb(device: str) -> float:
     if device.startswith("cuda"):
         import torch
@@ -68,6 +92,8 @@ def run_ours(args) -> dict:
     labels = [i % pipe.num_classes for i in range(args.batch)]
     kw = dict(class_labels=labels, guidance_scale=args.guidance, top_k=args.top_k, top_p=args.top_p,
               use_kv_cache=not args.no_cache, output_type="pt")
+    if args.with_car:
+        kw.update(control_image=add_random_car(pipe), control_type="canny")
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     runs = []
@@ -151,6 +177,17 @@ def print_table(rows, patch_nums, batch):
         print(f"{name:<{w}}{cells}{dec}{r['total']:9.3f}{r['peak_mb']:9.0f}{r['total'] / base:8.2f}x")
 
 
+def print_car_table(pairs, batch):
+    """CAR beside the plain run of the same dtype: seconds per image and the ratio."""
+    print(f"\nCAR vs plain VAR (same invocation; batch {batch}; seconds per image, median)")
+    head = f"{'dtype':<8}{'plain':>10}{'CAR':>10}{'CAR/plain':>11}{'plain MB':>10}{'CAR MB':>10}"
+    print(head)
+    print("-" * len(head))
+    for d, plain, car in pairs:
+        print(f"{d:<8}{plain['total'] / batch:10.3f}{car['total'] / batch:10.3f}{car['total'] / plain['total']:10.2f}x"
+              f"{plain['peak_mb']:10.0f}{car['peak_mb']:10.0f}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="VAR generation benchmark (prints a table)")
     ap.add_argument("--model", default="d16", help="dNN (official shape, random weights), 'default', or a weights folder")
@@ -164,7 +201,11 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the no-KV-cache runs")
     ap.add_argument("--reference", default=None, help="work tree of the published VAR code: add its fp32 run")
+    ap.add_argument("--car", action="store_true",
+                    help="add a CAR row per dtype (a random CAR branch of the released shape, depth/2 blocks, on a "
+                         "canny-like picture) and a CAR-vs-plain table per image")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--with-car", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--no-cache", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -183,12 +224,18 @@ def main(argv=None):
         if not args.model.startswith("d"):
             ap.error("--reference needs an official shape (--model d16 ...)")
         rows.append(("reference fp32", spawn(base, ["--reference", args.reference])))
+    car_pairs = []
     for d in dtypes:
         if not args.no_baseline:
             rows.append((f"{d} no cache", spawn(base, ["--dtype", d, "--no-cache"])))
         rows.append((f"{d} KV cache", spawn(base, ["--dtype", d])))
+        if args.car:
+            rows.append((f"{d} KV cache + CAR", spawn(base, ["--dtype", d, "--with-car"])))
+            car_pairs.append((d, rows[-2][1], rows[-1][1]))
     patch_nums = next(r["patch_nums"] for _, r in rows if "patch_nums" in r)
     print_table(rows, patch_nums, args.batch)
+    if car_pairs:
+        print_car_table(car_pairs, args.batch)
 
 
 if __name__ == "__main__":
