@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from studio.worker import ModelSpec, WorkerError, WorkerPool
+from studio.serve.pool import ModelSpec, WorkerError, WorkerPool
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -67,13 +67,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pool = create_pool(args)
     print(f"loading {', '.join(s.name for s in pool.model_specs)} on {', '.join(pool.devices)} ...", flush=True)
     pool.start(wait=False)
-    from studio import ui  # Gradio loads while the workers load the models
+    from studio.serve import ui  # Gradio loads while the workers load the models
 
     try:
         pool.wait_ready()
     except WorkerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    ui.patch_gradio()
     studio = ui.Studio(pool)
     demo = ui.build_ui(studio)
     try:

@@ -6,28 +6,22 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
+from studio import params
 from studio.checkpoints import CheckpointError
+from studio.params import Sampling, UserError
 from studio.pipeline import VARPipeline
+from studio.pngmeta import encode_png, read_png_parameters  # noqa: F401 (read_png_parameters: API)
 
 
-def save_png_with_parameters(image: Image.Image, path: Path, params: dict) -> None:
+def save_png_with_parameters(image: Image.Image, path: Path, parameters: dict) -> None:
     """PNG with the generation parameters in a text chunk named 'parameters' (JSON)."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", json.dumps(params, sort_keys=True))
-    image.save(path, pnginfo=info)
-
-
-def read_png_parameters(path: Path) -> dict:
-    with Image.open(path) as im:
-        text = im.text.get("parameters") if hasattr(im, "text") else None
-    return json.loads(text) if text else {}
+    Path(path).write_bytes(encode_png(image, parameters))
 
 
 def _label(s: str):
@@ -39,18 +33,24 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="weights folder, folder:d16, bundle, hub id (default: embedded)")
     ap.add_argument("--class", dest="classes", action="append", default=None,
                     help="class id or name (repeatable; default: a random class)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--guidance", type=float, default=4.0)
-    ap.add_argument("--top-k", type=int, default=900)
-    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--seed", type=int, default=0, help="random seed (default 0: the same images every run)")
+    ap.add_argument("--guidance", type=float, default=Sampling.guidance_scale)
+    ap.add_argument("--top-k", type=int, default=Sampling.top_k)
+    ap.add_argument("--top-p", type=float, default=Sampling.top_p)
     ap.add_argument("--more-smooth", action="store_true")
-    ap.add_argument("--num-images", type=int, default=1, help="images per class")
+    ap.add_argument("--num-images", type=int, default=Sampling.num_images,
+                    help=f"images per class (at most {params.spec(Sampling, 'num_images')[1].maximum})")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--out", default="out.png", help="output PNG (index appended for several images)")
     ap.add_argument("--scales-dir", default=None, help="also save the decoded image after every scale here")
     ap.add_argument("--list-classes", action="store_true")
     args = ap.parse_args(argv)
+    try:
+        params.spec(Sampling, "num_images")[1].check("num_images", args.num_images)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     try:
         pipe = VARPipeline.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
@@ -85,11 +85,11 @@ def main(argv=None) -> int:
     target.parent.mkdir(parents=True, exist_ok=True)
     for i, (im, lab) in enumerate(zip(out.images, out.class_labels)):
         path = target if len(out.images) == 1 else target.with_name(f"{target.stem}_{i}{target.suffix}")
-        params = {"model": pipe.source, "class_id": lab,
+        record = {"model": pipe.source, "class_id": lab,
                   "class_name": pipe.class_names[lab] if lab < len(pipe.class_names) else "unconditional",
                   "seed": args.seed, "index_in_batch": i, "guidance_scale": args.guidance, "top_k": args.top_k,
                   "top_p": args.top_p, "more_smooth": args.more_smooth, "dtype": args.dtype}
-        save_png_with_parameters(im, path, params)
+        save_png_with_parameters(im, path, record)
         print(path)
     print(f"total {out.timings['total']:.2f}s (decode {out.timings['decode']:.2f}s)", file=sys.stderr)
     return 0

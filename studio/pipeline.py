@@ -22,8 +22,9 @@ from models.car import CAR, CARHook
 from models.control import Control, ControlAdapter, ControlConfig, ControlHook, active_scales
 from models.var import VAR, SampleResult, ScaleEvent
 from models.vqvae import VQVAE
-from studio import checkpoints, preview, editing, preprocess
+from studio import checkpoints, editing, params, preprocess, preview
 from studio import images as im
+from studio.params import Sampling, UserError
 
 ClassLabel = Union[int, str]
 OneOrMany = Union[object, Sequence[object]]  # one control's value, or a list with one per control
@@ -121,23 +122,17 @@ class VARPipeline:
     def class_index(self, label: ClassLabel) -> int:
         """A class id, a negative int (unconditional), or a class name (case-insensitive)."""
         if isinstance(label, (bool, np.bool_)):
-            raise ValueError(f"class label must be an int or a class name, not {label!r}")
+            raise UserError(f"class label must be an int or a class name, not {label!r}")
         if isinstance(label, (int, np.integer)):
             label = int(label)
             if label < 0:
                 return self.num_classes  # the null class: unconditional
-            if label > self.num_classes:
-                raise ValueError(f"class {label} is out of range: this model has classes 0..{self.num_classes - 1}")
+            if label >= self.num_classes:  # num_classes itself is the null class: not a class to ask for
+                raise UserError(f"class {label} is out of range: this model has classes 0..{self.num_classes - 1}")
             return label
         if isinstance(label, str):
-            key = label.strip().lower()
-            for i, name in enumerate(self.class_names):
-                if name.lower() == key:
-                    return i
-            close = [n for n in self.class_names if key and key in n.lower()][:5]
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise ValueError(f"unknown class name {label!r}{hint}")
-        raise ValueError(f"class label must be an int or a class name, not {type(label).__name__}")
+            return params.find_class(label, self.class_names)
+        raise UserError(f"class label must be an int or a class name, not {type(label).__name__}")
 
     def _labels(self, class_labels, num_images_per_label: int, generator) -> torch.Tensor:
         if num_images_per_label < 1:
@@ -195,10 +190,10 @@ class VARPipeline:
     def __call__(
         self,
         class_labels: Optional[Union[ClassLabel, Sequence[ClassLabel]]] = None,
-        guidance_scale: Union[float, Sequence[float]] = 4.0,
-        top_k: int = 900,
-        top_p: float = 0.95,
-        more_smooth: bool = False,
+        guidance_scale: Union[float, Sequence[float]] = Sampling.guidance_scale,
+        top_k: int = Sampling.top_k,
+        top_p: float = Sampling.top_p,
+        more_smooth: bool = Sampling.more_smooth,
         generator: Optional[torch.Generator] = None,
         num_images_per_label: int = 1,
         callback_on_scale_end: Optional[Callable[[ScaleEvent], Optional[bool]]] = None,
@@ -268,15 +263,17 @@ class VARPipeline:
             timings={"per_scale": per_scale, "decode": t_end - t_dec, "total": t_end - t_start})
 
     def _check_sampling_args(self, guidance_scale, top_k, top_p):
+        """The bounds of studio.params.Sampling, but for guidance's maximum: the studio's slider
+        stops at 10, the Python API takes any finite guidance (and a list, one per scale)."""
         if isinstance(guidance_scale, (int, float)):
-            if not np.isfinite(guidance_scale) or guidance_scale < 0:
-                raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
+            if not np.isfinite(guidance_scale) or guidance_scale < params.spec(Sampling, "guidance_scale")[1].minimum:
+                raise UserError(f"guidance_scale must be a finite number >= 0, got {guidance_scale}")
         else:
             self.var.guidance_per_scale(guidance_scale)  # checks the length
-        if int(top_k) != top_k or top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
-        if not 0.0 <= float(top_p) <= 1.0:
-            raise ValueError(f"top_p must be in [0, 1] (0 = off), got {top_p}")
+        if int(top_k) != top_k:
+            raise UserError(f"top_k must be a whole number (0 = off), got {top_k}")
+        params.spec(Sampling, "top_k")[1].check("top_k", top_k)
+        params.spec(Sampling, "top_p")[1].check("top_p", float(top_p))
 
     def _check_known(self, known_tokens, known_mask, B):
         if known_tokens is None:
@@ -319,8 +316,9 @@ class VARPipeline:
                     known_tokens=known, known_mask=masks, output_type="np", **kw)
 
     @torch.no_grad()
-    def inpaint(self, image, mask_image, class_labels: Optional[ClassLabel] = None, guidance_scale=4.0,
-                top_k: int = 900, top_p: float = 0.95, more_smooth: bool = False, generator=None,
+    def inpaint(self, image, mask_image, class_labels: Optional[ClassLabel] = None,
+                guidance_scale=Sampling.guidance_scale, top_k: int = Sampling.top_k, top_p: float = Sampling.top_p,
+                more_smooth: bool = Sampling.more_smooth, generator=None,
                 num_images: int = 1, mask_blur: int = 4, mask_grow: int = 0, inpaint_area: str = "masked",
                 padding: int = 32, mask_coverage: float = 0.0, callback_on_scale_end=None,
                 output_type: str = "pil", control_image=None, control_type=None, control_strength=1.0,
@@ -360,8 +358,9 @@ class VARPipeline:
 
     @torch.no_grad()
     def outpaint(self, image, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0,
-                 class_labels: Optional[ClassLabel] = None, guidance_scale=4.0, top_k: int = 900, top_p: float = 0.95,
-                 more_smooth: bool = False, generator=None, mask_blur: int = 8, window: Optional[int] = None,
+                 class_labels: Optional[ClassLabel] = None, guidance_scale=Sampling.guidance_scale,
+                 top_k: int = Sampling.top_k, top_p: float = Sampling.top_p, more_smooth: bool = Sampling.more_smooth,
+                 generator=None, mask_blur: int = 8, window: Optional[int] = None,
                  max_windows: int = 64, callback_on_scale_end=None, on_window=None, output_type: str = "pil") -> VAROutput:
         """Extend the image by the given number of pixels on each side, to any size.
 
@@ -373,7 +372,8 @@ class VARPipeline:
         all_tokens, n = None, 0
         while (win := canvas.next_window()) is not None:
             if n >= max_windows:
-                raise ValueError(f"out-painting needs more than {max_windows} windows; use a larger window")
+                raise UserError(f"out-painting needs more than {max_windows} windows; add fewer pixels, or use a "
+                                "larger window")
             picture, mask = canvas.window(win)
             res = self.inpaint(picture, mask, class_labels=class_labels, guidance_scale=guidance_scale,
                                top_k=top_k, top_p=top_p, more_smooth=more_smooth, generator=generator,

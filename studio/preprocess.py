@@ -37,11 +37,10 @@ from PIL import Image
 
 from models.control import resize_map
 from studio import images as im
+from studio.params import PREPROCESSORS  # the control types and their preprocessors, the first the default
 
 DEFAULT_DEPTH_MODEL = "Intel/dpt-hybrid-midas"  # the MiDaS DPT-hybrid that CAR and ControlAR use
 DEFAULT_SEG_MODEL = "nvidia/segformer-b0-finetuned-ade-512-512"  # ADE20K, 150 classes, 3.7M params
-PREPROCESSORS = {"canny": ("canny", "none"), "depth": ("world", "transformers", "none"),
-                 "segmentation": ("world", "transformers", "none")}
 
 
 class ControlMap(NamedTuple):

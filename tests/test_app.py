@@ -42,16 +42,17 @@ def start_app(bundle, outputs, *extra):
     args = app.parse_args(["--model", str(bundle), "--device", "cpu", "--outputs", str(outputs), "--threads", "1",
                            *extra])
     pool = app.create_pool(args).start(wait=False)
-    from studio import ui  # Gradio loads while the worker loads the model
+    from studio.serve import ui  # Gradio loads while the worker loads the model
 
     pool.wait_ready()
+    ui.patch_gradio()
     studio = ui.Studio(pool)
     demo = ui.build_ui(studio)
     _, url, _ = ui.launch(demo, studio, port=free_port(), prevent_thread_lock=True, quiet=True)
     return SimpleNamespace(url=url, pool=pool, demo=demo, outputs=outputs)
 
 
-IMPORT_CHECK = ("import sys; import app, studio.ui, studio.worker; "
+IMPORT_CHECK = ("import sys; import app, studio.params, studio.pngmeta, studio.serve.ui, studio.serve.pool; "
                 "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]; "
                 "print(bad); sys.exit(1 if bad else 0)")
 
@@ -188,7 +189,7 @@ def test_a_killed_worker_is_restarted_and_the_next_job_runs(app, client):
 def test_bad_input_gets_a_clear_error_and_the_app_keeps_serving(app, client, images):
     pid = app.pool.worker_pids()[0]
     cases = [
-        ("Unknown class 'zebra'", "/generate", dict(class_name="zebra")),
+        ("unknown class name 'zebra'", "/generate", dict(class_name="zebra")),
         ("image could not be read", "/inpaint", dict(image=editor(images / "corrupt.png"),
                                                      mask=handle_file(str(images / "mask.png")))),
         ("mask could not be read", "/inpaint", dict(image=editor(images / "image.png"),
@@ -314,7 +315,8 @@ def test_bad_control_requests_get_a_clear_error_and_the_app_keeps_serving(app, c
 
 
 def test_the_ui_lists_the_preprocessors_of_studio_preprocess():
-    from studio import preprocess, ui
+    from studio import preprocess
+    from studio.serve import ui
 
     assert ui.CONTROL_PREPROCESSORS == preprocess.PREPROCESSORS
     assert [t for _, t in ui.CONTROL_TYPES] == list(preprocess.PREPROCESSORS)

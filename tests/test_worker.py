@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from studio.generate import read_png_parameters
-from studio.worker import (ModelSpec, WorkerError, WorkerPool, _Previewer, _jpeg, decode_tokens, encode_png,
-                           encode_tokens, read_png_info, tile)
+from studio.pngmeta import decode_tokens, encode_png, encode_tokens, read_png_info
+from studio.serve.pool import ModelSpec, WorkerError, WorkerPool
+from studio.serve.runner import Previewer, jpeg, tile
 
 TINY_PATCH_NUMS = (1, 2, 3, 4, 6, 8)
 TINY_CONTROLS = ("canny", "segmentation")  # the tiny bundle's control adapters (no depth: a model without one)
@@ -90,7 +91,7 @@ def test_generation_streams_every_scale_and_saves_before_the_result(pool):
     assert preview.format == "JPEG" and preview.width > 64  # two images tiled
     res = job.result
     final = tile([np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in res.images])
-    assert np.array_equal(np.asarray(preview), np.asarray(Image.open(io.BytesIO(_jpeg(final)))))  # not decoded twice
+    assert np.array_equal(np.asarray(preview), np.asarray(Image.open(io.BytesIO(jpeg(final)))))  # not decoded twice
     assert len(res.paths) == 2 and all(os.path.exists(p) for p in res.paths)
     for i, path in enumerate(res.paths):
         assert open(path, "rb").read() == res.images[i]
@@ -196,7 +197,7 @@ def test_fast_preview_map_recovers_a_linear_decoder(tiny_bundle):
     true = torch.randn(C + 1, 3, generator=torch.Generator().manual_seed(0)) * 0.1
     pipe.vae.fhat_to_img = lambda f: F.interpolate(torch.einsum("bchw,cd->bdhw", f.float(), true[:-1])
                                                    + true[-1].view(1, 3, 1, 1), size=(R, R), mode="nearest")
-    prev = _Previewer(pipe, R)
+    prev = Previewer(pipe, R)
     assert torch.allclose(prev.fit_fast_map(), true, atol=2e-3)
     f_hat = pipe.vae.quantize.tokens_to_fhat(pipe.encode(Image.new("RGB", (R, R), "teal")))
     fast = np.asarray(prev(f_hat.repeat(2, 1, 1, 1), "fast"), dtype=np.float32)
@@ -221,7 +222,7 @@ def test_control_streams_every_scale_and_stores_its_parameters(pool):
                                   "control_guidance_end": 0.5})
     plain = pool.submit("generate", {"class_name": "class 2", "seed": 3})
     edges = pool.submit("control", {"image": png(Image.new("RGB", (80, 60), "white")), "control_type": "canny",
-                                    "low": 50, "high": 150, "seed": 3, "num_images": 2})
+                                    "canny_low": 50, "canny_high": 150, "seed": 3, "num_images": 2})
     for j in (job, plain, edges):
         assert j.wait(60) and j.status == "done", j.error
     assert [u.scale_index for u in job.scales] == list(range(len(TINY_PATCH_NUMS)))
@@ -262,7 +263,8 @@ def test_bad_control_requests_fail_the_job_and_keep_the_worker(pool):
                                                              "control_type": "segmentation"}),
         "has preprocessors canny, none, not 'world'": ("preprocess", {"image": photo, "control_type": "canny",
                                                                       "preprocessor": "world"}),
-        "low <= high": ("preprocess", {"image": photo, "control_type": "canny", "low": 200, "high": 100}),
+        "Canny thresholds need 0 ≤ low ≤ high (canny_low, canny_high)": ("preprocess", {
+            "image": photo, "control_type": "canny", "canny_low": 200, "canny_high": 100}),
         "control_guidance_start < control_guidance_end": ("control", {
             "image": photo, "control_type": "canny", "control_guidance_start": 0.8, "control_guidance_end": 0.2}),
     }
@@ -276,17 +278,18 @@ def test_bad_control_requests_fail_the_job_and_keep_the_worker(pool):
 def test_a_model_without_world_nets_says_which_net_is_missing(tiny_bundle, tmp_path):
     import shutil
 
-    from studio import worker
+    from studio.params import ControlMapParams
     from studio.pipeline import VARPipeline
+    from studio.serve.runner import Runner
 
     folder = tmp_path / "no_nets"
     shutil.copytree(tiny_bundle, folder, ignore=shutil.ignore_patterns("depth.*", "seg.*"))
     pipe = VARPipeline.from_pretrained(folder)
-    runner = worker._Runner({"outputs": str(tmp_path), "preview": "fast"}, None, None, {"m": pipe}, {"m": None}, "cpu")
+    runner = Runner({"outputs": str(tmp_path), "preview": "fast"}, None, None, {"m": pipe}, {"m": None}, "cpu")
     photo = png(Image.new("RGB", (64, 64), "gray"))
     with pytest.raises(ValueError, match=r"no world depth net \(depth.safetensors in its bundle\)"):
-        runner._control_map("m", pipe, {"image": photo, "control_type": "depth", "preprocessor": "world"})
-    cmap, record = runner._control_map("m", pipe, {"image": photo, "control_type": "canny"})
+        runner.control_map("m", pipe, ControlMapParams(image=photo, control_type="depth", preprocessor="world"))
+    cmap, record = runner.control_map("m", pipe, ControlMapParams(image=photo, control_type="canny"))
     assert cmap.map.shape == (1, 64, 64) and record == {"control_type": "canny", "preprocessor": "canny",
                                                         "control_image_size": [64, 64], "canny_low": 100.0,
                                                         "canny_high": 200.0}

@@ -1,0 +1,70 @@
+"""PNG files that carry their parameters and, for generated images, their token pyramid.
+
+    data = encode_png(image, {"seed": 0, ...}, tokens)   # tokens: per scale (pn*pn,) ids, or None
+    params, tokens = read_png_info(data)                 # back from the bytes
+    read_png_parameters("out.png")                       # only the parameters, from a file
+
+The parameters are JSON in the PNG's 'parameters' text chunk; the tokens a compressed 'var_tokens'
+chunk, so a result can be re-rolled from any scale later. Plain Python (numpy and PIL): the UI, the
+worker, the CLI and the tests all read and write these files through this module.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+PARAMETERS_CHUNK = "parameters"  # JSON of the job's parameters
+TOKENS_CHUNK = "var_tokens"  # a result's token pyramid (so it can be re-rolled)
+
+
+def encode_png(image: Image.Image, params: dict, tokens: Optional[Sequence[np.ndarray]] = None) -> bytes:
+    """PNG bytes with `params` as JSON in the 'parameters' text chunk and, when given, the token
+    pyramid in a compressed chunk."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMETERS_CHUNK, json.dumps(params, sort_keys=True))
+    if tokens is not None:
+        info.add_text(TOKENS_CHUNK, encode_tokens(tokens), zip=True)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def encode_tokens(tokens: Sequence[np.ndarray]) -> str:
+    flat = np.concatenate([np.asarray(t).reshape(-1) for t in tokens])
+    dtype = "<u2" if flat.size == 0 or int(flat.max()) < 65536 else "<u4"
+    return json.dumps({"sizes": [int(np.asarray(t).size) for t in tokens], "dtype": dtype,
+                       "data": base64.b64encode(flat.astype(dtype).tobytes()).decode("ascii")})
+
+
+def decode_tokens(text: str) -> List[np.ndarray]:
+    d = json.loads(text)
+    flat = np.frombuffer(base64.b64decode(d["data"]), dtype=d["dtype"]).astype(np.int64)
+    out, at = [], 0
+    for n in d["sizes"]:
+        out.append(flat[at:at + n])
+        at += n
+    if at != flat.size:
+        raise ValueError("the token chunk is damaged")
+    return out
+
+
+def read_png_info(data: bytes) -> tuple:
+    """PNG bytes -> (parameters dict, token list or None)."""
+    with Image.open(io.BytesIO(data)) as im:
+        text = getattr(im, "text", {}) or {}
+    params = json.loads(text[PARAMETERS_CHUNK]) if PARAMETERS_CHUNK in text else {}
+    tokens = decode_tokens(text[TOKENS_CHUNK]) if TOKENS_CHUNK in text else None
+    return params, tokens
+
+
+def read_png_parameters(path: Union[str, Path]) -> dict:
+    """The parameters stored in a PNG file ({} when it has none)."""
+    with Image.open(path) as im:
+        text = (getattr(im, "text", {}) or {}).get(PARAMETERS_CHUNK)
+    return json.loads(text) if text else {}

@@ -1,0 +1,473 @@
+"""The worker process: it holds the models on its device and runs one job at a time through the
+pipeline, streaming every scale. It runs only in the process that studio.serve.pool spawns (this
+module imports torch; the UI process never imports it).
+
+A job arrives as (kind, studio.params dataclass or dict); `Runner.run` checks it against the job
+kind's parameters and hands it to the kind's handler in HANDLERS. Errors: a UserError (bad input)
+goes back to the user as it is; any other exception is a bug or a device failure: the user sees
+"internal error" with a reference, the traceback goes to the log (stderr), and the worker serves on.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from studio import params as P
+from studio import preprocess as pp
+from studio.domainnets import load_domain_nets
+from studio.params import UserError
+from studio.pipeline import VARPipeline
+from studio.pngmeta import encode_png, read_png_info
+from studio.serve.protocol import JobResult, ScaleUpdate
+
+log = logging.getLogger("studio.worker")
+
+
+class Cancelled(Exception):
+    """The job was stopped (its cancel cell holds its number) at a scale or window boundary."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the process
+
+
+def worker_main(config: dict, conn, cancel_cell) -> None:
+    """Load the models, say "ready" (or "fatal" with the reason), then serve jobs until told to stop."""
+    try:
+        if config.get("torch_threads"):
+            torch.set_num_threads(int(config["torch_threads"]))
+        device = config["device"]
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        pipes, previewers = {}, {}
+        for name, source in config["models"]:
+            try:
+                pipes[name] = VARPipeline.from_pretrained(source, device=device)
+            except Exception as e:
+                conn.send(("fatal", f"could not load model {name!r} ({source or 'embedded default'}) on {device}: {e}"))
+                return
+            previewers[name] = Previewer(pipes[name], int(config["preview_size"]))
+            if config["preview"] == "fast":
+                previewers[name].fit_fast_map()
+        infos = {name: dict(name=name, source=str(p.source), class_names=list(p.class_names),
+                            resolution=p.resolution, patch_nums=list(p.patch_nums),
+                            vocab_size=p.var.cfg.vocab_size, controls=sorted(p.controls))
+                 for name, p in pipes.items()}
+        conn.send(("ready", {"pid": os.getpid(), "device": device, "models": infos}))
+    except Exception as e:  # a device problem
+        try:
+            conn.send(("fatal", f"the worker could not start: {type(e).__name__}: {e}"))
+        finally:
+            return
+    runner = Runner(config, conn, cancel_cell, pipes, previewers, device)
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if msg is None:
+            return
+        _, seq, job_id, kind, model, params = msg
+        conn.send(("started", job_id))
+        conn.send(runner.answer(seq, job_id, kind, model, params))
+
+
+def _free_device_memory():
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# the runner and its table of job kinds
+
+
+class Handler(NamedTuple):
+    run: Callable[["RunningJob", P.JobParams], JobResult]
+    # the full preview of the last scale is the final image: taken from the result, not decoded twice
+    # (not for the edits: their results are pasted back into the user's picture)
+    last_scale_is_result: bool = False
+
+
+class Runner:
+    def __init__(self, config, conn, cancel_cell, pipes, previewers, device):
+        self.config, self.conn, self.cancel_cell = config, conn, cancel_cell
+        self.pipes, self.previewers, self.device = pipes, previewers, device
+        self.outputs = Path(config["outputs"])
+        self.domain_nets: Dict[str, dict] = {}  # model -> its bundle's world nets, loaded on first use
+        self.hf_models: Dict[tuple, object] = {}  # (control type, device) -> a transformers preprocessor
+
+    def answer(self, seq: int, job_id: str, kind: str, model: str, params) -> tuple:
+        """Run a job and make the message that ends it; never raises (the worker serves on)."""
+        try:
+            return ("done", self.run(seq, job_id, kind, model, params))
+        except Cancelled as e:
+            return ("cancelled", job_id, str(e))
+        except UserError as e:
+            return ("error", job_id, str(e))
+        except Exception as e:  # a bug or a device error
+            if "out of memory" in str(e).lower():
+                _free_device_memory()
+                return ("error", job_id, "the device ran out of memory; try fewer images or a smaller model")
+            ref = uuid.uuid4().hex[:8]
+            log.error("internal error %s in %s job %s (model %s)", ref, kind, job_id, model, exc_info=True)
+            return ("error", job_id, f"internal error (ref {ref}); the studio's log has the details")
+
+    def run(self, seq: int, job_id: str, kind: str, model: str, params) -> JobResult:
+        if model not in self.pipes:
+            raise UserError(f"unknown model {model!r}; loaded: {', '.join(self.pipes)}")
+        p = P.parse(kind, params)
+        handler = HANDLERS[kind]
+        job = RunningJob(self, seq, job_id, kind, model, p, handler.last_scale_is_result)
+        return handler.run(job, job.p)
+
+    def cancelled(self, seq: int) -> bool:
+        return self.cancel_cell.value == seq
+
+    def control_map(self, model: str, pipe, p: P.ControlMapParams, need_adapter: bool = False):
+        """The job's control map at the model's resolution (studio.preprocess) and the parameters
+        that made it, for the PNG. need_adapter: fail before any work when the model lacks the adapter."""
+        ctype, choice = p.control_type, p.preprocessor_or_default
+        if need_adapter and ctype not in pipe.controls:
+            raise UserError(f"the model {model!r} has no {ctype} control adapter (it has: "
+                            f"{', '.join(sorted(pipe.controls)) or 'none'}); its bundle needs "
+                            f"control_{ctype}.safetensors")
+        image = open_image(p.image, f"{ctype} image")
+        record = dict(control_type=ctype, preprocessor=choice, control_image_size=list(image.size))
+        kw = {}
+        if choice == "canny":
+            kw.update(low=p.canny_low, high=p.canny_high)
+            record.update(canny_low=p.canny_low, canny_high=p.canny_high)
+        elif choice == "world":
+            kw["net"] = self._domain_net(model, pipe, ctype)
+        elif choice == "transformers":
+            kw["model"] = self._hf_model(pipe, ctype)
+        adapter = pipe.controls.get(ctype)
+        if adapter is not None and adapter.cfg.label_map:
+            kw["num_classes"] = adapter.cfg.in_channels
+        try:
+            return pp.preprocess(ctype, image, choice, size=pipe.resolution, **kw), record
+        except ValueError as e:  # the user's map itself is wrong (a layout's ids out of range ...)
+            raise UserError(f"the {ctype} image cannot be used: {e}") from e
+
+    def _domain_net(self, model: str, pipe, ctype: str):
+        """The world's depth or seg net that ships in the model's bundle (studio.domainnets)."""
+        kind = "depth" if ctype == "depth" else "seg"
+        if model not in self.domain_nets:
+            folder = Path(str(pipe.source))
+            self.domain_nets[model] = (load_domain_nets(folder, ("depth", "seg"), device=pipe.device)
+                                       if folder.is_dir() else {})
+        if kind not in self.domain_nets[model]:
+            raise UserError(f"the model {model!r} has no world {ctype} net ({kind}.safetensors in its bundle): "
+                            f"choose the transformers preprocessor, or upload a {ctype} map (preprocessor none)")
+        return self.domain_nets[model][kind]
+
+    def _hf_model(self, pipe, ctype: str):
+        """A transformers depth / segmentation model from the local Hugging Face cache (never downloaded;
+        preprocess.WeightsNotCached says how to fetch it)."""
+        key = (ctype, str(pipe.device))
+        if key not in self.hf_models:
+            load = pp.load_depth_model if ctype == "depth" else pp.load_segmentation_model
+            try:
+                self.hf_models[key] = load(device=pipe.device)
+            except (ImportError, pp.WeightsNotCached) as e:  # not installed here: the user can choose another
+                raise UserError(str(e)) from e
+        return self.hf_models[key]
+
+
+class RunningJob:
+    """One job on the worker: its model, its per-scale and per-window callbacks, its record for the
+    PNG, and the saving of its results."""
+
+    def __init__(self, runner: Runner, seq: int, job_id: str, kind: str, model: str, p: P.JobParams,
+                 last_scale_is_result: bool):
+        self.runner, self.seq, self.id, self.kind, self.model = runner, seq, job_id, kind, model
+        self.pipe: VARPipeline = runner.pipes[model]
+        self.previewer = runner.previewers[model]
+        self.t0 = time.perf_counter()
+        self.window = 0  # out-painting: the window being made (1-based)
+        self.deferred: list = []
+        self.p, self.label, self.record, self.sampling = p, None, {}, {}
+        self.mode, self.defer_last = runner.config["preview"], False
+        p.check_model(self.pipe.num_scales)
+        if isinstance(p, P.Sampling):
+            self.p = p = p.with_seed()
+            self.mode = p.preview or runner.config["preview"]
+            self.defer_last = last_scale_is_result and self.mode == "full"
+            if p.class_name.strip():  # unknown classes fail here, before any work
+                self.label = P.find_class(p.class_name, self.pipe.class_names)
+            self.sampling = dict(p.sampling_kwargs(), generator=torch.Generator(self.pipe.device).manual_seed(p.seed))
+            self.record = {"task": kind, "model": model, "model_source": str(self.pipe.source), "seed": p.seed,
+                           **p.sampling_kwargs()}
+
+    # -- callbacks ---------------------------------------------------------------------------------
+    def on_scale(self, ev) -> None:
+        t = time.perf_counter()
+        if self.defer_last and ev.scale_index == ev.num_scales - 1:
+            self.deferred.append(ev)
+        else:
+            self._send_scale(ev, self.previewer(ev.f_hat, self.mode) if self.mode != "none" else None, t)
+        delay = float(self.runner.config.get("scale_delay") or 0.0)
+        if delay:
+            time.sleep(delay)
+        if self.runner.cancelled(self.seq):
+            raise Cancelled(f"stopped at scale {ev.scale_index + 1}/{ev.num_scales}")
+
+    def on_window(self, index: int, canvas: Image.Image) -> None:  # index: windows done so far
+        self.window = index + 1
+        canvas.thumbnail((512, 512))
+        self.runner.conn.send(("window", self.id, jpeg(canvas)))
+        if self.runner.cancelled(self.seq):
+            raise Cancelled(f"stopped after window {index}")
+
+    def _send_scale(self, ev, picture: Optional[Image.Image], t: float) -> None:
+        data = jpeg(picture) if picture is not None else b""  # b"": previews off
+        now = time.perf_counter()
+        self.runner.conn.send(("scale", ScaleUpdate(self.id, ev.scale_index, ev.num_scales, ev.patch_num, data,
+                                                    ev.seconds, now - t, now - self.t0, self.window)))
+
+    # -- the end -----------------------------------------------------------------------------------
+    def finish(self, out, record: Optional[dict] = None, keep_tokens: bool = True) -> JobResult:
+        """Send the deferred last preview, write every image to the outputs folder, and only then
+        return the result."""
+        if self.runner.cancelled(self.seq):
+            raise Cancelled("stopped")
+        for ev in self.deferred:
+            self._send_scale(ev, self.previewer.from_images(out.images), time.perf_counter())
+        seconds = time.perf_counter() - self.t0
+        record = dict(self.record, **(record or {}))
+        folder = self.runner.outputs / time.strftime("%Y-%m-%d")
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%H%M%S")
+        images, paths, all_params, all_tokens = [], [], [], []
+        labels = out.class_labels or []
+        pipe = self.pipe
+        for i, im in enumerate(out.images):
+            cid = labels[i] if i < len(labels) else (pipe.class_index(self.label) if self.label is not None else None)
+            params = dict(record, index_in_batch=i, seconds=round(seconds, 3))
+            if cid is not None and 0 <= cid < pipe.num_classes:
+                params.update(class_id=int(cid), class_name=pipe.class_names[cid])
+            else:
+                params.update(class_id=None, class_name="unconditional")
+            toks = [t[i].numpy().astype(np.int64) for t in out.tokens] if keep_tokens and out.tokens else None
+            data = encode_png(im, params, toks)
+            path = folder / f"{stamp}_{self.kind}_s{record['seed']}_{self.id[:6]}_{i}.png"
+            tmp = path.with_suffix(".part")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+            images.append(data)
+            paths.append(str(path))
+            all_params.append(params)
+            all_tokens.append(toks)
+        return JobResult(self.id, images, paths, all_params, all_tokens if keep_tokens else None,
+                         dict(out.timings, total_job=seconds))
+
+
+# -- the handlers: one per job kind, each (RunningJob, its params) -> JobResult ---------------------
+
+
+def _generate(job: RunningJob, p: P.GenerateParams) -> JobResult:
+    out = job.pipe(class_labels=job.label, num_images_per_label=p.num_images, callback_on_scale_end=job.on_scale,
+                   **job.sampling)
+    return job.finish(out)
+
+
+def _inpaint(job: RunningJob, p: P.InpaintParams) -> JobResult:
+    image, mask = open_image(p.image, "image"), open_image(p.mask, "mask")
+    if mask.size != image.size:
+        raise UserError(f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; "
+                        "they must be the same size")
+    if not np.asarray(mask.convert("L")).any():
+        raise UserError("the mask is empty: paint (white) the part of the image to regenerate")
+    edit = dict(mask_blur=p.mask_blur, mask_grow=p.mask_grow, inpaint_area=p.inpaint_area, padding=p.padding)
+    out = job.pipe.inpaint(image, mask, class_labels=job.label, num_images=p.num_images,
+                           callback_on_scale_end=job.on_scale, **edit, **job.sampling)
+    return job.finish(out, dict(edit, image_size=list(image.size)), keep_tokens=False)
+
+
+def _outpaint(job: RunningJob, p: P.OutpaintParams) -> JobResult:
+    image = open_image(p.image, "image")
+    width, height = image.width + p.left + p.right, image.height + p.top + p.bottom
+    if width * height > P.MAX_PIXELS:
+        raise UserError(f"the out-painted image would be {width}x{height}; at most {P.MAX_PIXELS // 10**6} megapixels")
+    job.window = 1
+    out = job.pipe.outpaint(image, class_labels=job.label, mask_blur=p.mask_blur, callback_on_scale_end=job.on_scale,
+                            on_window=job.on_window, **p.sides, **job.sampling)
+    return job.finish(out, dict(p.sides, mask_blur=p.mask_blur, image_size=list(image.size)), keep_tokens=False)
+
+
+def _guide(job: RunningJob, p: P.GuideParams) -> JobResult:
+    image = open_image(p.image, "guide image")
+    keep = p.kept_scales(job.pipe.num_scales)
+    out = job.pipe.variations(image, keep_scales=keep, class_labels=job.label, num_images=p.num_images,
+                              callback_on_scale_end=job.on_scale, **job.sampling)
+    return job.finish(out, dict(keep_scales=keep))
+
+
+def _control(job: RunningJob, p: P.ControlParams) -> JobResult:
+    cmap, control = job.runner.control_map(job.model, job.pipe, p, need_adapter=True)
+    steer = dict(control_strength=p.control_strength, control_guidance_start=p.control_guidance_start,
+                 control_guidance_end=p.control_guidance_end)
+    out = job.pipe(class_labels=job.label, num_images_per_label=p.num_images, control_image=cmap.map,
+                   control_type=p.control_type, callback_on_scale_end=job.on_scale, **steer, **job.sampling)
+    return job.finish(out, dict(control, **steer))
+
+
+def _reroll(job: RunningJob, p: P.RerollParams) -> JobResult:
+    pipe = job.pipe
+    src_params, src_tokens = studio_png(p.source_png)
+    if src_tokens is None:
+        raise UserError("this image has no token pyramid stored with it: only images the studio "
+                        "generated (Generate, Guide, Re-roll) can be re-rolled")
+    if [t.size for t in src_tokens] != [n * n for n in pipe.patch_nums]:
+        raise UserError(f"this image was made by a model with other scales ({src_params.get('model', '?')}); "
+                        "select that model to re-roll it")
+    keep = p.kept_scales(pipe.num_scales)
+    if job.label is None:  # the class the image was made with
+        cid = src_params.get("class_id")
+        job.label = int(cid) if isinstance(cid, int) and 0 <= cid < pipe.num_classes else -1
+    tokens = [torch.from_numpy(t).view(1, -1).expand(p.num_images, -1) for t in src_tokens]
+    out = pipe.reroll(tokens, from_scale=keep, class_labels=job.label, callback_on_scale_end=job.on_scale,
+                      **job.sampling)
+    return job.finish(out, dict(keep_scales=keep, rerolled_from_seed=src_params.get("seed")))
+
+
+def _preprocess(job: RunningJob, p: P.ControlMapParams) -> JobResult:
+    """The control map alone: a preview for the user, nothing saved."""
+    cmap, record = job.runner.control_map(job.model, job.pipe, p)
+    return JobResult(job.id, [encode_png(cmap.preview, record)], [], [record], None,
+                     {"total_job": time.perf_counter() - job.t0})
+
+
+HANDLERS: Dict[str, Handler] = {
+    "generate": Handler(_generate, last_scale_is_result=True),
+    "inpaint": Handler(_inpaint),
+    "outpaint": Handler(_outpaint),
+    "guide": Handler(_guide, last_scale_is_result=True),
+    "reroll": Handler(_reroll, last_scale_is_result=True),
+    "control": Handler(_control, last_scale_is_result=True),
+    "preprocess": Handler(_preprocess),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# the user's files
+
+
+def open_image(data, what: str) -> Image.Image:
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        raise UserError(f"no {what} was given")
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()
+    except Exception as e:
+        raise UserError(f"the {what} could not be read as an image ({type(e).__name__}); "
+                        "upload a PNG, JPEG or WebP file") from e
+    if im.width < 1 or im.height < 1 or im.width * im.height > P.MAX_PIXELS:
+        raise UserError(f"the {what} is {im.width}x{im.height}; images must be at most "
+                        f"{P.MAX_PIXELS // 10**6} megapixels")
+    return im
+
+
+def studio_png(data) -> tuple:
+    """A studio PNG to re-roll -> (its parameters, its token pyramid or None)."""
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        raise UserError("no image to re-roll was given")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+    except Exception as e:
+        raise UserError(f"the image to re-roll could not be read ({type(e).__name__})") from e
+    try:
+        return read_png_info(bytes(data))
+    except ValueError as e:  # a 'parameters' chunk another program wrote, a damaged token chunk
+        raise UserError(f"the image to re-roll holds parameters the studio cannot read ({e})") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# previews
+
+
+class Previewer:
+    """f_hat -> a small RGB picture: a full decode, or the fitted linear latent-to-RGB map."""
+
+    def __init__(self, pipe, size: int):
+        self.pipe = pipe
+        self.size = min(int(size), pipe.resolution)
+        self.fast_map = None  # (C + 1, 3): code channels (and a bias) -> RGB in [-1, 1]
+
+    def fit_fast_map(self, num_images: int = 4, seed: int = 0):
+        """Least squares between f_hat and the decoded image (pooled to the latent grid), on a few
+        smooth random colour images taken through encode at three depths of the pyramid, so the
+        map also fits the coarse f_hat of early scales."""
+        pipe = self.pipe
+        g = torch.Generator().manual_seed(seed)
+        R, S = pipe.resolution, pipe.num_scales
+        with torch.no_grad():
+            base = torch.rand(num_images, 3, 4, 4, generator=g) * 2 - 1
+            imgs = F.interpolate(base, size=(R, R), mode="bicubic", align_corners=False).clamp(-1, 1)
+            tokens = pipe.vae.img_to_tokens(imgs.to(pipe.device))
+            depths = sorted({max(1, S // 3), max(1, (2 * S) // 3), S})
+            f_hat = torch.cat([pipe.vae.quantize.tokens_to_fhat(tokens[:k]) for k in depths])  # (N, C, h, w)
+            decoded = pipe.vae.fhat_to_img(f_hat).float()
+            target = F.adaptive_avg_pool2d(decoded, f_hat.shape[-2:])  # (N, 3, h, w)
+            C = f_hat.shape[1]
+            X = f_hat.permute(0, 2, 3, 1).reshape(-1, C).double().cpu()
+            X = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype)], 1)
+            Y = target.permute(0, 2, 3, 1).reshape(-1, 3).double().cpu()
+            ridge = 1e-3 * torch.eye(C + 1, dtype=X.dtype) * X.pow(2).mean()
+            self.fast_map = torch.linalg.solve(X.T @ X + ridge, X.T @ Y).float()
+        return self.fast_map
+
+    def __call__(self, f_hat, mode: str) -> Image.Image:
+        with torch.no_grad():
+            if mode == "fast":
+                if self.fast_map is None:
+                    self.fit_fast_map()
+                W = self.fast_map.to(f_hat.device)
+                rgb = torch.einsum("bchw,cd->bdhw", f_hat.float(), W[:-1]) + W[-1].view(1, 3, 1, 1)
+                rgb = F.interpolate(rgb, size=(self.size, self.size), mode="bilinear", align_corners=False)
+            else:
+                rgb = self.pipe.decode_fhat(f_hat).float()
+                if rgb.shape[-1] != self.size:
+                    rgb = F.interpolate(rgb, size=(self.size, self.size), mode="area")
+            arr = rgb.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return tile(list(arr))
+
+    def from_images(self, images: Sequence[Image.Image]) -> Image.Image:
+        """Finished images (the decode of the last f_hat) as that scale's full preview."""
+        side = (self.size, self.size)
+        return tile([np.asarray(im.convert("RGB") if im.size == side else
+                                im.convert("RGB").resize(side, Image.Resampling.BOX)) for im in images])
+
+
+def tile(images: List[np.ndarray]) -> Image.Image:
+    """Several (H, W, 3) uint8 images -> one grid image (a single image comes back as it is)."""
+    if len(images) == 1:
+        return Image.fromarray(images[0])
+    cols = int(np.ceil(np.sqrt(len(images))))
+    rows = int(np.ceil(len(images) / cols))
+    h, w = images[0].shape[:2]
+    grid = np.full((rows * h + (rows - 1) * 2, cols * w + (cols - 1) * 2, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = im
+    return Image.fromarray(grid)
+
+
+def jpeg(image: Image.Image, quality: int = 85) -> bytes:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

@@ -1,0 +1,645 @@
+"""VAR Studio in the browser: Gradio Blocks wired to the worker pool.
+
+Read `build_ui` top to bottom: the left column holds the inputs (Generate / Edit / Guide / Control
+tabs and the sampling settings), the right column the outputs (live preview, scale filmstrip,
+result, re-roll, history). Every run button is also a named API endpoint (/generate, /inpaint,
+/outpaint, /guide, /control, /reroll, /stop, and /preprocess for a control map alone; see
+docs/api.md).
+
+This module never imports torch or a model: `Studio` turns widget values into the typed job
+parameters of studio.params (checked there, before they wait in the queue) for the worker pool, and
+turns the pool's updates back into widget values, as dicts keyed by widget. Even a control map's
+preview is a worker job ("preprocess"): the depth and segmentation preprocessors are networks.
+The sliders take their defaults and bounds from studio.params, so the page, the worker and the API
+docs agree.
+
+Call `patch_gradio()` once at start-up (app.py does): it makes Gradio's updates of unchanged
+outputs cheap while a job streams.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import io
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Dict, List, Optional, Set
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from studio import params as P  # noqa: E402
+from studio.params import UserError  # noqa: E402
+from studio.pngmeta import read_png_info  # noqa: E402
+from studio.serve.inputs import (NO_CLASS, RANDOM_CLASS, blank_layout, class_label, control_map_request,  # noqa: E402
+                                 controls_note, editor_background, editor_composite, editor_mask, png_bytes,
+                                 readable_upload_errors, sampling, seg_legend)
+from studio.serve.pool import Job, WorkerPool  # noqa: E402
+from studio.serve.protocol import JobView, ModelInfo  # noqa: E402
+from studio.world import SEG_PALETTE  # noqa: E402  (numpy only, no torch)
+
+HISTORY_SIZE = 64
+# While a job streams, the preview goes out at every scale but the filmstrip at most this often (s): Gradio
+# re-checks and re-copies every picture of a gallery each time it is sent. The last one is always complete.
+FILMSTRIP_INTERVAL = 0.25
+GUIDE_PALETTE = ["#8fc4ec", "#2f6fb0", "#f5f5f0", "#7d8c98", "#5a8f3c", "#2e5a27", "#c9b27c", "#8a5a3b",
+                 "#e8853d", "#202830"]  # sky, water, snow/cloud, rock, grass, forest, sand, earth, sunset, night
+
+CONTROL_PREPROCESSORS = P.PREPROCESSORS  # control type -> its preprocessors, the first the default
+CONTROL_TYPES = [("Edges (canny)", "canny"), ("Depth", "depth"), ("Segmentation", "segmentation")]
+PREPROCESSOR_LABELS = {"canny": "Canny edges", "world": "World net (in the model's bundle)",
+                       "transformers": "Transformers (DPT / SegFormer, local cache)",
+                       "none": "None: the image is the map"}
+SEG_BRUSH = ["#%02x%02x%02x" % tuple(c) for c in SEG_PALETTE]  # paint a layout with the world's classes
+
+CSS = """
+#preview img { object-fit: contain; image-rendering: auto; }
+#status { min-height: 2.2em; }
+#dice { align-self: center; }
+#status p { margin: 0.3em 0; }
+#filmstrip .thumbnail-item { min-width: 56px; }
+.seg-legend span.swatch { display: inline-block; width: 0.9em; height: 0.9em; margin: 0 0.25em 0 0.6em;
+                          vertical-align: -0.1em; border: 1px solid #8886; border-radius: 2px; }
+"""
+
+
+def patch_gradio() -> None:
+    """Make an unchanged output cheap in streamed events (call once, before serving; idempotent).
+
+    Gradio answers every output a handler leaves out of its dict (a skip) by building that component
+    anew, and its config with it, JSON schemas included (pydantic: milliseconds each, three per
+    component). A run event leaves out 3 to 5 of its outputs at every scale, so the schemas were most
+    of an event's cost. A component's schema depends only on its data model: compute it once per model
+    and give every new component a copy (what Gradio's own per-instance cache holds)."""
+    component = gr.components.Component
+    original = component.api_info
+    if getattr(original, "schema_once", False):
+        return
+
+    @functools.lru_cache(maxsize=None)
+    def schema(data_model) -> dict:
+        out = data_model.model_json_schema()
+        out["additional_description"] = out.pop("description", None)
+        return out
+
+    @functools.wraps(original)
+    def api_info(self):
+        if getattr(self, "_api_info_cache", None) is None and self.data_model is not None:
+            self._api_info_cache = copy.deepcopy(schema(self.data_model))
+        return original(self)
+
+    api_info.schema_once = True
+    component.api_info = api_info
+
+
+def _errors_in_status(endpoint):
+    """A failing run also says why in the status line (besides Gradio's pop-up and the API error);
+    bad input (studio.params.UserError) becomes a gr.Error with its message."""
+
+    @functools.wraps(endpoint)
+    def run(self, *args, **kwargs):
+        try:
+            yield from endpoint(self, *args, **kwargs)
+        except UserError as e:
+            yield {self.w.status: f"⚠️ {e}"}
+            raise gr.Error(str(e)) from e
+        except gr.Error as e:
+            yield {self.w.status: f"⚠️ {e.message}"}
+            raise
+
+    return run
+
+
+def slider(cls: type, name: str, label: Optional[str] = None, **kwargs) -> gr.Slider:
+    """A slider for a field of a studio.params dataclass: its bounds and default (unless given)."""
+    default, bounds = P.spec(cls, name)
+    kwargs.setdefault("value", default)
+    kwargs.setdefault("maximum", bounds.maximum)
+    return gr.Slider(bounds.minimum, step=bounds.step, label=label or bounds.words + bounds.note, **kwargs)
+
+
+class Studio:
+    """Between the widgets and the worker pool: check, submit, follow. No model code.
+
+    `w` holds the page's widgets (build_ui sets it): handlers answer {widget: value}, and a widget
+    left out keeps its value."""
+
+    def __init__(self, pool: WorkerPool):
+        self.pool = pool
+        self.models: Dict[str, ModelInfo] = dict(pool.models)
+        self.default_model = next(iter(self.models))
+        self.preview_dir = Path(tempfile.mkdtemp(prefix="var-studio-previews-"))
+        weakref.finalize(self, shutil.rmtree, str(self.preview_dir), True)
+        self._sessions: Dict[str, Set[Job]] = {}
+        self._lock = threading.Lock()
+        self.w = SimpleNamespace()
+
+    def info(self, model: Optional[str]) -> ModelInfo:
+        if not model:
+            return self.models[self.default_model]
+        if model not in self.models:
+            raise gr.Error(f"Unknown model {model!r}; choose one of: {', '.join(self.models)}")
+        return self.models[model]
+
+    # -- the run endpoints --------------------------------------------------------------------------
+    @_errors_in_status
+    def generate(self, model, class_name, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview,
+                 history, request: gr.Request):
+        info = self.info(model)
+        values = dict(class_name=class_label(class_name, info),
+                      **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview))
+        yield from self._run("generate", model, values, history, request)
+
+    @_errors_in_status
+    def inpaint(self, model, image, mask, invert_mask, mask_blur, mask_grow, inpaint_area, padding, class_name, seed,
+                guidance_scale, top_k, top_p, more_smooth, num_images, preview, history, request: gr.Request):
+        info = self.info(model)
+        picture = editor_background(image)
+        painted = editor_mask(image, mask, picture.size, bool(invert_mask))
+        values = dict(image=png_bytes(picture), mask=png_bytes(painted), mask_blur=mask_blur, mask_grow=mask_grow,
+                      inpaint_area=inpaint_area, padding=padding, class_name=class_label(class_name, info),
+                      **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview))
+        yield from self._run("inpaint", model, values, history, request)
+
+    @_errors_in_status
+    def outpaint(self, model, image, left, right, top, bottom, mask_blur, class_name, seed, guidance_scale, top_k,
+                 top_p, more_smooth, preview, history, request: gr.Request):
+        info = self.info(model)
+        values = dict(image=png_bytes(editor_background(image)), mask_blur=mask_blur, left=left, right=right,
+                      top=top, bottom=bottom, class_name=class_label(class_name, info),
+                      **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, 1, preview))
+        yield from self._run("outpaint", model, values, history, request)
+
+    @_errors_in_status
+    def guide(self, model, guide_image, keep_scales, class_name, seed, guidance_scale, top_k, top_p, more_smooth,
+              num_images, preview, history, request: gr.Request):
+        info = self.info(model)
+        values = dict(image=png_bytes(editor_composite(guide_image)), keep_scales=keep_scales,
+                      class_name=class_label(class_name, info),
+                      **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview))
+        yield from self._run("guide", model, values, history, request)
+
+    @_errors_in_status
+    def control(self, model, image, control_type, preprocessor, canny_low, canny_high, control_strength,
+                control_guidance_start, control_guidance_end, class_name, seed, guidance_scale, top_k, top_p,
+                more_smooth, num_images, preview, history, request: gr.Request):
+        info = self.info(model)
+        values = dict(control_map_request(image, control_type, preprocessor, canny_low, canny_high),
+                      control_strength=control_strength, control_guidance_start=control_guidance_start,
+                      control_guidance_end=control_guidance_end, class_name=class_label(class_name, info),
+                      **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview))
+        yield from self._run("control", model, values, history, request)
+
+    def preprocess(self, model, image, control_type, preprocessor, canny_low, canny_high):
+        """The control map the worker extracts from the image (what /control would use), as a picture."""
+        info = self.info(model)
+        values = control_map_request(image, control_type, preprocessor, canny_low, canny_high)
+        job = self._submit("preprocess", model, self._checked("preprocess", values, info))
+        job.wait()
+        view = job.view()
+        if view.status != "done":
+            raise gr.Error(view.error or f"the map could not be made ({view.status})")
+        return Image.open(io.BytesIO(view.result.images[0]))
+
+    @_errors_in_status
+    def reroll(self, model, image, keep_scales, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview,
+               history, request: gr.Request):
+        info = self.info(model)
+        if not image:
+            raise gr.Error("Select a result first (click one in Result or History), or drop a studio PNG there.")
+        values = dict(source_png=Path(image).read_bytes(), keep_scales=keep_scales,
+                      **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview))
+        yield from self._run("reroll", model, values, history, request)
+
+    def stop(self, request: gr.Request) -> str:
+        with self._lock:
+            jobs = list(self._sessions.get(_session(request), ()))
+        for job in jobs:
+            job.cancel()
+        return "Stopping…" if jobs else gr.skip()
+
+    # -- following a job ---------------------------------------------------------------------------------
+    @staticmethod
+    def _checked(kind: str, values: dict, info: ModelInfo) -> P.JobParams:
+        """The form as the kind's typed parameters, checked (also against the model) before it is queued."""
+        try:
+            p = P.parse(kind, values)
+            p.check_model(info.num_scales)
+        except UserError as e:
+            raise gr.Error(str(e)) from e
+        return p.with_seed() if isinstance(p, P.Sampling) else p  # the seed is known before the job runs
+
+    def _run(self, kind: str, model, values: dict, history, request):
+        """Check the form, submit it and stream the job's state (preview, status, filmstrip, result,
+        selected, history) until it ends. Outputs are saved by the worker before they arrive here."""
+        job = self._submit(kind, model, self._checked(kind, values, self.info(model)))
+        session = _session(request)
+        with self._lock:
+            self._sessions.setdefault(session, set()).add(job)
+        folder = self.preview_dir / job.id
+        folder.mkdir()
+        try:
+            strip_sent, shown = -FILMSTRIP_INTERVAL, None
+            for view in job.updates():
+                # a stale scale may be skipped, never the last one: it can arrive together with the result
+                if not view.finished or (view.latest is not None and view.latest is not shown):
+                    with_strip = time.monotonic() - strip_sent >= FILMSTRIP_INTERVAL
+                    if with_strip and view.latest is not None:
+                        strip_sent = time.monotonic()
+                    shown = view.latest
+                    yield self._progress(view, folder, with_strip)
+            yield from self._finish(job.view(), folder, list(history or []))
+        finally:
+            job.cancel()  # a closed tab or a cancelled event: the worker stops at the next scale
+            with self._lock:
+                self._sessions.get(session, set()).discard(job)
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _submit(self, kind: str, model, p: P.JobParams) -> Job:
+        try:
+            return self.pool.submit(kind, p, model or self.default_model)
+        except (ValueError, RuntimeError) as e:
+            raise gr.Error(str(e))
+
+    def _progress(self, view: JobView, folder: Path, with_strip: bool = True) -> dict:
+        w = self.w
+        if view.status == "queued":
+            return {w.status: (f"⏳ Waiting in the queue: position **{view.position}** ({self.pool.queue_length} "
+                               f"waiting, {view.elapsed:.0f} s)" if view.position else "⏳ Starting…")}
+        if view.latest is None:
+            return {w.status: "⏳ Running…"}
+        u = view.latest
+        where = f"window {u.window} · " if u.window else ""
+        out = {w.status: f"{where}Scale **{u.scale_index + 1}/{u.num_scales}** · {u.patch_num}×{u.patch_num} tokens · "
+                         f"{u.seconds * 1000:.0f} ms (preview {u.preview_seconds * 1000:.0f} ms) · {view.elapsed:.1f} s"}
+        if u.preview:
+            out[w.preview] = self._preview_file(u, folder)
+        strip = self._strip(view, folder) if with_strip else None
+        if strip:
+            out[w.filmstrip] = strip
+        if view.canvas is not None:  # out-painting: the canvas so far goes to the result panel
+            path = folder / f"canvas_{u.window}.jpg"
+            if not path.exists():
+                path.write_bytes(view.canvas)
+            out[w.results] = [(str(path), "canvas so far")]
+        return out
+
+    @staticmethod
+    def _preview_file(u, folder: Path) -> str:
+        path = folder / f"w{u.window}_s{u.scale_index:02d}.jpg"
+        if not path.exists():
+            path.write_bytes(u.preview)
+        return str(path)
+
+    def _strip(self, view: JobView, folder: Path) -> list:
+        return [(self._preview_file(u, folder), f"{u.scale_index + 1} · {u.patch_num}×{u.patch_num}")
+                for u in view.scales if u.preview]  # previews off: no pictures, status only
+
+    def _finish(self, view: JobView, folder: Path, history: List[str]):
+        w = self.w
+        strip = self._strip(view, folder)
+        out = {w.filmstrip: strip} if strip else {}
+        if view.status == "cancelled":
+            yield {**out, w.status: f"⏹ Stopped ({view.error or 'cancelled'})."}
+            return
+        if view.status == "failed":
+            if out:  # (an empty dict would not be read as "no change" by Gradio)
+                yield out
+            raise gr.Error(view.error or "the job failed")
+        res = view.result
+        p0 = res.params[0]
+        captions = [f"seed {p['seed']} · {p.get('class_name', '')}" for p in res.params]
+        history = (list(res.paths) + [h for h in history if h not in res.paths])[:HISTORY_SIZE]
+        text = (f"✓ Done in {view.elapsed:.1f} s · seed {p0['seed']} · {p0.get('class_name', '')} · saved "
+                f"`{_short(res.paths[0])}`" + (f" (+{len(res.paths) - 1} more)" if len(res.paths) > 1 else ""))
+        yield {**out, w.preview: res.paths[0], w.status: text, w.results: list(zip(res.paths, captions)),
+               w.selected: res.paths[0], w.history: history, w.history_state: history}
+
+    # -- small helpers for the wiring -----------------------------------------------------------------------
+    def model_changed(self, model) -> dict:
+        info, w = self.info(model), self.w
+        S = info.num_scales
+        return {w.gen_class: gr.update(choices=[RANDOM_CLASS] + info.class_names, value=RANDOM_CLASS),
+                w.edit_class: gr.update(choices=[NO_CLASS] + info.class_names, value=NO_CLASS),
+                w.guide_class: gr.update(choices=[NO_CLASS] + info.class_names, value=NO_CLASS),
+                w.control_class: gr.update(choices=[RANDOM_CLASS] + info.class_names, value=RANDOM_CLASS),
+                w.control_note: controls_note(info),
+                w.keep_scales: gr.update(maximum=S, value=P.GuideParams().kept_scales(S)),
+                w.reroll_keep: gr.update(maximum=S, value=P.RerollParams().kept_scales(S)),
+                w.top_k: gr.update(maximum=info.vocab_size, value=min(P.Sampling.top_k, info.vocab_size))}
+
+    @staticmethod
+    def parameters_of(path):
+        if not path:
+            return None
+        try:
+            params, tokens = read_png_info(Path(path).read_bytes())
+        except Exception:
+            return {"note": "no studio parameters in this image"}
+        return dict(params, tokens_stored=tokens is not None) if params else {"note": "no studio parameters"}
+
+    def reuse_settings(self, path) -> dict:
+        """The selected PNG's settings back on the page: the sampling settings always, the Control
+        tab's own settings only when it was made under control."""
+        params = self.parameters_of(path) or {}
+        if "seed" not in params:
+            raise gr.Error("The selected image has no studio parameters to reuse.")
+        name = params.get("class_name")
+        cls = name if name in self.info(params.get("model")).class_names else RANDOM_CLASS
+        S, C, w = P.Sampling, P.ControlParams, self.w
+        out = {w.gen_class: cls, w.seed: params["seed"],
+               w.guidance: params.get("guidance_scale", S.guidance_scale), w.top_k: params.get("top_k", S.top_k),
+               w.top_p: params.get("top_p", S.top_p), w.more_smooth: bool(params.get("more_smooth", S.more_smooth))}
+        if "control_type" in params:
+            ctype = params["control_type"]
+            out.update({w.control_class: cls, w.control_type: ctype,
+                        w.canny_low: params.get("canny_low", C.canny_low),
+                        w.canny_high: params.get("canny_high", C.canny_high),
+                        w.control_strength: params.get("control_strength", C.control_strength),
+                        w.control_start: params.get("control_guidance_start", C.control_guidance_start),
+                        w.control_end: params.get("control_guidance_end", C.control_guidance_end)})
+            # a type set by the program fires no .input: its preprocessors come along here
+            out[w.preprocessor], out[w.canny_row] = _control_type_changed(ctype, params.get("preprocessor"))
+        return out
+
+
+def _session(request) -> str:
+    return getattr(request, "session_hash", None) or "anonymous"
+
+
+def _short(path: str) -> str:
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the page: build_ui lays it out top to bottom (one function per part) and wires it
+
+
+def build_ui(studio: Studio) -> gr.Blocks:
+    info = studio.info(None)
+    w = studio.w
+    with gr.Blocks(title="VAR Studio", delete_cache=(3600, 86400)) as demo:
+        w.history_state = gr.State([])
+        gr.Markdown("## VAR Studio\nA VAR model paints coarse to fine: 1×1 tokens, then 2×2, 3×3 … up to "
+                    f"{info.patch_nums[-1]}×{info.patch_nums[-1]}. Watch every scale arrive, stop it, "
+                    "re-roll from any scale, repaint or extend an image.")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5, min_width=340):  # the inputs
+                names = list(studio.models)
+                w.model = gr.Dropdown(names, value=studio.default_model, label="Model", interactive=len(names) > 1)
+                with gr.Tabs() as w.tabs:
+                    _generate_tab(w, info)
+                    _edit_tab(w, info)
+                    _guide_tab(w, info)
+                    _control_tab(w, info)
+                _sampling_settings(w, info, studio.pool.preview)
+            with gr.Column(scale=7, min_width=400):  # the outputs
+                _outputs(w, info)
+        _wire_runs(w, studio)
+        _wire_helpers(w, studio, info, demo)
+    return demo
+
+
+def _generate_tab(w, info: ModelInfo) -> None:
+    with gr.Tab("Generate", id="generate"):
+        w.gen_class = gr.Dropdown([RANDOM_CLASS] + info.class_names, value=RANDOM_CLASS, label="Class",
+                                  allow_custom_value=True, elem_id="gen-class")
+        w.generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+
+
+def _edit_tab(w, info: ModelInfo) -> None:
+    with gr.Tab("Edit", id="edit"):
+        w.editor = gr.ImageEditor(
+            label="Image · paint over what to regenerate", type="pil", image_mode="RGBA",
+            sources=("upload", "clipboard"), transforms=(), layers=False, height=420,
+            brush=gr.Brush(colors=[("#ff2d78", 0.7)], default_size=12, color_mode="fixed"),
+            eraser=gr.Eraser(default_size=16), elem_id="editor")
+        w.edit_class = gr.Dropdown([NO_CLASS] + info.class_names, value=NO_CLASS, allow_custom_value=True,
+                                   label="Class", info="(none): repaint from the surroundings alone")
+        with gr.Accordion("In-paint (regenerate the painted area)", open=True):
+            with gr.Row():
+                w.inpaint_area = gr.Radio([("Only masked area", "masked"), ("Whole image", "whole")],
+                                          value=P.InpaintParams.inpaint_area, label="In-paint area")
+                w.invert_mask = gr.Checkbox(False, label="Invert mask")
+            with gr.Row():
+                w.mask_blur = slider(P.InpaintParams, "mask_blur")
+                w.mask_grow = slider(P.InpaintParams, "mask_grow")
+                w.padding = slider(P.InpaintParams, "padding", info="context around the mask, 'only masked area'")
+            with gr.Accordion("Upload a mask instead of painting", open=False):
+                w.mask_upload = gr.Image(None, label="Mask · white = regenerate", type="pil", image_mode=None,
+                                         sources=["upload", "clipboard"], height=140)
+            w.inpaint_btn = gr.Button("In-paint", variant="primary", elem_id="inpaint-btn")
+        with gr.Accordion("Out-paint (extend the image)", open=False):
+            with gr.Row():
+                w.out_left = slider(P.OutpaintParams, "left")
+                # the page suggests 64 px to the right; a job that adds nothing anywhere is refused
+                w.out_right = slider(P.OutpaintParams, "right", value=64)
+            with gr.Row():
+                w.out_top = slider(P.OutpaintParams, "top")
+                w.out_bottom = slider(P.OutpaintParams, "bottom")
+            w.out_blur = slider(P.OutpaintParams, "mask_blur")
+            w.outpaint_btn = gr.Button("Out-paint", variant="primary", elem_id="outpaint-btn")
+
+
+def _guide_tab(w, info: ModelInfo) -> None:
+    with gr.Tab("Guide", id="guide"):
+        gr.Markdown("Paint a rough colour layout, or upload a picture. The model keeps the first "
+                    "scales of its token pyramid (the layout) and paints the finer ones.")
+        w.guide_editor = gr.ImageEditor(
+            value=Image.new("RGB", (info.resolution,) * 2, "#cfd8df"), label="Guide image",
+            type="pil", image_mode="RGB", sources=("upload", "clipboard"), transforms=(), layers=False,
+            height=360, brush=gr.Brush(colors=GUIDE_PALETTE, default_size="auto"), elem_id="guide")
+        w.keep_scales = slider(P.GuideParams, "keep_scales", "Keep scales 1..k", maximum=info.num_scales,
+                               value=P.GuideParams().kept_scales(info.num_scales),
+                               info="more scales: closer to the guide")
+        w.guide_class = gr.Dropdown([NO_CLASS] + info.class_names, value=NO_CLASS, label="Class",
+                                    allow_custom_value=True)
+        w.guide_btn = gr.Button("Paint from guide", variant="primary", elem_id="guide-btn")
+
+
+def _control_tab(w, info: ModelInfo) -> None:
+    with gr.Tab("Control", id="control"):
+        w.control_note = gr.Markdown(controls_note(info))
+        w.control_editor = gr.ImageEditor(
+            value=blank_layout(info.resolution), label="Control image · a picture, or a map",
+            type="pil", image_mode="RGB", sources=("upload", "clipboard"), transforms=(),
+            layers=False, height=360, elem_id="control-editor",
+            brush=gr.Brush(colors=SEG_BRUSH, default_size="auto", color_mode="fixed"))
+        gr.HTML(seg_legend(), elem_classes="seg-legend", padding=False)
+        default_type = info.controls[0] if info.controls else P.ControlMapParams.control_type
+        with gr.Row():
+            w.control_type = gr.Radio(CONTROL_TYPES, value=default_type, label="Control")
+            # every preprocessor is a valid input (API calls); the page offers those of the type
+            w.preprocessor = gr.Radio([(v, k) for k, v in PREPROCESSOR_LABELS.items()],
+                                      value=CONTROL_PREPROCESSORS[default_type][0],
+                                      label="Preprocessor", elem_id="preprocessor")
+        with gr.Row(visible=default_type == "canny") as w.canny_row:
+            w.canny_low = slider(P.ControlMapParams, "canny_low")
+            w.canny_high = slider(P.ControlMapParams, "canny_high")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=120):
+                w.map_btn = gr.Button("Preview map", size="sm", elem_id="map-btn")
+                w.layout_btn = gr.Button("New segmentation layout", size="sm")
+            w.control_map = gr.Image(None, label="Control map", format="png", interactive=False,
+                                     height=180, scale=2, elem_id="control-map")
+        with gr.Row():
+            w.control_strength = slider(P.ControlParams, "control_strength",
+                                        info="1 = as trained; depth: try 1.5-2")
+            w.control_start = slider(P.ControlParams, "control_guidance_start", info="fraction of the scales")
+            w.control_end = slider(P.ControlParams, "control_guidance_end")
+        w.control_class = gr.Dropdown([RANDOM_CLASS] + info.class_names, value=RANDOM_CLASS,
+                                      label="Class", allow_custom_value=True)
+        w.control_btn = gr.Button("Generate with control", variant="primary", elem_id="control-btn")
+
+
+def _sampling_settings(w, info: ModelInfo, preview: str) -> None:
+    S = P.Sampling
+    with gr.Accordion("Sampling", open=True):
+        with gr.Row():
+            _, seed = P.spec(S, "seed")
+            w.seed = gr.Number(S.seed, label=seed.words + seed.note, precision=0, scale=4)
+            w.dice = gr.Button("Random", scale=1, min_width=70, size="sm", elem_id="dice")
+            w.num_images = slider(S, "num_images", "Images", scale=4)
+        w.guidance = slider(S, "guidance_scale", "Guidance (classifier-free, ramped over the scales)")
+        with gr.Row():
+            w.top_k = slider(S, "top_k", maximum=info.vocab_size, value=min(S.top_k, info.vocab_size))
+            w.top_p = slider(S, "top_p")
+        with gr.Row():
+            w.more_smooth = gr.Checkbox(S.more_smooth, label="More smooth", info="soft codes: smoother images")
+            w.preview_mode = gr.Radio([("Full decode", "full"), ("Fast (latent→RGB)", "fast"), ("Off", "none")],
+                                      value=preview, label="Live preview")
+
+
+def _outputs(w, info: ModelInfo) -> None:
+    S = info.num_scales
+    w.preview = gr.Image(None, label="Live preview", format="jpeg", interactive=False, height=460,
+                         elem_id="preview", buttons=["download", "fullscreen"])
+    with gr.Row(equal_height=True):
+        w.status = gr.Markdown("Ready.", label="Status", elem_id="status")
+        w.stop_btn = gr.Button("Stop", variant="stop", scale=0, min_width=90, elem_id="stop-btn")
+    w.filmstrip = gr.Gallery(label="Scales", columns=S, rows=1, height=120, object_fit="contain",
+                             allow_preview=False, format="jpeg", fit_columns=False, elem_id="filmstrip")
+    w.results = gr.Gallery(label="Result", format="png", columns=4, height=220, object_fit="contain",
+                           fit_columns=False, elem_id="results")
+    with gr.Row(equal_height=False):
+        w.selected = gr.Image(None, label="Selected", type="filepath", image_mode=None, format="png",
+                              height=220, sources=["upload"], elem_id="selected", scale=2)
+        with gr.Column(scale=3):
+            w.reroll_keep = slider(P.RerollParams, "keep_scales", "Re-roll: keep scales 1..k", maximum=S,
+                                   value=P.RerollParams().kept_scales(S),
+                                   info="resample the finer scales with a new seed; click a scale above to pick k")
+            w.reroll_seed = gr.Number(P.Sampling.seed, precision=0, visible=False)
+            w.reroll_btn = gr.Button("Re-roll", variant="primary", elem_id="reroll-btn")
+            with gr.Row():
+                w.send_edit = gr.Button("Send to Edit", size="sm", elem_id="send-edit")
+                w.send_guide = gr.Button("Send to Guide", size="sm")
+                w.send_control = gr.Button("Send to Control", size="sm", elem_id="send-control")
+                w.reuse = gr.Button("Reuse settings", size="sm")
+    with gr.Accordion("Parameters stored in the selected PNG", open=False):
+        w.params_view = gr.JSON(label="Parameters")
+    w.history = gr.Gallery(label="History", columns=8, height=170, object_fit="contain", format="png",
+                           fit_columns=False, elem_id="history")
+
+
+def _wire_runs(w, studio: Studio) -> None:
+    """The run buttons: each a streamed, named API endpoint (docs/api.md)."""
+    readable_upload_errors(image=w.editor, mask=w.mask_upload, guide_image=w.guide_editor,
+                           control_image=w.control_editor, selected_image=w.selected)
+    run_outputs = [w.preview, w.status, w.filmstrip, w.results, w.selected, w.history, w.history_state]
+    sample = [w.seed, w.guidance, w.top_k, w.top_p, w.more_smooth]
+    after = [w.preview_mode, w.history_state]
+    run = dict(outputs=run_outputs, show_progress="hidden", concurrency_id="jobs",
+               concurrency_limit=8 * len(studio.pool.devices))
+    w.generate_btn.click(studio.generate, [w.model, w.gen_class, *sample, w.num_images, *after],
+                         api_name="generate", **run)
+    w.inpaint_btn.click(studio.inpaint, [w.model, w.editor, w.mask_upload, w.invert_mask, w.mask_blur, w.mask_grow,
+                                         w.inpaint_area, w.padding, w.edit_class, *sample, w.num_images, *after],
+                        api_name="inpaint", **run)
+    w.outpaint_btn.click(studio.outpaint, [w.model, w.editor, w.out_left, w.out_right, w.out_top, w.out_bottom,
+                                           w.out_blur, w.edit_class, *sample, *after], api_name="outpaint", **run)
+    w.guide_btn.click(studio.guide, [w.model, w.guide_editor, w.keep_scales, w.guide_class, *sample, w.num_images,
+                                     *after], api_name="guide", **run)
+    control_map_inputs = [w.control_editor, w.control_type, w.preprocessor, w.canny_low, w.canny_high]
+    w.control_btn.click(studio.control, [w.model, *control_map_inputs, w.control_strength, w.control_start,
+                                         w.control_end, w.control_class, *sample, w.num_images, *after],
+                        api_name="control", **run)
+    w.map_btn.click(studio.preprocess, [w.model, *control_map_inputs], w.control_map, api_name="preprocess",
+                    concurrency_id="maps", concurrency_limit=4)
+    w.reroll_btn.click(studio.reroll, [w.model, w.selected, w.reroll_keep, w.reroll_seed, w.guidance, w.top_k,
+                                       w.top_p, w.more_smooth, w.num_images, *after], api_name="reroll", **run)
+    w.stop_btn.click(studio.stop, None, w.status, api_name="stop", queue=False, show_progress="hidden")
+
+
+def _wire_helpers(w, studio: Studio, info: ModelInfo, demo: gr.Blocks) -> None:
+    """The page's own events (not API endpoints)."""
+    private = dict(api_visibility="private", queue=False)
+    w.dice.click(lambda: random.randrange(2 ** 31), None, w.seed, **private)
+    w.model.change(studio.model_changed, w.model, [w.gen_class, w.edit_class, w.guide_class, w.control_class,
+                                                   w.control_note, w.keep_scales, w.reroll_keep, w.top_k],
+                   api_visibility="private")
+    w.control_type.input(_control_type_changed, w.control_type, [w.preprocessor, w.canny_row], **private)
+    demo.load(_control_type_changed, [w.control_type, w.preprocessor], [w.preprocessor, w.canny_row], **private)
+    w.layout_btn.click(lambda: (blank_layout(info.resolution), "segmentation",
+                                *_control_type_changed("segmentation", "none")),
+                       None, [w.control_editor, w.control_type, w.preprocessor, w.canny_row], **private)
+    w.filmstrip.select(_scale_picked, None, w.reroll_keep, **private)
+    w.results.select(_selected_path, None, w.selected, **private)
+    w.history.select(_selected_path, None, w.selected, **private)
+    w.selected.change(studio.parameters_of, w.selected, w.params_view, **private)
+    w.reuse.click(studio.reuse_settings, w.selected,
+                  [w.gen_class, w.seed, w.guidance, w.top_k, w.top_p, w.more_smooth, w.control_class, w.control_type,
+                   w.canny_low, w.canny_high, w.control_strength, w.control_start, w.control_end, w.preprocessor,
+                   w.canny_row], **private)
+    for button, editor, tab in ((w.send_edit, w.editor, "edit"), (w.send_guide, w.guide_editor, "guide"),
+                                (w.send_control, w.control_editor, "control")):
+        button.click(_to_editor, w.selected, editor, **private).then(_show_tab(tab), None, w.tabs, **private)
+
+
+def preprocessor_choices(control_type: str) -> list:
+    return [(PREPROCESSOR_LABELS[c], c) for c in CONTROL_PREPROCESSORS[control_type]]
+
+
+def _control_type_changed(control_type, preprocessor=None):
+    """The preprocessors of a control type (the first chosen unless told) and the canny thresholds' visibility."""
+    return (gr.Radio(choices=preprocessor_choices(control_type),
+                     value=preprocessor or CONTROL_PREPROCESSORS[control_type][0]),
+            gr.Row(visible=control_type == "canny"))
+
+
+def _scale_picked(evt: gr.SelectData):
+    return evt.index + 1 if isinstance(evt.index, int) else gr.skip()
+
+
+def _selected_path(evt: gr.SelectData):
+    value = evt.value or {}
+    image = value.get("image") if isinstance(value, dict) else None
+    path = (image or {}).get("path") if isinstance(image, dict) else None
+    return path or gr.skip()
+
+
+def _show_tab(tab: str):
+    return lambda: gr.Tabs(selected=tab)
+
+
+def _to_editor(path):
+    if not path:
+        raise gr.Error("Select a result first.")
+    return {"background": path, "layers": [], "composite": path}
+
+
+def launch(demo: gr.Blocks, studio: Studio, host: str = "127.0.0.1", port: int = 7860, **kwargs):
+    """Start serving (loopback by default); outputs are served only from the outputs folder."""
+    demo.queue(max_size=64)
+    return demo.launch(server_name=host, server_port=port, show_error=True,
+                       allowed_paths=[str(studio.pool.outputs)], theme=gr.themes.Default(primary_hue="indigo"),
+                       css=CSS, footer_links=["api"], **kwargs)
