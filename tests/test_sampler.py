@@ -157,3 +157,14 @@ def test_bfloat16_pipeline_runs_close_to_float32(tiny_pair):
     b = p16(class_labels=[1], top_k=1, generator=_gen())
     same = sum(int((x == y).sum()) for x, y in zip(a.tokens[:4], b.tokens[:4]))
     assert same >= 0.8 * sum(x.numel() for x in a.tokens[:4])  # coarse scales agree despite rounding
+
+
+def test_class_index_refuses_the_id_past_the_last_class(tiny_pipe):
+    """num_classes is the null (unconditional) class inside the model, not a class to ask for: it
+    used to slip through class_index and give an unconditional image."""
+    n = tiny_pipe.num_classes
+    assert tiny_pipe.class_index(n - 1) == n - 1 and tiny_pipe.class_index(-1) == n
+    with pytest.raises(ValueError, match=rf"class {n} is out of range: this model has classes 0..{n - 1}"):
+        tiny_pipe.class_index(n)
+    with pytest.raises(ValueError, match="out of range"):
+        tiny_pipe(class_labels=[n], generator=_gen())

@@ -293,3 +293,40 @@ def test_a_model_without_world_nets_says_which_net_is_missing(tiny_bundle, tmp_p
     assert cmap.map.shape == (1, 64, 64) and record == {"control_type": "canny", "preprocessor": "canny",
                                                         "control_image_size": [64, 64], "canny_low": 100.0,
                                                         "canny_high": 200.0}
+
+
+def test_a_value_over_its_bound_fails_the_job_naming_the_parameter_and_the_bound(pool):
+    job = pool.submit("generate", {"num_images": 9, "seed": 1})
+    assert job.wait(60) and job.status == "failed"
+    assert "Number of images (num_images) must be a whole number between 1 and 8, got 9" in job.error
+
+
+def test_a_bug_in_a_job_is_an_internal_error_with_the_traceback_in_the_log(tiny_bundle, tmp_path, caplog,
+                                                                             monkeypatch):
+    """Bad input (UserError) reaches the user as it is; any other exception is a bug: the user sees
+    'internal error' and a reference, never the exception's text (a KeyError was shown as a bare key
+    name before); the log has the traceback; the runner serves the next job."""
+    import types
+
+    from studio.pipeline import VARPipeline
+    from studio.serve import runner as runner_module
+
+    def broken(job, p):
+        return {}["class_name"]  # a programming error
+
+    pipe = VARPipeline.from_pretrained(tiny_bundle)
+    sent = []
+    runner = runner_module.Runner({"outputs": str(tmp_path), "preview": "fast"}, types.SimpleNamespace(send=sent.append),
+                                  types.SimpleNamespace(value=0), {"m": pipe}, {"m": Previewer(pipe, 64)}, "cpu")
+    with monkeypatch.context() as m:
+        m.setitem(runner_module.HANDLERS, "generate", runner_module.Handler(broken))
+        kind, job_id, message = runner.answer(1, "job1", "generate", "m", {"seed": 1})
+    assert (kind, job_id) == ("error", "job1") and message.startswith("internal error (ref ")
+    assert "class_name" not in message and "KeyError" not in message
+    ref = message.split("ref ")[1][:8]
+    assert any(ref in r.getMessage() and r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)
+    assert runner.answer(2, "job2", "generate", "m", {"class_name": "zebra"})[:2] == ("error", "job2")
+    assert "unknown class name 'zebra'" in runner.answer(3, "job3", "generate", "m", {"class_name": "zebra"})[2]
+    done = runner.answer(4, "job4", "generate", "m", {"class_name": "class 1", "seed": 2})
+    assert done[0] == "done" and done[1].params[0]["class_id"] == 1
+    assert [m[0] for m in sent] == ["scale"] * len(TINY_PATCH_NUMS)
