@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from studio.params import Sampling  # the studio's sampling defaults (plain Python)
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -195,9 +197,9 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--guidance", type=float, default=4.0)
-    ap.add_argument("--top-k", type=int, default=900)
-    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--guidance", type=float, default=Sampling.guidance_scale)
+    ap.add_argument("--top-k", type=int, default=Sampling.top_k)
+    ap.add_argument("--top-p", type=float, default=Sampling.top_p)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the no-KV-cache runs")
     ap.add_argument("--reference", default=None, help="work tree of the published VAR code: add its fp32 run")
