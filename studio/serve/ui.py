@@ -15,6 +15,10 @@ docs agree.
 
 Call `patch_gradio()` once at start-up (app.py does): it makes Gradio's updates of unchanged
 outputs cheap while a job streams.
+
+Why one module of ~650 lines: a job kind's tab, its handler and its endpoint stay together, so a new
+kind touches this file, studio/params.py and the runner's table, and nothing else; the form helpers
+that do not change per kind live in studio/serve/inputs.py.
 """
 from __future__ import annotations
 
