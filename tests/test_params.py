@@ -138,3 +138,15 @@ def test_the_sampling_defaults_are_the_pipelines_and_the_clis():
     for name in ("guidance_scale", "top_k", "top_p", "more_smooth"):
         assert call[name].default == getattr(P.Sampling, name)
     assert (P.Sampling.guidance_scale, P.Sampling.top_k, P.Sampling.top_p) == (4.0, 900, 0.95)
+
+
+def test_importing_the_ui_changes_nothing_in_gradio():
+    """The schema cache is installed by ui.patch_gradio() at start-up (app.py), not by an import."""
+    import subprocess
+    import sys
+
+    check = ("import gradio as gr; import studio.serve.ui as ui; "
+             "f = lambda: getattr(gr.components.Component.api_info, 'schema_once', False); "
+             "before = f(); ui.patch_gradio(); print(before, f())")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "True"], out.stderr
