@@ -20,6 +20,7 @@ Adding a job kind: its dataclass and a JOBS entry here, its handler in the runne
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import typing
 from dataclasses import dataclass, field
@@ -93,8 +94,10 @@ class JobParams:
     subclasses add their rules between fields (and call super().check())."""
 
     def check(self) -> "JobParams":
+        hints = _hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            _convert(_named(f), value, hints[f.name])  # its type: GenerateParams(num_images="3") is refused
             if "bounds" in f.metadata:
                 f.metadata["bounds"].check(f.name, value)
             if "choices" in f.metadata and value is not None and value not in f.metadata["choices"]:
@@ -268,13 +271,18 @@ def parse(kind: str, raw) -> JobParams:
         return raw.check()
     if not isinstance(raw, dict):
         raise TypeError(f"the parameters of a {kind} job are a {cls.__name__} or a dict, not {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     unknown = sorted(set(raw) - set(hints))
     if unknown:
         raise UserError(f"a {kind} job has no parameter {', '.join(map(repr, unknown))}; it takes "
                         f"{', '.join(hints)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     return cls(**{k: _convert(_named(fields[k]), v, hints[k]) for k, v in raw.items()}).check()
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict:
+    return typing.get_type_hints(cls)
 
 
 def _named(f: dataclasses.Field) -> str:

@@ -150,3 +150,10 @@ def test_importing_the_ui_changes_nothing_in_gradio():
              "before = f(); ui.patch_gradio(); print(before, f())")
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["False", "True"], out.stderr
+
+
+def test_a_dataclass_built_in_python_is_checked_like_a_dict():
+    with pytest.raises(UserError, match=r"Number of images \(num_images\) must be a whole number, got '3'"):
+        P.parse("generate", P.GenerateParams(num_images="3"))
+    with pytest.raises(UserError, match=r"Guidance \(guidance_scale\) must be a number, got None"):
+        P.parse("generate", P.GenerateParams(guidance_scale=None))
