@@ -84,10 +84,6 @@ def spec(cls: type, name: str) -> tuple:
     return f.default, f.metadata["bounds"]
 
 
-def choices(cls: type, name: str) -> tuple:
-    return {f.name: f for f in dataclasses.fields(cls)}[name].metadata["choices"]
-
-
 @dataclass(frozen=True)
 class JobParams:
     """The base of every job's parameters: `check()` enforces each field's bounds and choices;

@@ -157,3 +157,17 @@ def test_a_dataclass_built_in_python_is_checked_like_a_dict():
         P.parse("generate", P.GenerateParams(num_images="3"))
     with pytest.raises(UserError, match=r"Guidance \(guidance_scale\) must be a number, got None"):
         P.parse("generate", P.GenerateParams(guidance_scale=None))
+
+
+def test_the_api_docs_state_the_defaults_and_bounds_of_studio_params():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    for name in ("guidance_scale", "top_p", "num_images"):
+        default, b = P.spec(P.Sampling, name)
+        assert f"| `{name}` | `{default}` ({b.minimum:g}..{b.maximum:g}) |" in doc, name
+    assert f"| `top_k` | `{P.Sampling.top_k}` (0..the vocabulary) |" in doc
+    for cls, name, unit in ((P.InpaintParams, "mask_blur", " px"), (P.InpaintParams, "mask_grow", " px"),
+                            (P.InpaintParams, "padding", " px"), (P.ControlParams, "control_strength", "")):
+        default, b = P.spec(cls, name)
+        assert f"`{name}={default}` ({b.minimum:g}..{b.maximum:g}{unit}" in doc, name
