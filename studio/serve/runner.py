@@ -30,7 +30,7 @@ from studio.pipeline import VARPipeline
 from studio.pngmeta import encode_png, read_png_info
 from studio.serve.protocol import JobResult, ScaleUpdate
 
-log = logging.getLogger("studio.worker")
+log = logging.getLogger(__name__)  # the worker process logs to its stderr: the studio's log
 
 
 class Cancelled(Exception):
