@@ -316,8 +316,9 @@ def test_a_bug_in_a_job_is_an_internal_error_with_the_traceback_in_the_log(tiny_
 
     pipe = VARPipeline.from_pretrained(tiny_bundle)
     sent = []
-    runner = runner_module.Runner({"outputs": str(tmp_path), "preview": "fast"}, types.SimpleNamespace(send=sent.append),
-                                  types.SimpleNamespace(value=0), {"m": pipe}, {"m": Previewer(pipe, 64)}, "cpu")
+    conn, cancel_cell = types.SimpleNamespace(send=sent.append), types.SimpleNamespace(value=0)
+    runner = runner_module.Runner({"outputs": str(tmp_path), "preview": "fast"}, conn, cancel_cell, {"m": pipe},
+                                  {"m": Previewer(pipe, 64)}, "cpu")
     with monkeypatch.context() as m:
         m.setitem(runner_module.HANDLERS, "generate", runner_module.Handler(broken))
         kind, job_id, message = runner.answer(1, "job1", "generate", "m", {"seed": 1})

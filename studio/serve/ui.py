@@ -283,8 +283,9 @@ class Studio:
             return {w.status: "⏳ Running…"}
         u = view.latest
         where = f"window {u.window} · " if u.window else ""
-        out = {w.status: f"{where}Scale **{u.scale_index + 1}/{u.num_scales}** · {u.patch_num}×{u.patch_num} tokens · "
-                         f"{u.seconds * 1000:.0f} ms (preview {u.preview_seconds * 1000:.0f} ms) · {view.elapsed:.1f} s"}
+        text = (f"{where}Scale **{u.scale_index + 1}/{u.num_scales}** · {u.patch_num}×{u.patch_num} tokens · "
+                f"{u.seconds * 1000:.0f} ms (preview {u.preview_seconds * 1000:.0f} ms) · {view.elapsed:.1f} s")
+        out = {w.status: text}
         if u.preview:
             out[w.preview] = self._preview_file(u, folder)
         strip = self._strip(view, folder) if with_strip else None
