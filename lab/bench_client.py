@@ -321,11 +321,37 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help=f"guidance scale (default {Sampling.guidance_scale})")
     ap.add_argument("--device", default=None, help="app.py --device (default: the app's choice)")
     ap.add_argument("--threads", type=int, default=None, help="app.py --threads (torch threads in the worker)")
+    ap.add_argument("--preview-error", action=argparse.BooleanOptionalAction, default=True,
+                    help="also print the fast preview's colour error per scale (in this process)")
     ap.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for the app to serve")
     args = ap.parse_args(argv)
     if args.runs < 1:
         ap.error("--runs must be at least 1")
     return args
+
+
+def preview_error_table(model: str, num_images: int = 4, seed: int = 1) -> str:
+    """The fast preview's colour error per scale (mean |fast - decode of the same f_hat|, 0..255, on
+    the latent grid, `num_images` samples): the map the worker uses (the bundle's, fitted on the
+    model's own samples) beside the CPU fallback (a linear map fitted on random colour patches)."""
+    from studio import preview
+    from studio.pipeline import VARPipeline
+    from studio.serve.runner import Previewer
+
+    pipe = VARPipeline.from_pretrained(None if model in (None, "default") else model)
+    f_hats = preview.sample_prefixes(pipe, num_images, seed)
+    maps = {"linear on random patches (fallback)": Previewer(pipe, pipe.resolution).fit_linear_on_patches()}
+    if pipe.fast_preview is not None:
+        maps["the bundle's map (model's own samples)"] = pipe.fast_preview
+    head = ["fast preview colour error"] + [f"{p}x{p}" for p in pipe.patch_nums]
+    lines = [head]
+    for name, fmap in maps.items():
+        errs = preview.colour_error_per_scale(pipe, lambda f, m=fmap: m(f, f.shape[-1]), f_hats=f_hats)
+        lines.append([name] + [f"{e:.1f}" for e in errs])
+    w = [max(len(r[i]) for r in lines) for i in range(len(head))]
+    out = [f"fast preview colour error per scale (0-255, mean |fast - decode|, {num_images} samples, seed {seed})"]
+    out += ["  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)) for r in lines]
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
@@ -352,6 +378,9 @@ def main(argv=None) -> int:
             print(f"VAR Studio client benchmark · model {args.model} · class {args.class_name} · "
                   f"guidance {args.guidance:g} · medians of {args.runs} run(s) per mode after 1 warm-up")
             print(format_table(rows))
+        if args.preview_error:
+            print()
+            print(preview_error_table(args.model))
     except KeyboardInterrupt:
         print("interrupted; the app is stopped", file=sys.stderr)
         return 130

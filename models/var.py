@@ -414,6 +414,9 @@ class VAR(nn.Module):
     ) -> SampleResult:
         """Sample a token pyramid for labels `label_B` (B,) (value num_classes = unconditional).
 
+        One long function on purpose (~120 lines): it follows the official sampler's loop step by
+        step, so that the order of every random draw can be checked against it in one place.
+
         known_tokens/known_mask: per scale (B, pn*pn) tokens and a bool mask (True = keep the known
         token); the model still samples every position (so random draws stay in step with plain
         sampling), then known positions take the known code before f_hat is updated. A None

@@ -67,3 +67,13 @@ def test_bench_client_prints_three_sane_rows_and_stops_the_app(tiny_bundle):  # 
     url = re.search(r"the app serves (http://127\.0\.0\.1:\d+/)", out).group(1)
     with pytest.raises((urllib.error.URLError, OSError)):
         urllib.request.urlopen(url, timeout=5)  # the app was stopped
+
+
+def test_preview_error_table_reports_every_scale_and_the_shipped_map_wins():
+    from lab.bench_client import preview_error_table
+
+    lines = preview_error_table("default", num_images=2).splitlines()
+    fallback, shipped = (ln.split() for ln in lines[2:4])
+    fallback, shipped = [float(v) for v in fallback[-10:]], [float(v) for v in shipped[-10:]]
+    assert "16x16" in lines[1] and len(shipped) == 10  # one column per scale of the embedded default
+    assert sum(shipped) < sum(fallback)  # the map fitted on the model's own samples is the closer one

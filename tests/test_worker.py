@@ -198,12 +198,28 @@ def test_fast_preview_map_recovers_a_linear_decoder(tiny_bundle):
     pipe.vae.fhat_to_img = lambda f: F.interpolate(torch.einsum("bchw,cd->bdhw", f.float(), true[:-1])
                                                    + true[-1].view(1, 3, 1, 1), size=(R, R), mode="nearest")
     prev = Previewer(pipe, R)
-    assert torch.allclose(prev.fit_fast_map(), true, atol=2e-3)
+    assert torch.allclose(prev.fit_linear_on_patches().weight, true, atol=2e-3)
     f_hat = pipe.vae.quantize.tokens_to_fhat(pipe.encode(Image.new("RGB", (R, R), "teal")))
     fast = np.asarray(prev(f_hat.repeat(2, 1, 1, 1), "fast"), dtype=np.float32)
     full = np.asarray(prev(f_hat.repeat(2, 1, 1, 1), "full"), dtype=np.float32)
     assert fast.shape == full.shape == (R, 2 * R + 2, 3)  # two images, tiled
     assert np.abs(fast - full).mean() < 3.0  # 8-bit levels: only the bilinear upsampling differs
+
+
+def test_fast_preview_uses_the_map_the_bundle_ships(tiny_bundle):
+    """A bundle's fitted colour map (studio.preview) is what the fast preview draws with."""
+    from studio import preview
+    from studio.pipeline import VARPipeline
+
+    pipe = VARPipeline.from_pretrained(tiny_bundle)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        pipe.fast_preview = preview.FastMap(pipe.vae.cfg.z_channels)
+    prev = Previewer(pipe, pipe.resolution)
+    f_hat = pipe.vae.quantize.tokens_to_fhat(pipe.encode(Image.new("RGB", (pipe.resolution,) * 2, "teal")))
+    want = pipe.fast_preview(f_hat, pipe.resolution).add(1).mul(127.5).round().clamp(0, 255)[0].permute(1, 2, 0)
+    assert prev.prepare() is pipe.fast_preview
+    assert np.array_equal(np.asarray(prev(f_hat, "fast")), want.to(torch.uint8).numpy())
 
 
 def layout_png(size=64) -> bytes:

@@ -58,7 +58,7 @@ def worker_main(config: dict, conn, cancel_cell) -> None:
                 return
             previewers[name] = Previewer(pipes[name], int(config["preview_size"]))
             if config["preview"] == "fast":
-                previewers[name].fit_fast_map()
+                previewers[name].prepare()
         infos = {name: dict(name=name, source=str(p.source), class_names=list(p.class_names),
                             resolution=p.resolution, patch_nums=list(p.patch_nums),
                             vocab_size=p.var.cfg.vocab_size, controls=sorted(p.controls))
@@ -401,17 +401,36 @@ def studio_png(data) -> tuple:
 
 
 class Previewer:
-    """f_hat -> a small RGB picture: a full decode, or the fitted linear latent-to-RGB map."""
+    """f_hat -> a small RGB picture: a full decode, or the fast latent-to-colour map.
+
+    The fast map is the one the model's bundle ships (studio.preview, fitted on the model's own
+    samples at every scale); without one it is fitted here on first use: on a GPU on two of the
+    model's samples (about a second), on the CPU by the cheap linear fit on random colour patches
+    (sampling and decoding twenty f_hat of an official model would cost the first preview a minute)."""
 
     def __init__(self, pipe, size: int):
         self.pipe = pipe
         self.size = min(int(size), pipe.resolution)
-        self.fast_map = None  # (C + 1, 3): code channels (and a bias) -> RGB in [-1, 1]
+        self.fast_map = None  # callable (f_hat, size) -> RGB in [-1, 1]
 
-    def fit_fast_map(self, num_images: int = 4, seed: int = 0):
+    def prepare(self):
+        """Fit (or take the bundle's) fast map now rather than at the first fast preview."""
+        if self.fast_map is None:
+            self.fast_map = self._fit()
+        return self.fast_map
+
+    def _fit(self):
+        if getattr(self.pipe, "fast_preview", None) is not None:
+            return self.pipe.fast_preview
+        if self.pipe.device.type == "cuda":
+            from studio import preview
+
+            return preview.fit_fast_map(self.pipe, num_images=2)
+        return self.fit_linear_on_patches()
+
+    def fit_linear_on_patches(self, num_images: int = 4, seed: int = 0):
         """Least squares between f_hat and the decoded image (pooled to the latent grid), on a few
-        smooth random colour images taken through encode at three depths of the pyramid, so the
-        map also fits the coarse f_hat of early scales."""
+        smooth random colour images taken through encode at three depths of the pyramid."""
         pipe = self.pipe
         g = torch.Generator().manual_seed(seed)
         R, S = pipe.resolution, pipe.num_scales
@@ -421,24 +440,26 @@ class Previewer:
             tokens = pipe.vae.img_to_tokens(imgs.to(pipe.device))
             depths = sorted({max(1, S // 3), max(1, (2 * S) // 3), S})
             f_hat = torch.cat([pipe.vae.quantize.tokens_to_fhat(tokens[:k]) for k in depths])  # (N, C, h, w)
-            decoded = pipe.vae.fhat_to_img(f_hat).float()
-            target = F.adaptive_avg_pool2d(decoded, f_hat.shape[-2:])  # (N, 3, h, w)
+            target = F.adaptive_avg_pool2d(pipe.vae.fhat_to_img(f_hat).float(), f_hat.shape[-2:])  # (N, 3, h, w)
             C = f_hat.shape[1]
             X = f_hat.permute(0, 2, 3, 1).reshape(-1, C).double().cpu()
             X = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype)], 1)
             Y = target.permute(0, 2, 3, 1).reshape(-1, 3).double().cpu()
             ridge = 1e-3 * torch.eye(C + 1, dtype=X.dtype) * X.pow(2).mean()
-            self.fast_map = torch.linalg.solve(X.T @ X + ridge, X.T @ Y).float()
-        return self.fast_map
+            W = torch.linalg.solve(X.T @ X + ridge, X.T @ Y).float()  # (C + 1, 3)
+
+        def linear_map(f, size):
+            w = W.to(f.device)
+            rgb = torch.einsum("bchw,cd->bdhw", f.float(), w[:-1]) + w[-1].view(1, 3, 1, 1)
+            return F.interpolate(rgb, size=(size, size), mode="bilinear", align_corners=False)
+
+        linear_map.weight = W
+        return linear_map
 
     def __call__(self, f_hat, mode: str) -> Image.Image:
         with torch.no_grad():
             if mode == "fast":
-                if self.fast_map is None:
-                    self.fit_fast_map()
-                W = self.fast_map.to(f_hat.device)
-                rgb = torch.einsum("bchw,cd->bdhw", f_hat.float(), W[:-1]) + W[-1].view(1, 3, 1, 1)
-                rgb = F.interpolate(rgb, size=(self.size, self.size), mode="bilinear", align_corners=False)
+                rgb = self.prepare()(f_hat, self.size)
             else:
                 rgb = self.pipe.decode_fhat(f_hat).float()
                 if rgb.shape[-1] != self.size:
