@@ -11,8 +11,8 @@ Coarse prefixes are trained too (live previews and re-rolls decode them): a `--p
 every batch decodes f_hat after only the first k scales (k drawn uniformly below the last), against
 the image as that prefix knows it: area-downsampled to the k-th scale's grid and bicubically
 upsampled back (L1 only: a preview should be an honest blur, not invented texture). Without this
-the decoder had never seen a partial f_hat and painted a saturated blob into the bottom-left corner
-of coarse previews and of the all-zero f_hat.
+the decoder had never seen a partial f_hat; the blob itself is a GroupNorm "droplet" inside the
+decoder, which `spike_penalty` works against.
 """
 from __future__ import annotations
 
@@ -21,11 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lab import metrics
 from lab.perceptual import PatchDiscriminator, VGG16Features, adaptive_weight, hinge_d_loss, perceptual_distance
 from lab.train.artifacts import vqvae_for
 from lab.train.task import TrainError, psnr, register
 from lab.train.vqvae import TokenizerTask
 from models.vqvae import VQVAE, VQVAEConfig
+from studio.images import tensor_to_images
 
 
 def prefix_target(x_B3HW: torch.Tensor, pn: int) -> torch.Tensor:
@@ -56,15 +58,6 @@ def peak_error(rec_B3HW: torch.Tensor, x_B3HW: torch.Tensor, share: float = 0.00
     err = (rec_B3HW - x_B3HW).abs().sum(1).flatten(1)  # (B, HW)
     k = max(1, int(round(err.shape[1] * share)))
     return err.topk(k, dim=1).values.mean()
-
-
-def high_frequency_energy(x_B3HW: torch.Tensor) -> torch.Tensor:
-    """(B,) variance of the Laplacian of the grey image (0..255 scale): the sharpness measure of the eval."""
-    g = ((x_B3HW.float() + 1) * 127.5)
-    g = 0.299 * g[:, 0] + 0.587 * g[:, 1] + 0.114 * g[:, 2]
-    k = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=g.device)
-    lap = F.conv2d(F.pad(g[:, None], (1, 1, 1, 1), mode="reflect"), k[None, None])
-    return lap.flatten(1).var(dim=1)
 
 
 @register
@@ -132,9 +125,13 @@ class DecoderTask(TokenizerTask):
         self._d_batch, self._d_logged = None, None
         self._norm_inputs = []
         if a.spike_weight > 0:
+            def keep_input(mod, inp, out):  # training passes only: evaluation and sample grids keep nothing
+                if mod.training:
+                    self._norm_inputs.append(inp[0])
+
             for mod in self.vae.decoder.modules():
                 if isinstance(mod, nn.GroupNorm):
-                    mod.register_forward_hook(lambda m, inp, out: self._norm_inputs.append(inp[0]))
+                    mod.register_forward_hook(keep_input)
         if ckpt is not None and "disc" in ckpt:
             self.disc.load_state_dict(ckpt["disc"])
             self.disc_opt.load_state_dict(ckpt["disc_opt"])
@@ -237,12 +234,9 @@ class DecoderTask(TokenizerTask):
             self.vae.train()
             self.vae.encoder.eval()
         self.eval_decodes = (rec, pre)
-        hf = float(high_frequency_energy(rec).mean() / high_frequency_energy(x).mean().clamp_min(1e-6))
-        from lab.metrics import chroma_anomaly
-
-        def u8(t):
-            return t.add(1).mul(127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
-
-        chroma = float(np.median(chroma_anomaly(u8(rec))) / max(np.median(chroma_anomaly(u8(x))), 1e-6))
+        # the eval's own measures (lab.metrics, OpenCV) on the 8-bit images a PNG would hold
+        rec8, x8 = tensor_to_images(rec), tensor_to_images(x)
+        hf = float(metrics.high_frequency_energy(rec8).mean() / max(metrics.high_frequency_energy(x8).mean(), 1e-6))
+        chroma = float(np.median(metrics.chroma_anomaly(rec8)) / max(np.median(metrics.chroma_anomaly(x8)), 1e-6))
         return {"psnr": float(psnr(rec, x).mean()), "psnr_prefix": float(psnr(pre, pre_t).mean()),
                 "hf_ratio": hf, "chroma_ratio": chroma, "zero_fhat_spread": float(zero.std(dim=(2, 3)).mean())}
