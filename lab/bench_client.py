@@ -346,7 +346,7 @@ def preview_error_table(model: str, num_images: int = 4, seed: int = 1) -> str:
     head = ["fast preview colour error"] + [f"{p}x{p}" for p in pipe.patch_nums]
     lines = [head]
     for name, fmap in maps.items():
-        errs = preview.colour_error_per_scale(pipe, lambda f, m=fmap: m(f, f.shape[-1]), f_hats=f_hats)
+        errs = preview.colour_error_per_scale(pipe, fmap, f_hats=f_hats)
         lines.append([name] + [f"{e:.1f}" for e in errs])
     w = [max(len(r[i]) for r in lines) for i in range(len(head))]
     out = [f"fast preview colour error per scale (0-255, mean |fast - decode|, {num_images} samples, seed {seed})"]

@@ -24,6 +24,7 @@ from PIL import Image
 
 from studio import params as P
 from studio import preprocess as pp
+from studio import preview
 from studio.domainnets import load_domain_nets
 from studio.params import UserError
 from studio.pipeline import VARPipeline
@@ -423,8 +424,6 @@ class Previewer:
         if getattr(self.pipe, "fast_preview", None) is not None:
             return self.pipe.fast_preview
         if self.pipe.device.type == "cuda":
-            from studio import preview
-
             return preview.fit_fast_map(self.pipe, num_images=2)
         return self.fit_linear_on_patches()
 
@@ -440,7 +439,7 @@ class Previewer:
             tokens = pipe.vae.img_to_tokens(imgs.to(pipe.device))
             depths = sorted({max(1, S // 3), max(1, (2 * S) // 3), S})
             f_hat = torch.cat([pipe.vae.quantize.tokens_to_fhat(tokens[:k]) for k in depths])  # (N, C, h, w)
-            target = F.adaptive_avg_pool2d(pipe.vae.fhat_to_img(f_hat).float(), f_hat.shape[-2:])  # (N, 3, h, w)
+            target = preview.decoded_on_grid(pipe, f_hat)  # (N, 3, h, w)
             C = f_hat.shape[1]
             X = f_hat.permute(0, 2, 3, 1).reshape(-1, C).double().cpu()
             X = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype)], 1)
@@ -448,9 +447,11 @@ class Previewer:
             ridge = 1e-3 * torch.eye(C + 1, dtype=X.dtype) * X.pow(2).mean()
             W = torch.linalg.solve(X.T @ X + ridge, X.T @ Y).float()  # (C + 1, 3)
 
-        def linear_map(f, size):
+        def linear_map(f, size=None):  # the same call as studio.preview.FastMap
             w = W.to(f.device)
             rgb = torch.einsum("bchw,cd->bdhw", f.float(), w[:-1]) + w[-1].view(1, 3, 1, 1)
+            if size is None or size == rgb.shape[-1]:
+                return rgb
             return F.interpolate(rgb, size=(size, size), mode="bilinear", align_corners=False)
 
         linear_map.weight = W
