@@ -99,7 +99,7 @@ def steps(size: Size, runs: Path, out: Path) -> List[Step]:
                                       *size.common, *thr, "--export", str(r / "decoder_export")],
                   r / "decoder_export" / "vae.safetensors"))
     s.append(Step("var", train + ["var", "--out", str(r / "var"), "--data", str(data), "--vae", str(r / "decoder_export"),
-                                  *size.var, *size.budget["var"], *size.common, *thr, "--export", str(r / "var_export")],
+                                  "--token-cache", str(r / "tokens"), *size.var, *size.budget["var"], *size.common, *thr, "--export", str(r / "var_export")],
                   r / "var_export" / "config.json"))
     for t in CONTROL_TYPES:
         s.append(Step(f"control-{t}", train + ["control", "--base", str(r / "var_export"), "--control-type", t,

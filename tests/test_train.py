@@ -190,6 +190,82 @@ def test_var_overfits_and_exports_a_loadable_bundle(trained_var):
     assert cfg["training"]["step"] == 30 and cfg["dtype"] == "float16"
 
 
+def test_token_cache_holds_each_image_and_its_mirror_and_trains_the_transformer(trained_vqvae, shards, tmp_path):
+    """`--token-cache`: the shards encoded once (as they are and mirrored), exactly the tokens the
+    trainer would have encoded per batch; training on it lowers the loss like training on images."""
+    from lab.train import tokencache
+
+    cache, out = tmp_path / "tokens", tmp_path / "run"
+    train.main(var_args(out, shards, trained_vqvae[0], 30, "--token-cache", str(cache), "--cond-drop-rate", "0.0"))
+    vae = train.load_vqvae(str(trained_vqvae[0])).eval()
+    src = tokencache.TokenSource(cache)
+    assert len(src) == 16 and src.meta["count"] == 8
+    x = train.make_source(str(shards), 32, ("image", "class_id")).get(range(8))
+    with torch.no_grad():
+        plain = torch.cat(vae.img_to_tokens(x["image"]), 1)
+        mirrored = torch.cat(vae.img_to_tokens(x["image"].flip(-1)), 1)
+    got = src.get(range(16))
+    assert torch.equal(got["tokens"][0::2], plain) and torch.equal(got["tokens"][1::2], mirrored)
+    assert torch.equal(got["class_id"][0::2], x["class_id"]) and torch.equal(got["class_id"][1::2], x["class_id"])
+    r = rows(out)  # 16 items (8 images and their mirrors) in shuffled batches of 8: slower than 8 fixed images
+    assert r[-1]["step"] == 30 and r[-1]["loss"] < 0.8 * r[0]["loss"], (r[0]["loss"], r[-1]["loss"])
+    assert rows(out, "eval")  # the held-out batch is still images of seeds >= 10M, encoded once
+
+
+def test_token_cache_build_resumes_and_refuses_another_tokenizer(trained_vqvae, shards, tmp_path, monkeypatch):
+    from lab.train import tokencache
+
+    monkeypatch.setattr(tokencache, "CHUNK", 3)  # 8 images: chunks of 3, 3 and 2
+    vae = train.load_vqvae(str(trained_vqvae[0])).eval()
+    source = train.make_source(str(shards), 32, ("image", "class_id"))
+    folder = tmp_path / "tokens"
+    first = tokencache.build(folder, vae, source, 8, "shards", 32, log=lambda m: None)
+    chunk1 = folder / "chunk_00001.safetensors"
+    mtime0 = (folder / "chunk_00000.safetensors").stat().st_mtime_ns
+    chunk1.unlink()  # an interrupted build
+    with pytest.raises(train.TrainError, match="1 chunk\\(s\\) missing"):
+        tokencache.TokenSource(folder)
+    said = []
+    again = tokencache.build(folder, vae, source, 8, "shards", 32, log=said.append)
+    assert "1 of 3 chunks to go" in said[0]
+    assert (folder / "chunk_00000.safetensors").stat().st_mtime_ns == mtime0  # not re-encoded
+    assert torch.equal(again.tokens, first.tokens)
+    with torch.no_grad():  # another tokenizer (a changed codebook) gives other tokens: refused by name
+        vae.quantize.embedding.weight.mul_(-1)
+    with pytest.raises(train.TrainError, match="made for other fingerprint"):
+        tokencache.build(folder, vae, source, 8, "shards", 32, log=lambda m: None)
+    with torch.no_grad():  # the decoder does not decide tokens: a decoder fine-tune keeps the cache
+        vae.quantize.embedding.weight.mul_(-1)
+        vae.decoder.conv_in.weight.add_(1.0)
+    tokencache.build(folder, vae, source, 8, "shards", 32, log=lambda m: None)
+
+
+def test_token_cache_flag_errors(trained_vqvae, shards, tmp_path):
+    base = var_args(tmp_path / "run", "render:32", trained_vqvae[0], 1)
+    with pytest.raises(SystemExit, match="--token-cache with --data render needs --cache-images N"):
+        train.main(base + ["--token-cache", str(tmp_path / "t")])
+    with pytest.raises(SystemExit, match="--cache-images needs --token-cache"):
+        train.main(base + ["--cache-images", "4"])
+    with pytest.raises(SystemExit, match="--cache-images 99: the data has only 8 images"):
+        train.main(var_args(tmp_path / "run", shards, trained_vqvae[0], 1, "--token-cache", str(tmp_path / "t"),
+                            "--cache-images", "99"))
+
+
+def test_init_trains_an_exported_transformer_further(trained_var, shards, tmp_path):
+    """`--init BUNDLE`: the run starts from the bundle's transformer and tokenizer (its first loss is the
+    trained one, far below a fresh start's), and the architecture flags give way to the bundle's."""
+    out_run, bundle = trained_var
+    out = tmp_path / "more"
+    train.main(["var", "--out", str(out), "--data", str(shards), "--init", str(bundle), "--steps", "5",
+                "--batch-size", "8", "--lr", "1e-4", "--warmup-steps", "1", "--metrics-every", "5", "--log-every",
+                "1000", "--no-hflip", "--cond-drop-rate", "0.0", *COMMON])
+    fresh_first, trained_last = rows(out_run)[0]["loss"], rows(out_run)[-1]["loss"]
+    first = rows(out)[0]["loss"]
+    assert first < 0.5 * (fresh_first + trained_last), (fresh_first, trained_last, first)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["config"]["depth"] == 2 and ck["config"]["embed_dim"] == 64
+
+
 # ---------------------------------------------------------------------------------------------
 # control adapters
 

@@ -4,6 +4,7 @@
 
     task.py       Task (one trainer's networks, loss, eval, samples, export), register, TASKS, TrainError
     data.py       render / shard sources, BatchStream (batches as a pure function of seed and step)
+    tokencache.py token pyramids of a data source encoded once (var --token-cache)
     config.py     model configs from flags and --config JSON
     artifacts.py  checkpoints, VQVAE files, metrics.jsonl, loss.png, samples.png
     loop.py       the loop every trainer shares (Run: resume, schedule, logging, Ctrl-C, export)

@@ -3,7 +3,9 @@
     python -m lab.worlddata --out data/world128 --count 12000     # shards (or train on --data render:128)
     python -m lab.train vqvae --data data/world128 --out runs/vqvae --minutes 20 --precision bf16
     python -m lab.train var --data data/world128 --vae runs/vqvae --out runs/var --minutes 40 \
-        --precision bf16 --export runs/var_export
+        --precision bf16 --export runs/var_export --token-cache runs/tokens128   # encode the shards once
+    python -m lab.train var --init assets/default --data render --token-cache runs/tokens \
+        --cache-images 6000 --out runs/var_more --minutes 120      # train the shipped transformer further
     python -m lab.train control --base runs/var_export --control-type depth --out runs/ctl_depth ...
     python -m lab.train decoder --base runs/var_export --out runs/decoder --minutes 120
     accelerate launch -m lab.train var ...          # the same command on several GPUs

@@ -66,12 +66,12 @@ def config_from_args(cls, args, base: dict, skip=()) -> dict:
     return cfg
 
 
-def note_ignored_config(cls, args, cfg: dict, skip=()) -> None:
-    """On resume the model config comes from the checkpoint: say so when the flags ask otherwise."""
+def note_ignored_config(cls, args, cfg: dict, skip=(), source: str = "the checkpoint") -> None:
+    """On resume (or --init) the model config comes from `source`: say so when the flags ask otherwise."""
     asked = config_from_args(cls, args, cfg, skip)
     norm = lambda d: {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in d.items()}  # noqa: E731
     diff = sorted(k for k, v in norm(asked).items() if norm(cfg).get(k) != v)
     if diff:
-        print(f"[train] resuming: the model config comes from the checkpoint; ignored flags for {diff}",
+        print(f"[train] the model config comes from {source}; ignored flags for {diff}",
               file=sys.stderr)
 

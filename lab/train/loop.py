@@ -198,16 +198,18 @@ class Run:
         """The batch stream (resumed at this step), its loader and the fixed held-out batch."""
         args, acc, task = self.args, self.acc, self.task
         self.res = res = task.resolution()
-        source = make_source(args.data, res, task.data_fields)
+        data_source = make_source(args.data, res, task.data_fields)
+        source = task.data_source(data_source)
         stream = BatchStream(source, args.batch_size, args.seed, start_batch=self.step, rank=acc.process_index,
                              world_size=acc.num_processes, hflip=args.hflip)
-        self.loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.num_workers,
-                                                  prefetch_factor=4 if args.num_workers else None,
+        workers = 0 if getattr(source, "in_process", False) else args.num_workers
+        self.loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                                  prefetch_factor=4 if workers else None,
                                                   persistent_workers=False,
                                                   # its own generator: starting the loader must not draw from
                                                   # the global RNG (a resumed run would drift from an unbroken one)
                                                   generator=torch.Generator().manual_seed(args.seed))
-        task.set_eval_batch(held_out_batch(args, getattr(source, "size", res), args.eval_size, task.data_fields)
+        task.set_eval_batch(held_out_batch(args, getattr(data_source, "size", res), args.eval_size, task.data_fields)
                             if self.main else None)
         if self.main:
             n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -304,7 +306,7 @@ class Run:
         while not self.finished(now) and not asked:
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in next(it).items()}
             loss, metrics, gnorm, lr = self._step(batch, now)
-            n_img = batch["image"].shape[0] * acc.num_processes
+            n_img = batch["class_id"].shape[0] * acc.num_processes
             self.images_seen += n_img
             lv = float(loss.detach())
             if not math.isfinite(lv):
@@ -325,7 +327,8 @@ class Run:
     def _step(self, batch: Dict[str, torch.Tensor], now: float):
         """One optimizer step on `batch`: (loss, the task's metrics, grad norm or None, lr)."""
         args, acc, optimizer = self.args, self.acc, self.optimizer
-        batch["image"] = to_resolution(batch["image"], self.res)  # depth/labels: the task's business
+        if "image" in batch:  # (a token cache has none)
+            batch["image"] = to_resolution(batch["image"], self.res)  # depth/labels: the task's business
         lr = self.sched.lr_at(self.step, now)
         for g in optimizer.param_groups:
             g["lr"] = lr

@@ -66,6 +66,12 @@ class Task:
         """Extra metrics over the steps since the last metrics line (called on every process)."""
         return {}
 
+    def data_source(self, source):
+        """The source the loop draws batches from, given the one `--data` names (default: that one).
+        A task may replace it, e.g. by cached token pyramids of it; a replacement without images sets
+        `size` and may set `in_process = True` (cheap to read: no DataLoader worker)."""
+        return source
+
     def set_eval_batch(self, batch: Optional[Dict[str, torch.Tensor]]) -> None:
         """The fixed held-out batch (on the CPU, at the data's size; None on other processes)."""
         self.eval_batch = batch

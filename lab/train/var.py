@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import List, Tuple
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import lab.train.data as data
+import lab.train.tokencache as tokencache
 from lab.train.artifacts import image_grid, vqvae_for
 from lab.train.config import add_config_flags, config_from_args, config_json, note_ignored_config
 from lab.train.data import to_resolution
@@ -44,6 +46,15 @@ class VARTask(Task):
     def add_arguments(cls, p):
         p.add_argument("--vae", help="frozen VQVAE: a vqvae run/export folder, its checkpoint.pt, or a bundle "
                                      "(needed for a fresh run; a resumed run uses the copy in its checkpoint)")
+        p.add_argument("--init", help="start the transformer from this bundle's (and its VQVAE, unless --vae is "
+                                      "given): train an existing model further; its architecture replaces the "
+                                      "config flags")
+        g = p.add_argument_group("token cache")
+        g.add_argument("--token-cache", help="folder of token pyramids: the first --cache-images images of --data "
+                                             "(and their mirror images) encoded once, then trained on instead of "
+                                             "rendering and encoding every batch; built (resumably) when missing")
+        g.add_argument("--cache-images", type=int, help="images to encode (default: all of a shard folder; "
+                                                        "required with --data render)")
         add_config_flags(p, VARConfig, DEFAULT_VAR, skip=cls.DERIVED)
         g = p.add_argument_group("var loss and samples")
         g.add_argument("--scale-weighting", choices=["token", "equal"], default="token",
@@ -66,6 +77,15 @@ class VARTask(Task):
             note_ignored_config(VARConfig, self.args, cfg, skip=self.DERIVED)
             if self.args.vae:
                 print("[train] resuming: the VQVAE is the copy in the checkpoint; --vae is ignored", file=sys.stderr)
+        elif self.args.init:
+            init = self._init_bundle()
+            self.vae = vqvae_for(self.args.vae, "--vae") if self.args.vae else init.vae
+            self.names = list(init.class_names)
+            cfg = init.var.cfg.to_dict()
+            if self.vae.cfg.vocab_size != cfg["vocab_size"] or tuple(self.vae.cfg.patch_nums) != tuple(cfg["patch_nums"]):
+                raise TrainError(f"--vae {self.args.vae} does not fit the transformer of --init {self.args.init} "
+                                 f"(vocabulary or scales differ)")
+            note_ignored_config(VARConfig, self.args, cfg, skip=self.DERIVED, source=f"--init {self.args.init}")
         else:
             if not self.args.vae:
                 raise TrainError("var: --vae is required (a trained VQVAE) for a fresh run")
@@ -83,6 +103,9 @@ class VARTask(Task):
         self.var = VAR(VARConfig(**cfg))
         if ckpt is not None:
             self.var.load_state_dict(ckpt["model"])
+        elif self.args.init:
+            self.var.load_state_dict(init.var.state_dict())
+            print(f"[train] transformer initialised from {self.args.init}", file=sys.stderr)
         pn = self.var.cfg.patch_nums
         sizes = torch.tensor([p * p for p in pn], dtype=torch.float32)
         self.scale_of_token = torch.repeat_interleave(torch.arange(len(pn)), sizes.long()).to(self.device)
@@ -92,8 +115,31 @@ class VARTask(Task):
         self.window = None
         return self.var
 
+    def _init_bundle(self):
+        from studio import checkpoints
+
+        try:
+            return checkpoints.load_bundle(Path(self.args.init))
+        except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+            raise TrainError(f"--init {self.args.init}: {e}") from e
+
     def resolution(self):
         return self.vae.cfg.resolution
+
+    def data_source(self, source):
+        """`--token-cache`: the cached token pyramids of `source` (built first when missing)."""
+        if not self.args.token_cache:
+            if self.args.cache_images:
+                raise TrainError("--cache-images needs --token-cache (the folder to keep them in)")
+            return source
+        count = self.args.cache_images or (len(source) if len(source) <= 1_000_000 else None)
+        if count is None:
+            raise TrainError("--token-cache with --data render needs --cache-images N (how many training renders "
+                             "to encode)")
+        with self.acc.main_process_first():
+            cache = tokencache.build(self.args.token_cache, self.vae, source, count, describe=str(self.args.data),
+                                     resolution=self.resolution(), log=lambda m: print(m, file=sys.stderr))
+        return cache
 
     def state(self):
         return {"config": self.var.cfg.to_dict(), "model": self.var.state_dict(), "vae_config": self.vae.cfg.to_dict(),
@@ -112,7 +158,13 @@ class VARTask(Task):
         return ce, acc
 
     def training_step(self, model, batch, step):
-        target, x_in = self.tokens(batch["image"])
+        if "tokens" in batch:  # a token cache
+            target = batch["tokens"]
+            with torch.no_grad():
+                sizes = [p * p for p in self.var.cfg.patch_nums]
+                x_in = self.vae.quantize.tokens_to_var_input(list(target.split(sizes, dim=1)))
+        else:
+            target, x_in = self.tokens(batch["image"])
         logits = model(batch["class_id"], x_in)  # (B, L, V) fp32; class dropout inside
         B, L, V = logits.shape
         ce = F.cross_entropy(logits.view(-1, V), target.view(-1), reduction="none",
