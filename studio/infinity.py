@@ -1,0 +1,619 @@
+"""InfinityPipeline: text-to-image with the Infinity family (125M, 2B, 8B), scale by scale.
+
+    pipe = InfinityPipeline.from_pretrained("weights/infinity-2b")   # infinity_2b_reg.pth + infinity_vae_d32reg.pth
+    out = pipe(prompt="a red fox in snow", height=1024, width=1024,
+               generator=torch.Generator().manual_seed(0))
+    out.images[0].save("fox.png"); out.tokens   # per scale (B, h, w, d) int64 bit labels
+
+Faithful to FoundationVision/Infinity's `autoregressive_infer_cfg` (cfg on logits, bit labels,
+per-scale cfg/tau lists, its RNG protocol: one multinomial per scale from the generator), checked
+on random weights against the official code (tests/test_infinity.py). The studio's additions:
+per-scale callbacks (live scales), editing by forcing the known bits under a mask, re-roll.
+
+Loading is strict and safe: `torch.load(weights_only=True)` or safetensors; every size is read
+from the tensors; a missing, unexpected or mis-shaped key is refused by name.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from models.bsq_vae import BSQVAE, BSQVAEConfig, sum_codes
+from models.infinity import Infinity, InfinityConfig, InfinityScaleEvent, TextCondition
+from studio import images as im
+from studio.checkpoints import CheckpointError, check_state_dict, load_into
+from studio.params import UserError
+
+# ---------------------------------------------------------------------------------------------
+# the official resolution table (infinity/utils/dynamic_resolution.py): per aspect ratio h/w, the
+# 13 scales (h, w) of the 1M schedule; smaller totals are prefixes of it. Pixels = 16 x last scale.
+
+_RATIO_SCALES = {
+    1.000: "1x1 2x2 4x4 6x6 8x8 12x12 16x16 20x20 24x24 32x32 40x40 48x48 64x64",
+    1.250: "1x1 2x2 3x3 5x4 10x8 15x12 20x16 25x20 30x24 35x28 45x36 55x44 70x56",
+    1.333: "1x1 2x2 4x3 8x6 12x9 16x12 20x15 24x18 28x21 36x27 48x36 60x45 72x54",
+    1.500: "1x1 2x2 3x2 6x4 9x6 15x10 21x14 27x18 33x22 39x26 48x32 63x42 78x52",
+    1.750: "1x1 2x2 3x3 7x4 11x6 14x8 21x12 28x16 35x20 42x24 56x32 70x40 84x48",
+    2.000: "1x1 2x2 4x2 6x3 10x5 16x8 22x11 30x15 38x19 46x23 60x30 74x37 90x45",
+    2.500: "1x1 2x2 5x2 10x4 15x6 20x8 25x10 30x12 40x16 50x20 65x26 80x32 100x40",
+    3.000: "1x1 2x2 6x2 9x3 15x5 21x7 27x9 36x12 45x15 54x18 72x24 90x30 111x37",
+}
+PN_SCALES = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
+PIXELS_PER_SCALE_UNIT = 16
+
+
+def _ratio_table() -> Dict[float, List[Tuple[int, int]]]:
+    out = {}
+    for r, s in _RATIO_SCALES.items():
+        hw = [tuple(int(v) for v in t.split("x")) for t in s.split()]
+        out[r] = hw
+        if r != 1.0:  # the inverse ratio, keyed as the official code keys it
+            out[int(1 / r * 1000) / 1000] = [(w, h) for h, w in hw]
+    return dict(sorted(out.items()))
+
+
+RATIO_SCALES = _ratio_table()
+
+
+@dataclass(frozen=True)
+class Schedule:
+    ratio: float  # the template's h / w
+    pn: str  # "0.06M" ... "1M"
+    scales: Tuple[Tuple[int, int], ...]  # transformer scales (h, w)
+    rope_full_hw: Tuple[int, int]  # the 1M schedule's last scale of this ratio (RoPE positions)
+
+    @property
+    def height(self) -> int:
+        return self.scales[-1][0] * PIXELS_PER_SCALE_UNIT
+
+    @property
+    def width(self) -> int:
+        return self.scales[-1][1] * PIXELS_PER_SCALE_UNIT
+
+
+def schedule_for(ratio: float, pn: str) -> Schedule:
+    full = RATIO_SCALES[ratio]
+    return Schedule(ratio, pn, tuple(full[:PN_SCALES[pn]]), full[-1])
+
+
+def all_sizes() -> List[Schedule]:
+    return [schedule_for(r, pn) for r in RATIO_SCALES for pn in PN_SCALES]
+
+
+def parse_aspect_ratio(aspect_ratio) -> float:
+    """'16:9' (width:height, as people write it), or a float h/w -> h/w."""
+    if isinstance(aspect_ratio, str):
+        try:
+            w, h = (float(v) for v in aspect_ratio.split(":"))
+            return h / w
+        except ValueError:
+            raise UserError(f"aspect ratio must look like '16:9' (width:height), not {aspect_ratio!r}") from None
+    return float(aspect_ratio)
+
+
+def find_schedule(height: Optional[int] = None, width: Optional[int] = None, aspect_ratio=None,
+                  pn: str = "1M") -> Schedule:
+    """A table size: exact height and width, or the template nearest to an aspect ratio at `pn`."""
+    if pn not in PN_SCALES:
+        raise UserError(f"pn must be one of {', '.join(PN_SCALES)}, not {pn!r}")
+    if height is not None or width is not None:
+        if height is None or width is None:
+            raise UserError("give both height and width (or an aspect ratio)")
+        for s in all_sizes():
+            if (s.height, s.width) == (int(height), int(width)):
+                return s
+        near = sorted(all_sizes(), key=lambda s: abs(s.height - height) + abs(s.width - width))[:4]
+        raise UserError(f"{height}x{width} (height x width) is not one of Infinity's sizes; near it: "
+                        + ", ".join(f"{s.height}x{s.width}" for s in near))
+    r = 1.0 if aspect_ratio is None else parse_aspect_ratio(aspect_ratio)
+    if not (r > 0 and math.isfinite(r)):
+        raise UserError(f"aspect ratio must be positive, got {aspect_ratio!r}")
+    keys = np.array(list(RATIO_SCALES))
+    return schedule_for(float(keys[np.argmin(np.abs(keys - r))]), pn)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading: configs from tensors, key layouts, files
+
+
+def _shape(sd, key, what):
+    if key not in sd:
+        raise CheckpointError(f"{what} has no '{key}': not an Infinity checkpoint")
+    return tuple(sd[key].shape)
+
+
+def infinity_config_from_state_dict(sd: Dict[str, torch.Tensor], what: str = "the transformer") -> InfinityConfig:
+    L, Ct5 = _shape(sd, "cfg_uncond", what)
+    C = _shape(sd, "pos_start", what)[-1]
+    chunks = {int(k.split(".")[1]) for k in sd if k.startswith("block_chunks.")}
+    if not chunks:
+        raise CheckpointError(f"{what} has no 'block_chunks.*' keys: not an Infinity checkpoint")
+    per = {int(k.split(".")[3]) for k in sd if k.startswith("block_chunks.0.module.")}
+    heads = _shape(sd, "block_chunks.0.module.0.sa.scale_mul_1H11", what)[1]
+    return InfinityConfig(
+        depth=len(chunks) * len(per), embed_dim=C, num_heads=heads,
+        mlp_hidden=_shape(sd, "block_chunks.0.module.0.ffn.fc1.weight", what)[0],
+        text_channels=Ct5, text_maxlen=512,  # the official loader pads/truncates cfg_uncond to 512 rows
+        pool_heads=_shape(sd, "text_proj_for_sos.ca.mat_q", what)[1],
+        d_vae=_shape(sd, "word_embed.weight", what)[1], block_chunks=len(chunks),
+        num_levels=_shape(sd, "lvl_embed.weight", what)[0])
+
+
+def _official_uncond_init(rows: int, Ct5: int) -> torch.Tensor:
+    """The official constructor's cfg_uncond (trunc_normal std 1.2 from a CPU generator seeded 0,
+    / sqrt(Ct5)): the rows a shorter released cfg_uncond is padded with on load."""
+    t = torch.empty(rows, Ct5)
+    torch.nn.init.trunc_normal_(t, std=1.2, generator=torch.Generator().manual_seed(0))
+    return t / Ct5 ** 0.5
+
+
+def fit_cfg_uncond(sd: Dict[str, torch.Tensor], maxlen: int = 512) -> Dict[str, torch.Tensor]:
+    old = sd["cfg_uncond"]
+    if old.shape[0] == maxlen or old.device.type == "meta":
+        return sd
+    sd = dict(sd)
+    if old.shape[0] > maxlen:
+        sd["cfg_uncond"] = old[:maxlen]
+    else:
+        sd["cfg_uncond"] = torch.cat([old.float(), _official_uncond_init(maxlen, old.shape[1])[old.shape[0]:]])
+    return sd
+
+
+def bsq_config_from_state_dict(sd: Dict[str, torch.Tensor], what: str = "the VAE") -> BSQVAEConfig:
+    ch = _shape(sd, "encoder.conv_in.weight", what)[0]
+    levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.down.")})
+    if not levels:
+        raise CheckpointError(f"{what} has no 'encoder.down.*' keys: not a BSQ VAE checkpoint")
+    mult = [_shape(sd, f"encoder.down.{i}.block.0.conv1.weight", what)[0] // ch for i in levels]
+    blocks = {int(k.split(".")[4]) for k in sd if k.startswith("encoder.down.0.block.")}
+    d = _shape(sd, "encoder.conv_out.weight", what)[0]
+    return BSQVAEConfig(codebook_dim=d, ch=ch, ch_mult=tuple(mult), num_res_blocks=len(blocks))
+
+
+def normalize_vae_keys(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The official wrapper layout (`X.conv.weight` for a Conv wrapper, `X.norm.weight` for a
+    GroupNorm wrapper) -> ours (`X.weight`); `quantize.*` (an alias of `quantizer.*`) dropped."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("quantize."):
+            continue
+        parts = k.split(".")
+        if len(parts) >= 3 and parts[-2] in ("conv", "norm") and parts[-1] in ("weight", "bias") \
+                and not (parts[-2] == "conv" and parts[-3] in ("downsample", "upsample")):
+            k = ".".join(parts[:-2] + parts[-1:])
+        out[k] = v
+    return out
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path.name} safely (torch.load weights_only): {e}") from e
+
+
+def _as_state_dict(obj, path: Path) -> Dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and isinstance(obj.get("trainer"), dict):  # a trainer checkpoint
+        obj = obj["trainer"].get("gpt_fsdp", obj["trainer"].get("vae", obj))
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path.name} is not a state dict of tensors")
+    return obj
+
+
+def _read_shards(index: Path) -> Dict[str, torch.Tensor]:
+    """A sharded transformer folder (`model.safetensors.index.json` or `pytorch_model.bin.index.json`)."""
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot read {index}: {e}") from e
+    sd = {}
+    for name in files:
+        p = index.parent / name
+        if not p.exists():
+            raise CheckpointError(f"{index.name} names {name}, which is not in {index.parent}")
+        if name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd.update(load_file(str(p)))
+        else:
+            sd.update(_as_state_dict(_torch_load(p), p))
+    return sd
+
+
+@dataclass
+class InfinityFiles:
+    transformer: Path  # a .pth or a shard index
+    vae: Path
+    text_encoder: Optional[Path]  # a local T5 folder, if the weights folder has one
+
+
+def find_infinity_files(folder: Path) -> InfinityFiles:
+    """Which file is what, by content (never by name): the VAE .pth holds {"vae": ...}; the
+    transformer .pth (or shard index, here or one folder down) holds cfg_uncond and block_chunks."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"no such folder: {folder}")
+    vae = transformer = t5 = None
+    candidates = sorted(folder.glob("*.pth")) + sorted(folder.glob("*/*.index.json")) + sorted(folder.glob("*.index.json"))
+    for p in candidates:
+        if p.name.endswith(".index.json"):
+            transformer = transformer or p
+            continue
+        obj = _torch_load(p)
+        if isinstance(obj, dict) and isinstance(obj.get("vae"), dict):
+            vae = vae or p
+        elif isinstance(obj, dict) and ("cfg_uncond" in obj or isinstance(obj.get("trainer"), dict)):
+            transformer = transformer or p
+    for sub in sorted(folder.iterdir()):
+        cfg = sub / "config.json"
+        if sub.is_dir() and cfg.exists():
+            try:
+                if json.loads(cfg.read_text()).get("model_type") in ("t5", "umt5", "mt5"):
+                    t5 = sub
+            except (OSError, ValueError):
+                pass
+    if transformer is None or vae is None:
+        found = ", ".join(p.name for p in candidates) or "no .pth files"
+        raise CheckpointError(
+            f"{folder} needs an Infinity transformer (e.g. infinity_2b_reg.pth, or a sharded folder with "
+            f"model.safetensors.index.json) and its BSQ VAE (e.g. infinity_vae_d32reg.pth); found {found}")
+    return InfinityFiles(transformer, vae, t5)
+
+
+def is_infinity_folder(folder) -> bool:
+    try:
+        find_infinity_files(Path(folder))
+        return True
+    except CheckpointError:
+        return False
+
+
+def load_infinity_models(folder: Path, materialize: bool = True) -> Tuple[Infinity, BSQVAE, InfinityFiles]:
+    files = find_infinity_files(folder)
+    tp = files.transformer
+    t_sd = _read_shards(tp) if tp.name.endswith(".index.json") else _as_state_dict(_torch_load(tp), tp)
+    what_t = tp.name if not tp.name.endswith(".index.json") else tp.parent.name
+    cfg = infinity_config_from_state_dict(t_sd, what_t)
+    t_sd = fit_cfg_uncond(t_sd, cfg.text_maxlen)
+    v_sd = normalize_vae_keys(_as_state_dict(_torch_load(files.vae)["vae"], files.vae))
+    vcfg = bsq_config_from_state_dict(v_sd, files.vae.name)
+    if cfg.d_vae not in (vcfg.codebook_dim, 4 * vcfg.codebook_dim):
+        raise CheckpointError(f"{files.vae.name} has {vcfg.codebook_dim} bits per position, which does not fit "
+                              f"{what_t} ({cfg.d_vae} bits per token)")
+    mask_key = "quantizer.lfq.mask"
+    if mask_key in v_sd and v_sd[mask_key].device.type != "meta" and v_sd[mask_key].numel() != vcfg.codebook_dim:
+        raise CheckpointError(f"{files.vae.name}: {mask_key} has {v_sd[mask_key].numel()} bits, conv_out {vcfg.codebook_dim}")
+    with torch.device("meta"):
+        model, vae = Infinity(cfg), BSQVAE(vcfg)
+    optional = ("zero_k_bias", "quantizer.lfq.mask")
+    if not materialize:
+        check_state_dict(model, t_sd, what_t, optional)
+        check_state_dict(vae, v_sd, files.vae.name, optional)
+        return model, vae, files
+    model, vae = model.to_empty(device="cpu"), vae.to_empty(device="cpu")
+    for m in model.modules():
+        if hasattr(m, "zero_k_bias"):
+            m.zero_k_bias.zero_()
+    vae.quantizer.lfq.mask.copy_(2 ** torch.arange(vcfg.codebook_dim - 1, -1, -1))
+    load_into(model, t_sd, what_t, optional)
+    load_into(vae, v_sd, files.vae.name, optional)
+    for name, m in model.named_modules():
+        if hasattr(m, "zero_k_bias") and m.zero_k_bias.abs().max() != 0:
+            raise CheckpointError(f"{what_t}: {name}.zero_k_bias is not zero")
+    return model.eval(), vae.eval(), files
+
+
+# ---------------------------------------------------------------------------------------------
+# the text encoder (flan-t5-xl's encoder through transformers)
+
+DEFAULT_TEXT_ENCODER = "google/flan-t5-xl"
+
+
+class TextEncoder:
+    """T5 encoder features of prompts, as the official encode_prompt: max_length 512, padding to
+    max_length, truncation; `last_hidden_state.float()`; cached per prompt (the valid rows only)."""
+
+    def __init__(self, source: Union[str, Path], device="cpu", dtype: Optional[torch.dtype] = None):
+        self.source = str(source)
+        self.device = torch.device(device)
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.tokenizer = self.model = None
+        self.cache: Dict[str, torch.Tensor] = {}
+
+    def load(self):
+        if self.model is not None:
+            return
+        from transformers import AutoTokenizer, T5EncoderModel
+        local = Path(os.path.expanduser(self.source)).is_dir()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.source, legacy=True)
+            self.model = T5EncoderModel.from_pretrained(self.source, dtype=self.dtype)
+        except Exception as e:
+            where = "the folder" if local else "the Hugging Face hub (offline?)"
+            raise UserError(
+                f"cannot load the text encoder '{self.source}' from {where}: {type(e).__name__}: {e}. "
+                f"Download {DEFAULT_TEXT_ENCODER} on a connected machine and pass its folder "
+                f"(text_encoder=... / --text-encoder), or give prompt_embeds") from e
+        self.tokenizer.model_max_length = 512
+        self.model.to(self.device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def features(self, prompt: str) -> torch.Tensor:
+        """(len, Ct5) float32 on the CPU."""
+        if prompt not in self.cache:
+            self.load()
+            tok = self.tokenizer(text=[prompt], max_length=512, padding="max_length", truncation=True,
+                                 return_tensors="pt")
+            ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+            feat = self.model(input_ids=ids, attention_mask=mask)["last_hidden_state"].float()
+            n = int(mask.sum())
+            self.cache[prompt] = feat[0, :n].cpu()
+        return self.cache[prompt]
+
+    def encode(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> (B, L, Ct5) float32 zero-padded, (B, L) bool prefix masks."""
+        return pad_features([self.features(p) for p in prompts])
+
+
+def pad_features(feats: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    L = max(f.shape[0] for f in feats)
+    emb = torch.zeros(len(feats), L, feats[0].shape[1])
+    mask = torch.zeros(len(feats), L, dtype=torch.bool)
+    for i, f in enumerate(feats):
+        emb[i, :f.shape[0]] = f
+        mask[i, :f.shape[0]] = True
+    return emb, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+
+
+@dataclass
+class InfinityOutput:
+    images: Union[List[Image.Image], np.ndarray, torch.Tensor]
+    tokens: List[torch.Tensor]  # per scale (B, h, w, d) int64 bit labels (VAE space), on the CPU
+    prompts: List[str] = field(default_factory=list)
+    height: int = 0
+    width: int = 0
+    stopped_early: bool = False
+    timings: dict = field(default_factory=dict)  # seconds: per_scale, decode, total
+
+
+PerScale = Union[float, Sequence[float]]
+
+
+class InfinityPipeline:
+    def __init__(self, model: Infinity, vae: BSQVAE, text_encoder: Optional[Union[str, Path, TextEncoder]] = None,
+                 device="cpu", dtype: torch.dtype = torch.float32, source: str = "", default_pn: Optional[str] = None):
+        d = vae.cfg.codebook_dim
+        if model.cfg.d_vae not in (d, 4 * d):
+            raise ValueError(f"transformer bits {model.cfg.d_vae} do not fit the VAE's {d}")
+        self.model, self.vae = model.eval(), vae.eval()
+        for p in list(model.parameters()) + list(vae.parameters()):
+            p.requires_grad_(False)
+        self.patchify = model.cfg.d_vae == 4 * d  # the 8B: 2x2 latent positions per token
+        if self.patchify and vae.cfg.patch_size != 8:
+            raise ValueError(f"a patchified transformer needs a VAE of patch 8, got {vae.cfg.patch_size}")
+        if not self.patchify and vae.cfg.patch_size != 16:
+            raise ValueError(f"this transformer needs a VAE of patch 16, got {vae.cfg.patch_size}")
+        self.source = source
+        # the 125M (layer12) was trained at 256 px; the released 2B/8B at 1M pixels
+        self.default_pn = default_pn or ("0.06M" if model.cfg.embed_dim <= 1024 else "1M")
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        if text_encoder is None or isinstance(text_encoder, TextEncoder):
+            self.text_encoder = text_encoder
+        else:
+            self.text_encoder = TextEncoder(text_encoder)
+        self.to(device, dtype)
+
+    @classmethod
+    def from_pretrained(cls, folder: Union[str, Path], device="cpu", dtype: Optional[torch.dtype] = None,
+                        text_encoder: Optional[Union[str, Path]] = None, pn: Optional[str] = None) -> "InfinityPipeline":
+        """A folder with the released transformer (`infinity_2b_reg.pth`, or a sharded folder) and
+        BSQ VAE (`infinity_vae_d32reg.pth` / `infinity_vae_d56_f8_14_patchify.pth`). The text encoder:
+        `text_encoder` (a folder or a hub id), else a T5 folder inside `folder`, else
+        google/flan-t5-xl from the hub when first needed (not needed with prompt_embeds).
+        dtype: None = float32 (faithful); bfloat16/float16 run the blocks under autocast (GPU)."""
+        model, vae, files = load_infinity_models(Path(os.path.expanduser(str(folder))))
+        te = text_encoder or files.text_encoder or DEFAULT_TEXT_ENCODER
+        return cls(model, vae, te, device, dtype or torch.float32, str(folder), pn)
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "InfinityPipeline":
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise ValueError(f"dtype must be float32, bfloat16 or float16, not {dtype}")
+            self.dtype = dtype
+        self.model.to(self.device)
+        self.model.autocast_dtype = None if self.dtype == torch.float32 else self.dtype
+        self.vae.to(self.device)
+        if self.text_encoder is not None:
+            self.text_encoder.device = self.device
+            if self.text_encoder.model is not None:
+                self.text_encoder.model.to(self.device)
+        return self
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def bits_per_position(self) -> int:
+        return self.vae.cfg.codebook_dim
+
+    def default_sampling(self) -> dict:
+        """The official defaults: 2B cfg 3, tau 0.5 (gen_one_img top_k 900, top_p 0.97); 8B tau 1.0."""
+        return dict(guidance_scale=3.0, tau=1.0 if self.patchify else 0.5, top_k=900, top_p=0.97)
+
+    def schedule(self, height=None, width=None, aspect_ratio=None, pn=None) -> Schedule:
+        return find_schedule(height, width, aspect_ratio, pn or self.default_pn)
+
+    def vae_scales(self, sched: Schedule) -> List[Tuple[int, int]]:
+        f = 2 if self.patchify else 1
+        return [(h * f, w * f) for h, w in sched.scales]
+
+    # -- prompts -------------------------------------------------------------------------------
+    def encode_prompt(self, prompts: Union[str, Sequence[str]]) -> Tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if self.text_encoder is None:
+            raise UserError("this pipeline has no text encoder: pass prompt_embeds, or load one (text_encoder=...)")
+        return self.text_encoder.encode(list(prompts))
+
+    # -- bits <-> images -----------------------------------------------------------------------
+    def _schedule_of_size(self, H: int, W: int) -> Schedule:
+        for s in all_sizes():
+            if (s.height, s.width) == (H, W):
+                return s
+        raise UserError(f"{H}x{W} (height x width) is not one of Infinity's sizes")
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, schedule: Optional[Schedule] = None) -> List[torch.Tensor]:
+        """Images (B, 3, H, W) in [-1, 1] (a table size) -> bits per VAE scale, (B, h, w, d) int64."""
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError("encode takes a (B, 3, H, W) tensor in [-1, 1]")
+        sched = schedule or self._schedule_of_size(*x.shape[-2:])
+        bits = self.vae.encode_bits(x.to(self.device), self.vae_scales(sched))
+        return [b.cpu() for b in bits]
+
+    @torch.no_grad()
+    def decode(self, bits: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Bits per scale (all, or a coarse prefix) -> (B, 3, H, W) float in [-1, 1] at the last given
+        scale's size times the VAE's patch."""
+        return self.vae.decode_bits([b.to(self.device) for b in bits]).cpu()
+
+    # -- generation ----------------------------------------------------------------------------
+    def _per_scale(self, value, n: int, name: str, cast=float) -> list:
+        if isinstance(value, (list, tuple)):
+            if len(value) != n:
+                raise UserError(f"{name} has {len(value)} values but this size has {n} scales")
+            vals = [cast(v) for v in value]
+        else:
+            vals = [cast(value)] * n
+        for v in vals:
+            if not math.isfinite(v):
+                raise UserError(f"{name} must be finite, got {v}")
+        return vals
+
+    def _text(self, prompt, negative_prompt, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
+              negative_prompt_attention_mask, num_images_per_prompt):
+        prompts: List[str] = []
+        if prompt_embeds is None:
+            if prompt is None:
+                raise UserError("give a prompt (or prompt_embeds)")
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts or any(not isinstance(p, str) for p in prompts):
+                raise UserError("prompt must be a string or a list of strings")
+            emb, mask = self.encode_prompt(prompts)
+        else:
+            emb = prompt_embeds.float().cpu()
+            mask = (torch.ones(emb.shape[:2], dtype=torch.bool) if prompt_attention_mask is None
+                    else prompt_attention_mask.bool().cpu())
+        if emb.ndim != 3 or emb.shape[-1] != self.model.cfg.text_channels or mask.shape != emb.shape[:2]:
+            raise UserError(f"prompt features must be (B, L, {self.model.cfg.text_channels}) with a (B, L) mask, "
+                            f"got {tuple(emb.shape)} and {tuple(mask.shape)}")
+        if not bool(mask.any(1).all()):
+            raise UserError("every prompt needs at least one token")
+        neg = neg_mask = None
+        if negative_prompt_embeds is not None:
+            neg = negative_prompt_embeds.float().cpu()
+            neg_mask = (torch.ones(neg.shape[:2], dtype=torch.bool) if negative_prompt_attention_mask is None
+                        else negative_prompt_attention_mask.bool().cpu())
+        elif negative_prompt:
+            negs = [negative_prompt] * emb.shape[0] if isinstance(negative_prompt, str) else list(negative_prompt)
+            neg, neg_mask = self.encode_prompt(negs)
+        if neg is not None and neg.shape[0] != emb.shape[0]:
+            raise UserError(f"{neg.shape[0]} negative prompts for {emb.shape[0]} prompts")
+        n = int(num_images_per_prompt)
+        if n < 1:
+            raise UserError(f"num_images_per_prompt must be at least 1, got {n}")
+        if n > 1:
+            emb, mask = emb.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+            if neg is not None:
+                neg, neg_mask = neg.repeat_interleave(n, 0), neg_mask.repeat_interleave(n, 0)
+            prompts = [p for p in prompts for _ in range(n)]
+        return emb, mask, neg, neg_mask, prompts
+
+    def _generator(self, generator):
+        if generator is not None and generator.device.type != self.device.type:
+            return torch.Generator(self.device).manual_seed(generator.initial_seed())
+        return generator
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: Optional[Union[str, Sequence[str]]] = None,
+        negative_prompt: Optional[Union[str, Sequence[str]]] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        prompt_attention_mask: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_attention_mask: Optional[torch.Tensor] = None,
+        guidance_scale: Optional[PerScale] = None,
+        tau: Optional[PerScale] = None,
+        top_k: Optional[Union[int, Sequence[int]]] = None,
+        top_p: Optional[PerScale] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        aspect_ratio: Optional[Union[str, float]] = None,
+        pn: Optional[str] = None,
+        num_images_per_prompt: int = 1,
+        generator: Optional[torch.Generator] = None,
+        output_type: str = "pil",
+        callback_on_scale_end: Optional[Callable[[InfinityScaleEvent], Optional[bool]]] = None,
+        known_bits: Optional[Sequence[Optional[Tuple[torch.Tensor, torch.Tensor]]]] = None,
+    ) -> InfinityOutput:
+        """Generate images scale by scale.
+
+        guidance_scale (cfg on the logits), tau (temperature), top_k, top_p (0 = off; with two
+        choices per bit top_k 1 is greedy and >= 2 changes nothing): a number, or one value per
+        scale. None takes the official defaults (default_sampling()). height/width: a size of the
+        official table; or aspect_ratio ('16:9' = width:height, or h/w as a float) at `pn` (default
+        the model's). generator: the official g_seed (CPU generator = the official CPU run).
+        callback_on_scale_end(event) after each scale; return True to stop.
+        known_bits: per VAE scale None or (bits (B, h, w, d), keep (B or 1, h, w) bool): forced bits."""
+        im.check_output_type(output_type)
+        t0 = time.perf_counter()
+        sched = self.schedule(height, width, aspect_ratio, pn)
+        n = len(sched.scales)
+        dflt = self.default_sampling()
+        cfg = self._per_scale(dflt["guidance_scale"] if guidance_scale is None else guidance_scale, n, "guidance_scale")
+        taus = self._per_scale(dflt["tau"] if tau is None else tau, n, "tau")
+        if any(t <= 0 for t in taus):
+            raise UserError("tau must be > 0")
+        ks = self._per_scale(dflt["top_k"] if top_k is None else top_k, n, "top_k", cast=int)
+        ps = self._per_scale(dflt["top_p"] if top_p is None else top_p, n, "top_p")
+        if any(k < 0 for k in ks) or any(not 0 <= p <= 1 for p in ps):
+            raise UserError("top_k must be >= 0 and top_p in [0, 1]")
+        emb, mask, neg, neg_mask, prompts = self._text(prompt, negative_prompt, prompt_embeds, prompt_attention_mask,
+                                                       negative_prompt_embeds, negative_prompt_attention_mask,
+                                                       num_images_per_prompt)
+        guided = any(g != 1 for g in cfg)
+        dev = self.device
+        text: TextCondition = self.model.prepare_text(
+            emb.to(dev), mask.to(dev), guided, None if neg is None else neg.to(dev),
+            None if neg_mask is None else neg_mask.to(dev))
+        per_scale = []
+
+        def on_scale(ev: InfinityScaleEvent):
+            per_scale.append(ev.seconds)
+            return callback_on_scale_end(ev) if callback_on_scale_end is not None else None
+
+        res = self.model.generate(text, sched.scales, sched.rope_full_hw, cfg, taus, ks, ps, self._generator(generator),
+                                  patchify=self.patchify, known=known_bits, callback=on_scale)
+        t_dec = time.perf_counter()
+        x = self.vae.decode_latent(res.summed_codes)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t1 = time.perf_counter()
+        return InfinityOutput(
+            images=im.tensor_to_output(x, output_type), tokens=[b.cpu() for b in res.bits], prompts=prompts,
+            height=sched.height, width=sched.width, stopped_early=res.stopped_early,
+            timings={"per_scale": per_scale, "decode": t1 - t_dec, "total": t1 - t0})

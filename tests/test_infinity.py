@@ -1,0 +1,331 @@
+"""Infinity (text-to-image, bit labels) against the official code, on random weights in the released
+key layout: the same bit labels at every scale for the same seed and prompt features, the same VAE
+encode bits and decode, strict loading of 2B- and 8B-shaped checkpoints, the text encoder.
+
+tests/fixtures/infinity_tiny.pt was made by tools/make_infinity_fixture.py, which runs
+FoundationVision/Infinity's own autoregressive_infer_cfg and BSQ VAE (CPU, fp32) on a tiny config;
+only the weights' seeds and official key lists are stored, the test rebuilds the same weights.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from refweights import fill_reference_weights, make_reference_images
+from studio.checkpoints import CheckpointError
+from studio.infinity import (InfinityPipeline, TextEncoder, find_schedule, load_infinity_models, schedule_for)
+from studio.params import UserError
+
+FIXTURE = Path(__file__).parent / "fixtures" / "infinity_tiny.pt"
+
+
+@pytest.fixture(scope="module")
+def fx():
+    return torch.load(FIXTURE, weights_only=False)
+
+
+def _filled(keys, seed):
+    zeros = {k: torch.zeros(s, dtype=getattr(torch, d.split(".")[-1])) for k, s, d in keys}
+    sd = fill_reference_weights(zeros, seed=seed)
+    for k in sd:
+        if k.endswith("lfq.mask"):  # an int buffer: the bit weights 2^(d-1) .. 1
+            sd[k] = 2 ** torch.arange(sd[k].numel() - 1, -1, -1)
+    return sd
+
+
+def write_tiny_folder(fx, folder: Path, vae: str) -> Path:
+    """The released layout: a plain transformer state dict and {"vae": state_dict} (official keys)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(_filled(fx["model_keys"], fx["config"]["seeds"]["model"]), folder / "infinity_tiny.pth")
+    torch.save({"vae": _filled(fx["vae_keys"][vae], fx["config"]["seeds"][f"vae_{vae}"])}, folder / "infinity_vae_tiny.pth")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipes(fx, tmp_path_factory):
+    root = tmp_path_factory.mktemp("infinity")
+    return {v: InfinityPipeline.from_pretrained(write_tiny_folder(fx, root / v, v)) for v in ("p16", "p8")}
+
+
+def _features(feats):
+    L = max(f.shape[0] for f in feats)
+    emb = torch.zeros(len(feats), L, feats[0].shape[1])
+    mask = torch.zeros(len(feats), L, dtype=torch.bool)
+    for i, f in enumerate(feats):
+        emb[i, :len(f)], mask[i, :len(f)] = f, True
+    return emb, mask
+
+
+def _run(pipe, fx, rec, **extra):
+    emb, mask = _features(fx["prompt_feats"])
+    kw = {}
+    if rec["negative"]:
+        kw["negative_prompt_embeds"], kw["negative_prompt_attention_mask"] = _features(fx["negative_feats"])
+    s = schedule_for(rec["ratio"], rec["pn"])
+    return pipe(prompt_embeds=emb, prompt_attention_mask=mask, guidance_scale=rec["cfg"], tau=rec["tau"],
+                top_k=rec["top_k"], top_p=rec["top_p"], height=s.height, width=s.width,
+                generator=torch.Generator().manual_seed(rec["g_seed"]), output_type="pt", **kw, **extra)
+
+
+RUNS = ["greedy", "defaults", "cfg1", "lists", "wide", "negative", "patchify"]
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_same_bits_as_official(pipes, fx, run):
+    rec = fx["runs"][run]
+    out = _run(pipes[rec["vae"]], fx, rec)
+    assert len(out.tokens) == len(rec["bits"])
+    for si, (ours, ref) in enumerate(zip(out.tokens, rec["bits"])):
+        assert ours.shape == ref.shape, (run, si)
+        diff = int((ours != ref.long()).sum())
+        assert diff == 0, f"{run}: scale {si} {tuple(ref.shape)}: {diff} bits differ from the official run"
+    if "pixels" in rec:
+        step = fx["config"]["pixel_step"]
+        ours = out.images[:, :, ::step, ::step] * 2 - 1  # "pt" images are (decode + 1) / 2
+        err = (ours - rec["pixels"]).abs().max().item()
+        assert err < 1e-4, f"{run}: decoded image differs by {err}"
+        assert out.images.shape[-2:] == (256, 256)
+
+
+def test_defaults_are_the_official_ones(pipes, fx):
+    """No sampling arguments: cfg 3, tau 0.5, top_k 900, top_p 0.97 (the 2B's), the 125M size 256 px."""
+    rec = fx["runs"]["defaults"]
+    emb, mask = _features(fx["prompt_feats"])
+    out = pipes["p16"](prompt_embeds=emb, prompt_attention_mask=mask, output_type="pt",
+                       generator=torch.Generator().manual_seed(rec["g_seed"]))
+    assert (out.height, out.width) == (256, 256)
+    assert all(torch.equal(a, b.long()) for a, b in zip(out.tokens, rec["bits"]))
+    assert pipes["p8"].default_sampling()["tau"] == 1.0  # the patchified (8B) default
+
+
+def test_callback_sees_every_scale_and_can_stop(pipes, fx):
+    rec = fx["runs"]["wide"]
+    seen = []
+    out = _run(pipes["p16"], fx, rec, callback_on_scale_end=lambda ev: seen.append((ev.scale_index, ev.size,
+                                                                                    tuple(ev.bits.shape))))
+    assert [s[1] for s in seen] == [(1, 1), (2, 2), (2, 4), (3, 6), (5, 10), (8, 16), (11, 22)]
+    assert out.images.shape[-2:] == (176, 352) and not out.stopped_early
+    stopped = _run(pipes["p16"], fx, rec, callback_on_scale_end=lambda ev: ev.scale_index == 2)
+    assert stopped.stopped_early and len(stopped.tokens) == 3
+    assert all(torch.equal(a, b) for a, b in zip(stopped.tokens, out.tokens[:3]))
+
+
+@pytest.mark.parametrize("vae", ["p16", "p8"])
+def test_vae_encode_decode_as_official(pipes, fx, vae):
+    ref = fx["vae"][vae]
+    x = make_reference_images()
+    bits = pipes[vae].encode(x)
+    assert [tuple(b.shape[1:3]) for b in bits] == [tuple(s) for s in ref["schedule"]]
+    for si, (ours, r) in enumerate(zip(bits, ref["bits"])):
+        assert int((ours != r.long()).sum()) == 0, f"scale {si}: encode bits differ"
+    dec = pipes[vae].decode(bits)
+    step = fx["config"]["pixel_step"]
+    err = (dec[:, :, ::step, ::step] - ref["pixels"]).abs().max().item()
+    assert err < 1e-4, f"decode differs by {err}"
+
+
+def test_bad_requests_are_refused_in_words(pipes, fx):
+    pipe = pipes["p16"]
+    emb, mask = _features(fx["prompt_feats"])
+    with pytest.raises(UserError, match="not one of Infinity's sizes"):
+        pipe(prompt_embeds=emb, prompt_attention_mask=mask, height=300, width=300)
+    with pytest.raises(UserError, match="7 scales"):
+        pipe(prompt_embeds=emb, prompt_attention_mask=mask, guidance_scale=[3.0, 3.0])
+    with pytest.raises(UserError, match=r"\(B, L, 128\)"):
+        pipe(prompt_embeds=emb[..., :64], prompt_attention_mask=mask)
+    with pytest.raises(UserError, match="text encoder"):
+        InfinityPipeline(pipe.model, pipe.vae)(prompt="a fox")
+    assert find_schedule(aspect_ratio="2:1", pn="0.06M").width == 352  # width:height -> the 0.5 template
+
+
+# ---------------------------------------------------------------------------------------------
+# the released key layout at full size (stride-0 tensors: a few kB on disk)
+
+
+def released_transformer_keys(depth, C, heads, chunks, Ct5, d_vae, pool_head_dim=128):
+    """Names and shapes of a released Infinity transformer (shared/notes/infinity.md, fact 1)."""
+    hp = Ct5 // pool_head_dim
+    hid = round(4 * C / 256) * 256
+    keys = {"cfg_uncond": (512, Ct5), "pos_start": (1, 1, C), "lvl_embed.weight": (15, C),
+            "word_embed.weight": (C, d_vae), "word_embed.bias": (C,), "text_norm.weight": (Ct5,),
+            "text_proj_for_sos.ca.mat_q": (1, hp, C // hp), "text_proj_for_sos.ca.mat_kv.weight": (2 * C, Ct5),
+            "text_proj_for_sos.ca.v_bias": (C,), "text_proj_for_sos.ca.zero_k_bias": (C,),
+            "text_proj_for_sos.ca.proj.weight": (C, C), "text_proj_for_sos.ca.proj.bias": (C,),
+            "text_proj_for_ca.0.weight": (C, Ct5), "text_proj_for_ca.0.bias": (C,),
+            "text_proj_for_ca.2.weight": (C, C), "text_proj_for_ca.2.bias": (C,),
+            "shared_ada_lin.1.weight": (6 * C, C), "shared_ada_lin.1.bias": (6 * C,),
+            "head_nm.ada_lin.1.weight": (2 * C, C), "head_nm.ada_lin.1.bias": (2 * C,),
+            "head.weight": (2 * d_vae, C), "head.bias": (2 * d_vae,)}
+    per = depth // chunks
+    for b in range(depth):
+        p = f"block_chunks.{b // per}.module.{b % per}."
+        keys.update({p + "ada_gss": (1, 1, 6, C), p + "sa.scale_mul_1H11": (1, heads, 1, 1),
+                     p + "sa.mat_qkv.weight": (3 * C, C), p + "sa.q_bias": (C,), p + "sa.v_bias": (C,),
+                     p + "sa.zero_k_bias": (C,), p + "sa.proj.weight": (C, C), p + "sa.proj.bias": (C,),
+                     p + "ca.mat_q.weight": (C, C), p + "ca.mat_q.bias": (C,), p + "ca.mat_kv.weight": (2 * C, C),
+                     p + "ca.v_bias": (C,), p + "ca.zero_k_bias": (C,), p + "ca.proj.weight": (C, C),
+                     p + "ca.proj.bias": (C,), p + "ca_norm.weight": (C,), p + "ca_norm.bias": (C,),
+                     p + "ffn.fc1.weight": (hid, C), p + "ffn.fc1.bias": (hid,), p + "ffn.fc2.weight": (C, hid),
+                     p + "ffn.fc2.bias": (C,)})
+    return keys
+
+
+def released_vae_keys(d, ch, mult, nrb=2):
+    """Names and shapes of a released BSQ VAE in the official wrapper layout (Conv / GroupNorm)."""
+    keys = {}
+
+    def conv(name, cout, cin, k):
+        keys[f"{name}.conv.weight"], keys[f"{name}.conv.bias"] = (cout, cin, k, k), (cout,)
+
+    def norm(name, c):
+        keys[f"{name}.norm.weight"], keys[f"{name}.norm.bias"] = (c,), (c,)
+
+    def res(name, cin, cout):
+        norm(f"{name}.norm1", cin), conv(f"{name}.conv1", cout, cin, 3)
+        norm(f"{name}.norm2", cout), conv(f"{name}.conv2", cout, cout, 3)
+        if cin != cout:
+            conv(f"{name}.nin_shortcut", cout, cin, 1)
+
+    conv("encoder.conv_in", ch, 3, 3)
+    cin = ch
+    for i, m in enumerate(mult):
+        for j in range(nrb):
+            res(f"encoder.down.{i}.block.{j}", cin, ch * m)
+            cin = ch * m
+        if i < len(mult) - 1:
+            conv(f"encoder.down.{i}.downsample.conv", cin, cin, 3)
+    res("encoder.mid.block_1", cin, cin), res("encoder.mid.block_2", cin, cin)
+    norm("encoder.norm_out", cin), conv("encoder.conv_out", d, cin, 3)
+    cin = ch * mult[-1]
+    conv("decoder.conv_in", cin, d, 3)
+    res("decoder.mid.block_1", cin, cin), res("decoder.mid.block_2", cin, cin)
+    for i in reversed(range(len(mult))):
+        for j in range(nrb + 1):
+            res(f"decoder.up.{i}.block.{j}", cin, ch * mult[i])
+            cin = ch * mult[i]
+        if i >= 1:
+            conv(f"decoder.up.{i}.upsample.conv", cin, cin, 3)
+    norm("decoder.norm_out", cin), conv("decoder.conv_out", 3, cin, 3)
+    keys["quantizer.lfq.mask"] = keys["quantize.lfq.mask"] = (d,)
+    return keys
+
+
+def test_key_layouts_match_the_official_tiny_models(fx):
+    """The full-size key writers below agree with the official code's own state dicts (tiny sizes)."""
+    ours = released_transformer_keys(4, 64, 4, 2, 128, 16)
+    assert ours == {k: tuple(s) for k, s, _ in fx["model_keys"]}
+    assert released_vae_keys(16, 32, [1, 1, 1, 1, 1], 1) == {k: tuple(s) for k, s, _ in fx["vae_keys"]["p16"]}
+    assert released_vae_keys(4, 32, [1, 1, 1, 1], 1) == {k: tuple(s) for k, s, _ in fx["vae_keys"]["p8"]}
+
+
+def _stride0(keys):
+    one = torch.zeros(())
+    return {k: (2 ** torch.arange(s[0] - 1, -1, -1) if k.endswith("lfq.mask") else one.expand(s)) for k, s in keys.items()}
+
+
+SIZES = {
+    "2b": dict(t=dict(depth=32, C=2048, heads=16, chunks=8, Ct5=2048, d_vae=32), vae=dict(d=32, ch=128, mult=[1, 2, 4, 4, 4])),
+    "8b": dict(t=dict(depth=40, C=3584, heads=28, chunks=8, Ct5=2048, d_vae=56), vae=dict(d=14, ch=128, mult=[1, 2, 4, 4])),
+}
+
+
+def _write_released(folder: Path, size: str, drop=None, reshape=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = SIZES[size]
+    t = _stride0(released_transformer_keys(**spec["t"]))
+    if drop:
+        del t[drop]
+    if reshape:
+        t[reshape] = torch.zeros(()).expand(7, 7)
+    vae = {"vae": _stride0(released_vae_keys(**spec["vae"]))}
+    if size == "2b":
+        torch.save(t, folder / "infinity_2b_reg.pth")
+        torch.save(vae, folder / "infinity_vae_d32reg.pth")
+    else:  # a sharded folder, as infinity_8b_weights/
+        shards = folder / "infinity_8b_weights"
+        shards.mkdir()
+        names = sorted(t)
+        half = len(names) // 2
+        weight_map = {}
+        for i, part in enumerate((names[:half], names[half:])):
+            fn = f"pytorch_model-0000{i + 1}-of-00002.bin"
+            torch.save({k: t[k] for k in part}, shards / fn)
+            weight_map.update({k: fn for k in part})
+        (shards / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        torch.save(vae, folder / "infinity_vae_d56_f8_14_patchify.pth")
+    return folder
+
+
+@pytest.mark.parametrize("size", ["2b", "8b"])
+def test_released_sizes_load_strictly(tmp_path, size):
+    model, vae, _ = load_infinity_models(_write_released(tmp_path / size, size), materialize=False)
+    spec = SIZES[size]["t"]
+    assert (model.cfg.depth, model.cfg.embed_dim, model.cfg.num_heads) == (spec["depth"], spec["C"], spec["heads"])
+    assert model.cfg.d_vae == spec["d_vae"] and vae.cfg.codebook_dim == SIZES[size]["vae"]["d"]
+    assert vae.cfg.patch_size == (8 if size == "8b" else 16)
+
+
+@pytest.mark.parametrize("size,key", [("2b", "block_chunks.3.module.2.ca.v_bias"), ("8b", "head_nm.ada_lin.1.weight")])
+def test_missing_key_is_refused_by_name(tmp_path, size, key):
+    with pytest.raises(CheckpointError, match="missing keys.*" + key.replace(".", r"\.")):
+        load_infinity_models(_write_released(tmp_path / size, size, drop=key), materialize=False)
+
+
+def test_wrong_shape_is_refused_by_name(tmp_path):
+    key = "block_chunks.1.module.0.ffn.fc2.weight"
+    with pytest.raises(CheckpointError, match="wrong shapes.*" + key.replace(".", r"\.")):
+        load_infinity_models(_write_released(tmp_path / "2b", "2b", reshape=key), materialize=False)
+
+
+def test_folder_without_infinity_files_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("nothing")
+    with pytest.raises(CheckpointError, match="needs an Infinity transformer"):
+        load_infinity_models(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the text encoder: a tiny random T5 and a tokenizer built offline
+
+
+def _tiny_t5(folder: Path, d_model=128) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    words = "a red fox in the snow blue sky over green hills at night dog cat".split()
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0 - i * 0.01) for i, w in enumerate(words)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=16, d_ff=64, num_layers=1, num_heads=2)
+    T5EncoderModel(cfg).save_pretrained(folder)
+    return folder
+
+
+def test_prompt_through_t5_is_cached_and_matches_features(pipes, fx, tmp_path):
+    from transformers import T5EncoderModel
+
+    te = TextEncoder(_tiny_t5(tmp_path / "t5"))
+    emb, mask = te.encode(["a red fox in the snow", "a dog"])
+    assert mask.sum(1).tolist() == [7, 3]  # the words and </s>
+    ref = T5EncoderModel.from_pretrained(tmp_path / "t5").eval()
+    ids = te.tokenizer(["a dog"], return_tensors="pt").input_ids
+    assert torch.allclose(emb[1, :3], ref(input_ids=ids).last_hidden_state[0], atol=1e-5)
+    calls = []
+    te.model.register_forward_hook(lambda *a: calls.append(1))
+    te.encode(["a dog", "a red fox in the snow"])
+    assert not calls  # both cached
+    pipe = InfinityPipeline(pipes["p16"].model, pipes["p16"].vae, te)
+    a = pipe(prompt=["a red fox in the snow", "a dog"], generator=torch.Generator().manual_seed(3), output_type="pt")
+    b = pipe(prompt_embeds=emb, prompt_attention_mask=mask, generator=torch.Generator().manual_seed(3), output_type="pt")
+    assert all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens)) and a.prompts == ["a red fox in the snow", "a dog"]
+    c = pipe(prompt=["a red fox in the snow", "a dog"], negative_prompt="blue sky",
+             generator=torch.Generator().manual_seed(3), output_type="pt")
+    assert not torch.equal(a.tokens[-1], c.tokens[-1])
+
+
+def test_missing_text_encoder_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="cannot load the text encoder.*prompt_embeds"):
+        TextEncoder(tmp_path / "no-such-t5").encode(["a fox"])
