@@ -5,6 +5,7 @@
     python -m lab.bench --model weights/ --device cuda --dtypes fp32,bf16,fp16
     python -m lab.bench --reference /tmp/varref  # adds the published code (fp32) on the same shapes
     python -m lab.bench --car --dtypes fp32 --batch 1 --repeat 1 --no-baseline   # CAR beside plain VAR
+    python -m lab.bench --infinity 125m --dtypes fp32 --repeat 2 --no-baseline     # Infinity beside VAR d16
 
 Every row runs in a fresh subprocess (so peak memory is that run's own) and reports the median of
 `--repeat` timed runs after one warm-up run. Baselines (no KV cache; the reference code) are
@@ -148,11 +149,86 @@ def run_reference(args) -> dict:
             "decode": None}
 
 
+INFINITY_SHAPES = {  # released shapes (shared/notes/infinity.md): transformer, BSQ VAE, default size
+    "125m": dict(t=dict(depth=12, embed_dim=768, num_heads=8, block_chunks=4, d_vae=32),
+                 vae=dict(codebook_dim=32, ch_mult=(1, 2, 4, 4, 4)), pn="0.06M"),
+    "2b": dict(t=dict(depth=32, embed_dim=2048, num_heads=16, block_chunks=8, d_vae=32),
+               vae=dict(codebook_dim=32, ch_mult=(1, 2, 4, 4, 4)), pn="1M"),
+    "8b": dict(t=dict(depth=40, embed_dim=3584, num_heads=28, block_chunks=8, d_vae=56),
+               vae=dict(codebook_dim=14, ch_mult=(1, 2, 4, 4)), pn="1M"),
+}
+
+
+def build_infinity(size: str, device: str, dtype_name: str):
+    """An Infinity of a released shape with random weights (timing does not depend on the values)."""
+    import torch
+
+    from models.bsq_vae import BSQVAE, BSQVAEConfig
+    from models.infinity import Infinity, InfinityConfig
+    from studio.infinity import InfinityPipeline
+
+    spec = INFINITY_SHAPES[size]
+    C = spec["t"]["embed_dim"]
+    cfg = InfinityConfig(**spec["t"], mlp_hidden=round(4 * C / 256) * 256, text_channels=2048,
+                         pool_heads=2048 // (64 if C > 4096 else 128))
+    torch.manual_seed(0)
+    model, vae = Infinity(cfg), BSQVAE(BSQVAEConfig(**spec["vae"]))
+    with torch.no_grad():
+        for p in list(model.parameters()) + list(vae.parameters()):
+            p.normal_(0, 0.02) if p.ndim > 1 else p.normal_(0, 0.01)
+    return InfinityPipeline(model, vae, None, device=device, dtype=getattr(torch, DTYPES[dtype_name]),
+                            default_pn=spec["pn"])
+
+
+def run_infinity(args) -> dict:
+    """Prompt features of 30 tokens (the T5 encoder is not timed: it runs once per prompt, cached)."""
+    import torch
+
+    torch.set_grad_enabled(False)
+    pipe = build_infinity(args.infinity, args.device, args.dtype)
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(args.batch, 30, 2048, generator=g)
+    mask = torch.ones(args.batch, 30, dtype=torch.bool)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    runs = []
+    for i in range(args.repeat + 1):
+        out = pipe(prompt_embeds=emb, prompt_attention_mask=mask, output_type="pt",
+                   generator=torch.Generator(args.device).manual_seed(i))
+        if i:
+            runs.append(out.timings)
+    sched = pipe.schedule()
+    return {
+        "per_scale": [statistics.median(r["per_scale"][si] for r in runs) for si in range(len(sched.scales))],
+        "decode": statistics.median(r["decode"] for r in runs),
+        "total": statistics.median(r["total"] for r in runs),
+        "peak_mb": peak_memory_mb(args.device),
+        "scales": [f"{h}x{w}" for h, w in pipe.vae_scales(sched)],
+        "pixels": f"{sched.height}x{sched.width}",
+    }
+
+
+def print_scales_table(title, rows, scale_names):
+    names = [r[0] for r in rows]
+    w = max(14, max(len(n) for n in names) + 2)
+    print(f"\n{title}")
+    head = f"{'run':<{w}}" + "".join(f"{s:>8}" for s in scale_names) + f"{'decode':>9}{'total':>9}{'peak MB':>9}"
+    print(head)
+    print("-" * len(head))
+    for name, r in rows:
+        print(f"{name:<{w}}" + "".join(f"{t:8.3f}" for t in r["per_scale"]) + f"{r['decode']:9.3f}{r['total']:9.3f}"
+              f"{r['peak_mb']:9.0f}")
+
+
 def child_main(args):
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    res = run_reference(args) if args.reference else run_ours(args)
+    if args.infinity_child:
+        args.infinity = args.infinity_child
+        res = run_infinity(args)
+    else:
+        res = run_reference(args) if args.reference else run_ours(args)
     print("BENCH_RESULT " + json.dumps(res))
 
 
@@ -206,7 +282,11 @@ def main(argv=None):
     ap.add_argument("--car", action="store_true",
                     help="add a CAR row per dtype (a random CAR branch of the released shape, depth/2 blocks, on a "
                          "canny-like picture) and a CAR-vs-plain table per image")
+    ap.add_argument("--infinity", default=None, choices=sorted(INFINITY_SHAPES),
+                    help="benchmark an Infinity of this released shape (random weights, official defaults, its "
+                         "default size: 125m 256 px, 2b/8b 1024 px) beside the VAR --model baseline")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--infinity-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--with-car", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--no-cache", action="store_true", help=argparse.SUPPRESS)
@@ -226,6 +306,21 @@ def main(argv=None):
         if not args.model.startswith("d"):
             ap.error("--reference needs an official shape (--model d16 ...)")
         rows.append(("reference fp32", spawn(base, ["--reference", args.reference])))
+    if args.infinity:
+        inf_rows = [(f"infinity {args.infinity} {d}", spawn(base, ["--dtype", d, "--infinity-child", args.infinity]))
+                    for d in dtypes]
+        var_rows = [(f"VAR {args.model} {d}", spawn(base, ["--dtype", d])) for d in dtypes]
+        r0 = inf_rows[0][1]
+        print_scales_table(f"Infinity {args.infinity}, {r0['pixels']} px, batch {args.batch}, cfg 3 (2 x batch rows); "
+                           f"seconds (median of {args.repeat}); VAE scales", inf_rows, r0["scales"])
+        pn = var_rows[0][1]["patch_nums"]
+        print_scales_table(f"baseline VAR {args.model}, batch {args.batch}, same invocation", var_rows,
+                           [f"{p}x{p}" for p in pn])
+        print(f"\n{'dtype':<8}{'infinity s':>12}{'VAR s':>10}{'ratio':>8}{'inf MB':>9}{'VAR MB':>9}")
+        for (_, a), (_, b), d in zip(inf_rows, var_rows, dtypes):
+            print(f"{d:<8}{a['total']:12.3f}{b['total']:10.3f}{a['total'] / b['total']:7.2f}x{a['peak_mb']:9.0f}"
+                  f"{b['peak_mb']:9.0f}")
+        return
     car_pairs = []
     for d in dtypes:
         if not args.no_baseline:

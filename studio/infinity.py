@@ -617,3 +617,100 @@ class InfinityPipeline:
             images=im.tensor_to_output(x, output_type), tokens=[b.cpu() for b in res.bits], prompts=prompts,
             height=sched.height, width=sched.width, stopped_early=res.stopped_early,
             timings={"per_scale": per_scale, "decode": t1 - t_dec, "total": t1 - t0})
+
+    # -- editing (the studio's addition: the official code can only force whole scales) ---------
+    def _sampling_kw(self, kw: dict) -> dict:
+        bad = set(kw) - {"prompt", "negative_prompt", "prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds",
+                         "negative_prompt_attention_mask", "guidance_scale", "tau", "top_k", "top_p",
+                         "generator", "callback_on_scale_end", "num_images_per_prompt"}
+        if bad:
+            raise TypeError(f"unexpected arguments: {', '.join(sorted(bad))}")
+        return kw
+
+    def fit_image(self, image, pn: Optional[str] = None) -> Tuple[np.ndarray, Schedule]:
+        """A picture -> (float (H, W, 3) in [0, 1] at the table size nearest its aspect ratio, schedule)."""
+        arr = im.to_float_rgb(image)
+        sched = self.schedule(aspect_ratio=arr.shape[0] / arr.shape[1], pn=pn)
+        return im.resize(arr, (sched.width, sched.height)), sched
+
+    @staticmethod
+    def keep_masks(regen: np.ndarray, sizes: Sequence[Tuple[int, int]]) -> List[torch.Tensor]:
+        """The per-scale rule the studio uses for VAR (studio.editing.scale_keep_masks), for (h, w)
+        scales: the keep mask of the last scale, bilinearly resized to each scale and thresholded at
+        0.5; scales of at most 3 positions are always kept. -> per scale (1, h, w) bool."""
+        keep = torch.from_numpy(~regen.astype(bool)).float()[None, None]
+        out = []
+        for h, w in sizes:
+            if h * w <= 3:
+                out.append(torch.ones(1, h, w, dtype=torch.bool))
+            else:
+                out.append(F.interpolate(keep, size=(h, w), mode="bilinear", align_corners=False)[0] > 0.5)
+        return out
+
+    @torch.no_grad()
+    def inpaint(self, image, mask_image, mask_blur: int = 4, pn: Optional[str] = None, output_type: str = "pil",
+                **kwargs) -> InfinityOutput:
+        """Regenerate the white part of `mask_image` with the prompt: the image is resized to the table
+        size nearest its aspect ratio and encoded; at every scale the bits whose cells lie outside the
+        mask are forced to the image's, the rest are sampled; the result is pasted back with a
+        `mask_blur`-pixel feather (pixels farther than that from the mask are the input's exactly)."""
+        kwargs = self._sampling_kw(kwargs)
+        im.check_output_type(output_type)
+        arr, sched = self.fit_image(image, pn)
+        mask = im.binary(im.mask_to_array(mask_image, (im.to_float_rgb(image).shape[1], im.to_float_rgb(image).shape[0])))
+        mask = im.binary(im.resize_nearest(mask, (sched.width, sched.height)))
+        bits = self.encode(im.float_to_tensor(arr), sched)
+        sizes = self.vae_scales(sched)
+        H, W = sizes[-1]
+        regen = (F.adaptive_avg_pool2d(torch.from_numpy(mask)[None, None], (H, W))[0, 0] > 1e-9).numpy()
+        return self._with_known(bits, self.keep_masks(regen, sizes), sched, arr, mask, mask_blur, output_type, kwargs)
+
+    def _with_known(self, bits, keeps, sched, arr, mask, mask_blur, output_type, kwargs):
+        n = int(kwargs.get("num_images_per_prompt", 1))
+        prompts = kwargs.get("prompt")
+        B = n * (len(prompts) if isinstance(prompts, (list, tuple)) else 1)
+        if kwargs.get("prompt_embeds") is not None:
+            B = n * kwargs["prompt_embeds"].shape[0]
+        known = [(b.expand(B, *b.shape[1:]), k) if k is not None else None for b, k in zip(bits, keeps)]
+        out = self(height=sched.height, width=sched.width, known_bits=known, output_type="np", **kwargs)
+        if mask is not None:
+            alpha = im.feather(mask, mask_blur)
+            out.images = np.stack([im.blend(arr, g, alpha) for g in out.images])
+        out.images = im.float_to_output(out.images.astype(np.float32), output_type)
+        return out
+
+    @torch.no_grad()
+    def outpaint(self, image, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0, mask_blur: int = 4,
+                 pn: Optional[str] = None, output_type: str = "pil", **kwargs) -> InfinityOutput:
+        """Extend the picture by the given pixels on each side: the canvas (edges replicated) is
+        in-painted where it is new, at the table size nearest the new aspect ratio."""
+        if min(left, right, top, bottom) < 0 or left + right + top + bottom == 0:
+            raise UserError("outpaint needs a positive number of pixels on at least one side")
+        arr = im.to_float_rgb(image)
+        canvas = np.pad(arr, ((top, bottom), (left, right), (0, 0)), mode="edge")
+        mask = np.ones(canvas.shape[:2], np.float32)
+        mask[top:top + arr.shape[0], left:left + arr.shape[1]] = 0
+        return self.inpaint(canvas, mask, mask_blur=mask_blur, pn=pn, output_type=output_type, **kwargs)
+
+    @torch.no_grad()
+    def reroll(self, tokens: Sequence[torch.Tensor], from_scale: int, output_type: str = "pil", **kwargs) -> InfinityOutput:
+        """Keep the bits of scales < from_scale (a previous out.tokens) and sample the rest."""
+        kwargs = self._sampling_kw(kwargs)
+        H, W = tokens[-1].shape[1:3]
+        f = self.vae.cfg.patch_size
+        sched = self._schedule_of_size(H * f, W * f)
+        if [tuple(t.shape[1:3]) for t in tokens] != self.vae_scales(sched):
+            raise UserError("these bits are not a full pyramid of this model's schedule")
+        if not 0 <= from_scale <= len(tokens):
+            raise UserError(f"from_scale must be in 0..{len(tokens)}")
+        keeps = [torch.ones(1, h, w, dtype=torch.bool) if si < from_scale else None
+                 for si, (h, w) in enumerate(self.vae_scales(sched))]
+        return self._with_known(list(tokens), keeps, sched, None, None, 0, output_type, kwargs)
+
+    @torch.no_grad()
+    def variations(self, image, keep_scales: int, pn: Optional[str] = None, output_type: str = "pil",
+                   **kwargs) -> InfinityOutput:
+        """Encode the picture and re-sample every scale from `keep_scales` on, with the prompt."""
+        arr, sched = self.fit_image(image, pn)
+        bits = self.encode(im.float_to_tensor(arr), sched)
+        return self.reroll(bits, keep_scales, output_type=output_type, **kwargs)

@@ -544,3 +544,7 @@ class VARPipeline:
                 m = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).reshape(N, C, *arr.shape[:2])
             out.append(m.argmax(1) if adapter.cfg.label_map else m)
         return out if isinstance(control_type, (list, tuple)) else out[0]
+
+
+# the text-to-image family (Infinity) has its own pipeline; importable from here as the API promises
+from studio.infinity import InfinityOutput, InfinityPipeline  # noqa: E402,F401

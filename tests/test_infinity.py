@@ -9,6 +9,7 @@ only the weights' seeds and official key lists are stored, the test rebuilds the
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -329,3 +330,57 @@ def test_prompt_through_t5_is_cached_and_matches_features(pipes, fx, tmp_path):
 def test_missing_text_encoder_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="cannot load the text encoder.*prompt_embeds"):
         TextEncoder(tmp_path / "no-such-t5").encode(["a fox"])
+
+
+# ---------------------------------------------------------------------------------------------
+# editing: forcing the known bits under a mask, re-roll from a scale
+
+
+def _picture():
+    return ((make_reference_images()[0].permute(1, 2, 0).numpy() + 1) / 2).astype("float32")  # (256, 256, 3)
+
+
+def _one_prompt(fx):
+    emb, mask = _features(fx["prompt_feats"][:1])
+    return dict(prompt_embeds=emb, prompt_attention_mask=mask)
+
+
+def test_inpaint_keeps_the_outside_and_regenerates_the_inside(pipes, fx):
+    pipe = pipes["p16"]
+    pic = _picture()
+    mask = torch.zeros(256, 256)
+    mask[64:192, 128:256] = 1  # the right half of the middle band
+    out = pipe.inpaint(pic, mask.numpy(), mask_blur=0, output_type="np", generator=torch.Generator().manual_seed(1),
+                       **_one_prompt(fx))
+    res = out.images[0]
+    m = mask.numpy().astype(bool)
+    assert (res[~m] == pic[~m]).all()  # outside: the input's pixels exactly
+    assert abs(res[m] - pic[m]).mean() > 0.02  # inside: regenerated
+    enc = pipe.encode(torch.from_numpy(pic).permute(2, 0, 1)[None] * 2 - 1)
+    last, ref = out.tokens[-1][0], enc[-1][0]  # (16, 16, d): latent cells of 16 px
+    assert torch.equal(last[:, :8], ref[:, :8])  # cells wholly outside the mask: forced
+    assert torch.equal(last[:4], ref[:4]) and torch.equal(last[12:], ref[12:])
+    assert not torch.equal(last[4:12, 8:], ref[4:12, 8:])  # under the mask: sampled
+    assert torch.equal(out.tokens[0], enc[0])  # the 1x1 scale is always kept
+
+
+def test_reroll_from_a_scale_keeps_the_coarse_bits(pipes, fx):
+    pipe = pipes["p16"]
+    first = pipe(generator=torch.Generator().manual_seed(2), output_type="pt", **_one_prompt(fx))
+    again = pipe.reroll(first.tokens, from_scale=3, generator=torch.Generator().manual_seed(9), output_type="pt",
+                        **_one_prompt(fx))
+    assert all(torch.equal(a, b) for a, b in zip(again.tokens[:3], first.tokens[:3]))
+    assert not torch.equal(again.tokens[-1], first.tokens[-1])
+    same = pipe.reroll(first.tokens, from_scale=len(first.tokens), output_type="pt", **_one_prompt(fx))
+    assert (same.images - first.images).abs().max() < 1e-6
+    with pytest.raises(UserError, match="from_scale"):
+        pipe.reroll(first.tokens, from_scale=99, **_one_prompt(fx))
+
+
+def test_outpaint_extends_to_a_table_size(pipes, fx):
+    pipe = pipes["p16"]
+    out = pipe.outpaint(_picture(), right=256, mask_blur=0, output_type="np",
+                        generator=torch.Generator().manual_seed(3), **_one_prompt(fx))
+    assert out.images.shape[1:3] == (176, 352)  # 256 x 512 is nearest the 1:2 template at 0.06M
+    canvas = pipe.fit_image(np.pad(_picture(), ((0, 0), (0, 256), (0, 0)), mode="edge"))[0]
+    assert (out.images[0][:, :176] == canvas[:, :176]).all()
