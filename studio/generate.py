@@ -2,6 +2,7 @@
 
     python -m studio.generate --class "alpine day" --seed 0 --out out.png
     python -m studio.generate --model weights/:d16 --class volcano --num-images 4 --scales-dir scales/
+    python -m studio.generate --model weights/infinity-2b --prompt "a red fox in the snow" --aspect-ratio 16:9
 """
 from __future__ import annotations
 
@@ -34,9 +35,10 @@ def main(argv=None) -> int:
     ap.add_argument("--class", dest="classes", action="append", default=None,
                     help="class id or name (repeatable; default: a random class)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0: the same images every run)")
-    ap.add_argument("--guidance", type=float, default=Sampling.guidance_scale)
-    ap.add_argument("--top-k", type=int, default=Sampling.top_k)
-    ap.add_argument("--top-p", type=float, default=Sampling.top_p)
+    ap.add_argument("--guidance", type=float, default=None,
+                    help=f"classifier-free guidance (default: VAR {Sampling.guidance_scale}, Infinity's own)")
+    ap.add_argument("--top-k", type=int, default=None, help=f"default: VAR {Sampling.top_k}, Infinity's own")
+    ap.add_argument("--top-p", type=float, default=None, help=f"default: VAR {Sampling.top_p}, Infinity's own")
     ap.add_argument("--more-smooth", action="store_true")
     ap.add_argument("--num-images", type=int, default=Sampling.num_images,
                     help=f"images per class (at most {params.spec(Sampling, 'num_images')[1].maximum})")
@@ -45,7 +47,25 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="out.png", help="output PNG (index appended for several images)")
     ap.add_argument("--scales-dir", default=None, help="also save the decoded image after every scale here")
     ap.add_argument("--list-classes", action="store_true")
+    inf = ap.add_argument_group("Infinity (text-to-image; --model is an Infinity weights folder)")
+    inf.add_argument("--prompt", action="append", default=None, help="the prompt (repeatable)")
+    inf.add_argument("--negative-prompt", default=None)
+    inf.add_argument("--tau", type=float, default=None, help="sampling temperature (default: the model's)")
+    inf.add_argument("--aspect-ratio", default=None, help="width:height, e.g. 16:9 (the nearest official size)")
+    inf.add_argument("--height", type=int, default=None)
+    inf.add_argument("--width", type=int, default=None)
+    inf.add_argument("--pn", default=None, help="0.06M, 0.25M, 0.60M or 1M (default: the model's)")
+    inf.add_argument("--text-encoder", default=None, help="flan-t5-xl folder or hub id")
     args = ap.parse_args(argv)
+    from studio.infinity import is_infinity_folder
+    if args.model and is_infinity_folder(args.model):
+        return _main_infinity(args)
+    if args.prompt:
+        print("error: --prompt needs an Infinity model (--model <folder with infinity_*.pth>)", file=sys.stderr)
+        return 2
+    for name, default in (("guidance", Sampling.guidance_scale), ("top_k", Sampling.top_k), ("top_p", Sampling.top_p)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     try:
         params.spec(Sampling, "num_images")[1].check("num_images", args.num_images)
     except UserError as e:
@@ -90,6 +110,53 @@ def main(argv=None) -> int:
                   "seed": args.seed, "index_in_batch": i, "guidance_scale": args.guidance, "top_k": args.top_k,
                   "top_p": args.top_p, "more_smooth": args.more_smooth, "dtype": args.dtype}
         save_png_with_parameters(im, path, record)
+        print(path)
+    print(f"total {out.timings['total']:.2f}s (decode {out.timings['decode']:.2f}s)", file=sys.stderr)
+    return 0
+
+
+def _main_infinity(args) -> int:
+    from studio.infinity import InfinityPipeline, pack_bits
+
+    if not args.prompt:
+        print("error: an Infinity model needs --prompt", file=sys.stderr)
+        return 2
+    try:
+        pipe = InfinityPipeline.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype),
+                                                text_encoder=args.text_encoder, pn=args.pn)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    scales_dir = Path(args.scales_dir) if args.scales_dir else None
+    if scales_dir:
+        scales_dir.mkdir(parents=True, exist_ok=True)
+
+    def on_scale(ev):
+        print(f"scale {ev.scale_index + 1:2d}/{ev.num_scales} ({ev.size[0]}x{ev.size[1]}) {ev.seconds:.3f}s", file=sys.stderr)
+        if scales_dir:
+            for b, im in enumerate(pipe.vae_images(ev.summed_codes)):
+                im.save(scales_dir / f"img{b}_scale{ev.scale_index:02d}_{ev.size[0]}x{ev.size[1]}.png")
+
+    sampling = dict(guidance_scale=args.guidance, tau=args.tau, top_k=args.top_k, top_p=args.top_p)
+    try:
+        out = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                   aspect_ratio=args.aspect_ratio, num_images_per_prompt=args.num_images,
+                   generator=torch.Generator(args.device).manual_seed(args.seed), callback_on_scale_end=on_scale,
+                   **sampling)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    used = dict(pipe.default_sampling(), **{k: v for k, v in sampling.items() if v is not None})
+    sched = pipe.schedule(out.height, out.width)
+    target = Path(args.out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for i, (im, prompt) in enumerate(zip(out.images, out.prompts)):
+        path = target if len(out.images) == 1 else target.with_name(f"{target.stem}_{i}{target.suffix}")
+        record = {"model": pipe.source, "family": "infinity", "prompt": prompt, "negative_prompt": args.negative_prompt,
+                  "seed": args.seed, "index_in_batch": i, "height": out.height, "width": out.width, "pn": sched.pn,
+                  "dtype": args.dtype, **used, "bit_scales": [list(b.shape[1:3]) for b in out.tokens],
+                  "bits_per_position": pipe.bits_per_position}
+        Path(path).write_bytes(encode_png(im, record, pack_bits([b[i] for b in out.tokens])))
         print(path)
     print(f"total {out.timings['total']:.2f}s (decode {out.timings['decode']:.2f}s)", file=sys.stderr)
     return 0

@@ -490,6 +490,11 @@ class InfinityPipeline:
         scale's size times the VAE's patch."""
         return self.vae.decode_bits([b.to(self.device) for b in bits]).cpu()
 
+    @torch.no_grad()
+    def vae_images(self, summed_codes: torch.Tensor, output_type: str = "pil"):
+        """A callback's running latent (ev.summed_codes) -> the picture so far (live scales)."""
+        return im.tensor_to_output(self.vae.decode_latent(summed_codes), output_type)
+
     # -- generation ----------------------------------------------------------------------------
     def _per_scale(self, value, n: int, name: str, cast=float) -> list:
         if isinstance(value, (list, tuple)):
@@ -714,3 +719,26 @@ class InfinityPipeline:
         arr, sched = self.fit_image(image, pn)
         bits = self.encode(im.float_to_tensor(arr), sched)
         return self.reroll(bits, keep_scales, output_type=output_type, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# a result's bit pyramid in a PNG (studio.pngmeta's token chunk), 8 bits a byte
+
+
+def pack_bits(bits_per_scale: Sequence[torch.Tensor]) -> List[np.ndarray]:
+    """One image's bits per scale, (h, w, d) 0/1 each -> uint8 arrays (np.packbits, row-major)."""
+    return [np.packbits(b.cpu().numpy().astype(np.uint8).reshape(-1)) for b in bits_per_scale]
+
+
+def unpack_bits(packed: Sequence[np.ndarray], sizes: Sequence[Sequence[int]], d: int) -> List[torch.Tensor]:
+    """The inverse of pack_bits for scales `sizes` [(h, w), ...] of d bits: per scale (1, h, w, d) int64."""
+    if len(packed) != len(sizes):
+        raise UserError(f"the stored pyramid has {len(packed)} scales, its parameters {len(sizes)}")
+    out = []
+    for p, (h, w) in zip(packed, sizes):
+        n = h * w * d
+        flat = np.unpackbits(np.asarray(p, dtype=np.uint8))
+        if flat.size < n:
+            raise UserError("the stored bit pyramid is damaged")
+        out.append(torch.from_numpy(flat[:n].astype(np.int64)).view(1, h, w, d))
+    return out

@@ -384,3 +384,24 @@ def test_outpaint_extends_to_a_table_size(pipes, fx):
     assert out.images.shape[1:3] == (176, 352)  # 256 x 512 is nearest the 1:2 template at 0.06M
     canvas = pipe.fit_image(np.pad(_picture(), ((0, 0), (0, 256), (0, 0)), mode="edge"))[0]
     assert (out.images[0][:, :176] == canvas[:, :176]).all()
+
+
+def test_cli_writes_the_prompt_and_the_bits_into_the_png(pipes, fx, tmp_path):
+    from studio.generate import main
+    from studio.infinity import unpack_bits
+    from studio.pngmeta import read_png_info
+
+    folder = write_tiny_folder(fx, tmp_path / "model", "p16")
+    t5 = _tiny_t5(tmp_path / "t5")
+    png = tmp_path / "fox.png"
+    assert main(["--model", str(folder), "--text-encoder", str(t5), "--prompt", "a red fox", "--seed", "4",
+                 "--aspect-ratio", "2:1", "--out", str(png), "--scales-dir", str(tmp_path / "scales")]) == 0
+    params, packed = read_png_info(png.read_bytes())
+    assert params["prompt"] == "a red fox" and (params["height"], params["width"]) == (176, 352)
+    assert (params["guidance_scale"], params["tau"], params["top_p"]) == (3.0, 0.5, 0.97)
+    bits = unpack_bits(packed, params["bit_scales"], params["bits_per_position"])
+    pipe = InfinityPipeline(pipes["p16"].model, pipes["p16"].vae, TextEncoder(t5))
+    out = pipe(prompt="a red fox", aspect_ratio="2:1", generator=torch.Generator().manual_seed(4), output_type="pt")
+    assert all(torch.equal(a, b) for a, b in zip(bits, out.tokens))  # the PNG holds the pyramid, for re-roll
+    assert len(list((tmp_path / "scales").glob("*.png"))) == 7
+    assert main(["--model", str(folder), "--out", str(png)]) == 2  # no prompt: refused
