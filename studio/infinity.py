@@ -328,6 +328,7 @@ class TextEncoder:
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer = self.model = None
         self.cache: Dict[str, torch.Tensor] = {}
+        self.offload = False  # keep the encoder in CPU memory, on the device only while encoding
 
     def load(self):
         if self.model is not None:
@@ -344,7 +345,7 @@ class TextEncoder:
                 f"Download {DEFAULT_TEXT_ENCODER} on a connected machine and pass its folder "
                 f"(text_encoder=... / --text-encoder), or give prompt_embeds") from e
         self.tokenizer.model_max_length = 512
-        self.model.to(self.device).eval().requires_grad_(False)
+        self.model.to("cpu" if self.offload else self.device).eval().requires_grad_(False)
 
     @torch.no_grad()
     def features(self, prompt: str) -> torch.Tensor:
@@ -354,7 +355,14 @@ class TextEncoder:
             tok = self.tokenizer(text=[prompt], max_length=512, padding="max_length", truncation=True,
                                  return_tensors="pt")
             ids, mask = tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
-            feat = self.model(input_ids=ids, attention_mask=mask)["last_hidden_state"].float()
+            if self.offload:
+                self.model.to(self.device)
+            try:
+                feat = self.model(input_ids=ids, attention_mask=mask)["last_hidden_state"].float()
+            finally:
+                if self.offload and self.device.type != "cpu":
+                    self.model.to("cpu")
+                    torch.cuda.empty_cache()
             n = int(mask.sum())
             self.cache[prompt] = feat[0, :n].cpu()
         return self.cache[prompt]
@@ -440,8 +448,18 @@ class InfinityPipeline:
         self.vae.to(self.device)
         if self.text_encoder is not None:
             self.text_encoder.device = self.device
-            if self.text_encoder.model is not None:
+            if self.text_encoder.model is not None and not self.text_encoder.offload:
                 self.text_encoder.model.to(self.device)
+        return self
+
+    def enable_text_encoder_offload(self) -> "InfinityPipeline":
+        """Keep flan-t5-xl (about 5 GB in fp16) in CPU memory and move it to the GPU only while it
+        encodes a new prompt (prompts are cached), for GPUs that cannot hold it beside the model."""
+        if self.text_encoder is None:
+            raise UserError("this pipeline has no text encoder")
+        self.text_encoder.offload = True
+        if self.text_encoder.model is not None:
+            self.text_encoder.model.to("cpu")
         return self
 
     # -- properties ----------------------------------------------------------------------------

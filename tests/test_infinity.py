@@ -405,3 +405,4 @@ def test_cli_writes_the_prompt_and_the_bits_into_the_png(pipes, fx, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(bits, out.tokens))  # the PNG holds the pyramid, for re-roll
     assert len(list((tmp_path / "scales").glob("*.png"))) == 7
     assert main(["--model", str(folder), "--out", str(png)]) == 2  # no prompt: refused
+
