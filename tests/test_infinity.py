@@ -377,6 +377,18 @@ def test_reroll_from_a_scale_keeps_the_coarse_bits(pipes, fx):
         pipe.reroll(first.tokens, from_scale=99, **_one_prompt(fx))
 
 
+def test_variations_keep_the_pictures_coarse_scales(pipes, fx):
+    pipe = pipes["p16"]
+    pic = _picture()
+    enc = pipe.encode(torch.from_numpy(pic).permute(2, 0, 1)[None] * 2 - 1)
+    out = pipe.variations(pic, keep_scales=4, num_images_per_prompt=2, generator=torch.Generator().manual_seed(5),
+                          output_type="pt", **_one_prompt(fx))
+    assert out.images.shape == (2, 3, 256, 256)
+    for si in range(4):
+        assert torch.equal(out.tokens[si], enc[si].expand(2, *enc[si].shape[1:]))
+    assert not torch.equal(out.tokens[-1][0], out.tokens[-1][1])  # two different variations
+
+
 def test_outpaint_extends_to_a_table_size(pipes, fx):
     pipe = pipes["p16"]
     out = pipe.outpaint(_picture(), right=256, mask_blur=0, output_type="np",
