@@ -23,7 +23,10 @@ What it does:
   * runs `autoregressive_infer_cfg` (inference_mode, vae_type=d, cfg_insertion_layer [0], as
     gen_one_img) on random prompt features for several settings and records every scale's bit
     labels; for each draw it checks on the same generator state that moving the logits by +-1e-4
-    does not change it (so float noise between implementations cannot flip a bit; see notes);
+    does not change it (so float noise between implementations cannot flip a bit; see notes), and
+    moves to the next seed (base, base+10, ...) until every draw of the run is stable; the seed
+    used is stored with the run (torch 2.13 CPU: greedy 0, defaults 1, cfg1 82, lists 23, wide 4,
+    negative 25, patchify 16);
   * runs the reference VAE encode (vae.encode with a 0.06M schedule) and decode on test images.
 
 Stand-ins (the reference imports packages that are GPU-only or training-only):
