@@ -276,3 +276,11 @@ RENDER_PINS = {(32, 2): "83acd919863f2877", (40, 1): "2d8d55581cdf5889"}
 @pytest.mark.parametrize("size,supersample", list(RENDER_PINS))
 def test_renders_are_pinned(size, supersample):
     assert _render_digest(range(N), size, supersample) == RENDER_PINS[size, supersample]
+
+
+def test_a_dune_crest_that_rounds_past_one_renders():
+    """Seed 9,885,622 (a training seed the decoder fine-tune drew at step 1546) put a dune's phase a
+    float32 rounding below 1, its lee-side term (1 - q) ** 1.5 went NaN and the ray caster's bincount
+    raised; the whole training run died in its DataLoader worker."""
+    s = render(9885622, 128)
+    assert np.isfinite(s.depth).all() and np.asarray(s.image).std() > 1.0

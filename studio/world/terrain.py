@@ -106,7 +106,7 @@ class Terrain:
         fr = phase - np.floor(phase)
         # long convex windward side up to a sharp crest, short steep lee side
         p = np.minimum(fr * F32(1.0 / 0.78), 1.0)
-        q = np.maximum((fr - 0.78) * F32(1.0 / 0.22), 0.0)
+        q = np.clip((fr - 0.78) * F32(1.0 / 0.22), 0.0, 1.0)  # fr near 1 rounds q past 1: (1 - q) ** 1.5 is NaN
         shape = (1.0 - (1.0 - p) ** 2) * (1.0 - q) ** 1.5
         amp = b.dune_amp * (0.6 + 0.4 * self.noise(n, xs, ys, lam * 11.0, org))
         out = np.zeros(x.shape, F32)
