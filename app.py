@@ -3,6 +3,9 @@
     python app.py                                  # the embedded default model, http://127.0.0.1:7860
     python app.py --model weights/:d16 --model weights/:d30 --device cuda:0 --device cuda:1
     python app.py --model my_bundle/ --preview full --outputs ~/var-outputs
+    python app.py --host 0.0.0.0 --auth alice:secret     # beyond loopback a login is required
+
+Limits, auth and where outputs go: docs/operations.md.
 
 The models live in worker processes (one per --device); this process runs the web server only and
 never imports torch.
@@ -15,7 +18,10 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from studio.serve.limits import Limits
+from studio.serve.outputs import folder_problem
 from studio.serve.pool import ModelSpec, WorkerError, WorkerPool
+from studio.serve.security import auth_problem, is_loopback, parse_auth
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -33,6 +39,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                          "map of every scale (default), a full decode of every scale (costs a decode per scale), "
                          "or none (status only)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's choice)")
+    ap.add_argument("--auth", action="append", default=None, metavar="USER:PASSWORD",
+                    help="require a login (repeat for several users; @FILE reads USER:PASSWORD lines); needed "
+                         "with a --host other than loopback")
+    ap.add_argument("--insecure-no-auth", action="store_true",
+                    help="serve a non-loopback --host without a login (anyone who reaches the port can use it)")
+    d = Limits()
+    ap.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,
+                    help=f"largest uploaded file, MB (default {d.max_upload_mb:g})")
+    ap.add_argument("--max-upload-megapixels", type=float, default=d.max_upload_megapixels,
+                    help=f"largest uploaded image, read from its header before decoding (default "
+                         f"{d.max_upload_megapixels:g})")
+    ap.add_argument("--max-job-megapixels", type=float, default=d.max_job_megapixels,
+                    help=f"an edit's result megapixels x its images (default {d.max_job_megapixels:g})")
+    ap.add_argument("--max-outpaint-windows", type=int, default=d.max_outpaint_windows,
+                    help=f"model runs one out-painting may take (default {d.max_outpaint_windows}, at most 64)")
+    ap.add_argument("--max-heavy-jobs", type=int, default=d.max_heavy_jobs,
+                    help=f"jobs with uploads over {d.heavy_megapixels:g} megapixels handled at once "
+                         f"(default {d.max_heavy_jobs})")
     ap.add_argument("--scale-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # demos/tests of streaming
     return ap.parse_args(argv)
 
@@ -62,8 +86,28 @@ def create_pool(args: argparse.Namespace) -> WorkerPool:
                       preview=args.preview, scale_delay=args.scale_delay, torch_threads=args.threads)
 
 
+def outputs_problem(folder) -> Optional[str]:
+    problem = folder_problem(folder)
+    if problem:
+        return (f"results cannot be saved in the outputs folder {Path(folder).resolve()}: {problem}; "
+                "choose another with --outputs")
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    try:  # every refusal before anything starts: a message and exit code 2
+        limits = Limits.from_args(args)
+        auth = parse_auth(args.auth)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    problem = auth_problem(args.host, auth, args.insecure_no_auth) or outputs_problem(args.outputs)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if args.insecure_no_auth and auth is None and not is_loopback(args.host):
+        print(f"warning: serving {args.host} without a login (--insecure-no-auth)", file=sys.stderr)
     pool = create_pool(args)
     print(f"loading {', '.join(s.name for s in pool.model_specs)} on {', '.join(pool.devices)} ...", flush=True)
     pool.start(wait=False)
@@ -75,10 +119,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ui.patch_gradio()
-    studio = ui.Studio(pool)
+    studio = ui.Studio(pool, limits)
     demo = ui.build_ui(studio)
     try:
-        ui.launch(demo, studio, host=args.host, port=args.port)
+        ui.launch(demo, studio, host=args.host, port=args.port, auth=auth)
     finally:
         pool.close()
     return 0

@@ -323,10 +323,56 @@ def read_safetensors(path: Path) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {path.name}: {e}") from e
 
 
+def safetensors_shapes(path: Path) -> Dict[str, Tuple[int, ...]]:
+    """Each tensor's shape from a .safetensors file's header alone (nothing is loaded)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 100_000_000:
+                raise ValueError(f"a header of {n} bytes")
+            header = json.loads(f.read(n))
+        return {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"cannot read {path.name}: {e}") from e
+
+
+def check_bundle_config(folder: Path, cfg: dict) -> Tuple[VQVAEConfig, VARConfig]:
+    """The bundle's configs, checked against the weights' shapes (from the safetensors headers)
+    before any model is built: a config.json that does not describe its weights (patch_nums 1..199
+    once asked for 7 TB of attention mask) is refused with what differs."""
+    try:
+        vae_cfg, var_cfg = VQVAEConfig(**cfg["vae"]), VARConfig(**cfg["var"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder.name}/config.json: its vae / var settings cannot be read ({e})") from e
+    var_shapes = safetensors_shapes(folder / "var.safetensors")
+    vae_shapes = safetensors_shapes(folder / "vae.safetensors")
+    pn = var_cfg.patch_nums
+    if not pn or any(not 1 <= p <= 1024 for p in pn) or list(pn) != sorted(set(pn)):
+        raise CheckpointError(f"{folder.name}/config.json: patch_nums must rise from 1 (at most 1024), got {list(pn)}")
+    C, L = var_cfg.embed_dim, sum(p * p for p in pn)
+    depth = len({m.group(1) for k in var_shapes if (m := re.match(r"blocks\.(\d+)\.", k))})
+    expect = [("var", var_shapes, "pos_1LC", (1, L, C), f"sum of patch_nums² = {L}, embed_dim = {C}"),
+              ("var", var_shapes, "lvl_embed.weight", (len(pn), C), f"{len(pn)} scales"),
+              ("var", var_shapes, "class_emb.weight", (var_cfg.num_classes + 1, C), "num_classes + 1"),
+              ("var", var_shapes, "head.weight", (var_cfg.vocab_size, C), "vocab_size"),
+              ("var", var_shapes, "word_embed.weight", (C, var_cfg.z_channels), "z_channels"),
+              ("vae", vae_shapes, "quantize.embedding.weight", (vae_cfg.vocab_size, vae_cfg.z_channels),
+               "vocab_size, z_channels")]
+    for part, shapes, key, want, why in expect:
+        if shapes.get(key) != want:
+            raise CheckpointError(f"{folder.name}/config.json does not match {part}.safetensors: {key} would be "
+                                  f"{want} ({why}) but the weights hold {shapes.get(key, 'nothing')}")
+    if depth != var_cfg.depth:
+        raise CheckpointError(f"{folder.name}/config.json says depth {var_cfg.depth} but var.safetensors holds "
+                              f"{depth} blocks")
+    return vae_cfg, var_cfg
+
+
 def load_bundle(folder: Path) -> LoadedModels:
     cfg = read_bundle_config(folder)
-    vae = VQVAE(VQVAEConfig(**cfg["vae"]))
-    var = VAR(VARConfig(**cfg["var"]))
+    vae_cfg, var_cfg = check_bundle_config(folder, cfg)
+    vae = VQVAE(vae_cfg)
+    var = VAR(var_cfg)
     load_into(vae, read_safetensors(folder / "vae.safetensors"), f"{folder.name}/vae.safetensors", COMPUTED_BUFFERS)
     load_into(var, read_safetensors(folder / "var.safetensors"), f"{folder.name}/var.safetensors", COMPUTED_BUFFERS)
     names = cfg.get("class_names") or [f"class {i}" for i in range(var.cfg.num_classes)]

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,6 +20,7 @@ from PIL import Image
 
 from studio import images as im
 from studio.images import Region
+from studio.windows import MIN_SIDE, next_outpaint_window, window_side  # noqa: F401 (re-exported)
 
 INPAINT_AREAS = ("masked", "whole")
 
@@ -126,33 +126,6 @@ def plan_inpaint(image, mask_image, resolution: int, grid: int, mask_blur: int =
 # out-painting
 
 
-def next_outpaint_window(known: np.ndarray, side: int, min_known: float = 0.3) -> Optional[Tuple[int, int]]:
-    """Where to generate next: the (x0, y0) of a side x side window with the most unknown pixels
-    among those that still see at least `min_known` of known content (falling back to the window
-    with the most known content). None when nothing is unknown."""
-    H, W = known.shape
-    if known.all():
-        return None
-    step = max(1, side // 8)
-    xs = sorted(set(list(range(0, max(W - side, 0) + 1, step)) + [max(W - side, 0)]))
-    ys = sorted(set(list(range(0, max(H - side, 0) + 1, step)) + [max(H - side, 0)]))
-    integ = cv2.integral(known.astype(np.uint8), sdepth=cv2.CV_64F)  # (H+1, W+1): known pixels above-left
-    best, best_score = None, None
-    for y0 in ys:
-        for x0 in xs:
-            y1, x1 = min(y0 + side, H), min(x0 + side, W)
-            area = (y1 - y0) * (x1 - x0)
-            kn = float(integ[y1, x1] - integ[y0, x1] - integ[y1, x0] + integ[y0, x0])
-            unknown = area - kn
-            if unknown < 1:
-                continue
-            frac = kn / area
-            score = (frac >= min_known, unknown if frac >= min_known else frac)
-            if best_score is None or score > best_score:
-                best, best_score = (x0, y0), score
-    return best
-
-
 class OutpaintCanvas:
     """The growing canvas of an out-painting: the original in place, the margins edge-filled until
     generated, and which pixels are known. Windows are squares of `window` pixels (default the
@@ -171,7 +144,9 @@ class OutpaintCanvas:
         H2, W2 = H + top + bottom, W + left + right
         if H2 * W2 > self.MAX_PIXELS:
             raise ValueError(f"the canvas would be {W2}x{H2}; at most 64 megapixels")
-        self.side = max(16, min(int(window or min(H, W)), H2, W2))
+        if H < MIN_SIDE or W < MIN_SIDE:
+            raise ValueError(f"the image is {W}x{H} pixels; out-painting needs at least {MIN_SIDE}x{MIN_SIDE}")
+        self.side = window_side(W, H, left, right, top, bottom, window)
         self.canvas = np.pad(self.original, ((top, bottom), (left, right), (0, 0)), mode="edge")
         self.known = np.zeros((H2, W2), dtype=bool)
         self.known[top:top + H, left:left + W] = True

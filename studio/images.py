@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from studio.uploads import mask_levels
+
 Size = Tuple[int, int]  # (width, height), as PIL sizes are
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -256,11 +258,7 @@ def mask_to_array(mask_image, size: Size) -> np.ndarray:
         if arr.max(initial=0.0) > 1.0:
             arr = arr / 255.0
     elif isinstance(mask_image, Image.Image):
-        if mask_image.mode in ("RGBA", "LA", "PA") or "transparency" in mask_image.info:
-            rgba = np.asarray(mask_image.convert("RGBA"), dtype=np.float32) / 255.0
-            arr = rgba[..., :3].max(axis=-1) * rgba[..., 3]
-        else:
-            arr = np.asarray(mask_image.convert("L"), dtype=np.float32) / 255.0
+        arr = mask_levels(mask_image)  # at the mask's own bit depth (16-bit masks are not clipped to 8 bits)
     else:
         raise ValueError(f"mask must be a PIL image, an array or a tensor, not {type(mask_image).__name__}")
     if arr.ndim != 2:

@@ -44,6 +44,9 @@ def encode_tokens(tokens: Sequence[np.ndarray]) -> str:
 
 def decode_tokens(text: str) -> List[np.ndarray]:
     d = json.loads(text)
+    if not isinstance(d, dict) or d.get("dtype") not in ("<u2", "<u4") or not isinstance(d.get("sizes"), list) \
+            or not all(isinstance(n, int) and n >= 0 for n in d["sizes"]):
+        raise ValueError("the token chunk is damaged")
     flat = np.frombuffer(base64.b64decode(d["data"]), dtype=d["dtype"]).astype(np.int64)
     out, at = [], 0
     for n in d["sizes"]:

@@ -4,15 +4,20 @@ UserError) before the job waits in the queue. studio.serve.ui wires these to the
 """
 from __future__ import annotations
 
+import base64
 import io
+import math
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import gradio as gr
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from studio import params as P
+from studio.params import UserError
+from studio.serve.limits import Limits
+from studio.uploads import mask_levels
 from studio.serve.protocol import ModelInfo
 from studio.world import SEG_CLASSES, SEG_PALETTE  # numpy only, no torch
 
@@ -41,6 +46,40 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+class Upload(str):
+    """An uploaded picture's path, checked from its header only (nothing decoded yet): `.size` is
+    its (width, height). Opened (lazily) where a handler needs the pixels."""
+
+    size: Tuple[int, int] = (0, 0)
+
+
+class UploadBytes(bytes):
+    """The same for a picture that arrived as bytes (the editor's blob storage, a data: URL)."""
+
+    size: Tuple[int, int] = (0, 0)
+
+
+def upload_pixels(*values) -> int:
+    """The pixels of every checked upload among `values` (editor dicts, uploads): what decoding costs."""
+    total = 0
+    for v in values:
+        if isinstance(v, dict):
+            total += upload_pixels(v.get("background"), v.get("composite"), *(v.get("layers") or []))
+        elif isinstance(v, (Upload, UploadBytes)):
+            total += v.size[0] * v.size[1]
+    return total
+
+
+def upload_size(value) -> Optional[Tuple[int, int]]:
+    """The (width, height) of an editor's picture or an upload, from the header check."""
+    if isinstance(value, dict):
+        for key in ("background", "composite"):
+            if isinstance(value.get(key), (Upload, UploadBytes)):
+                return value[key].size
+        return None
+    return value.size if isinstance(value, (Upload, UploadBytes)) else None
+
+
 def _as_pil(x) -> Optional[Image.Image]:
     if x is None:
         return None
@@ -48,6 +87,8 @@ def _as_pil(x) -> Optional[Image.Image]:
         return x
     if isinstance(x, np.ndarray):
         return Image.fromarray(x)
+    if isinstance(x, (bytes, bytearray)):
+        return Image.open(io.BytesIO(x))
     if isinstance(x, (str, Path)):
         return Image.open(x)
     raise gr.Error(f"Unexpected image value of type {type(x).__name__}.")
@@ -106,18 +147,41 @@ def _flatten(im: Image.Image) -> Image.Image:
 
 
 def layer_mask(layer: Image.Image) -> np.ndarray:
-    """A painted layer (transparent where unpainted) or an opaque black/white mask -> bool (H, W)."""
-    arr = np.asarray(layer.convert("RGBA"))
-    alpha = arr[..., 3]
-    if alpha.min() == 255:  # an opaque mask image: white = regenerate
-        return arr[..., :3].mean(axis=-1) > 127
-    return alpha > 0
+    """A painted layer (transparent where unpainted) or an opaque black/white mask -> bool (H, W).
+    A mask is read at its own bit depth: a 16-bit mask's near-black stays black."""
+    if layer.mode in ("RGBA", "LA", "PA") or "transparency" in layer.info:
+        alpha = np.asarray(layer.convert("RGBA"))[..., 3]
+        if alpha.min() < 255:  # a painted layer: what was painted
+            return alpha > 0
+    return mask_levels(layer) > 0.5  # an opaque mask image: white = regenerate
+
+
+# a painted layer may differ from the picture by this many pixels (the editor's canvas rounds its size)
+LAYER_SLACK = 2
+
+
+def fit_layer(layer: Image.Image, size) -> Image.Image:
+    """A painted layer on the picture's pixels: a layer within LAYER_SLACK pixels of the picture's size
+    is padded (unpainted) or cropped at its right and bottom edges, never stretched (a stroke stays
+    where it was painted); one further off is refused with both sizes."""
+    w, h = size
+    if layer.size == (w, h):
+        return layer
+    if abs(layer.width - w) > LAYER_SLACK or abs(layer.height - h) > LAYER_SLACK:
+        raise gr.Error(f"The painted layer is {layer.width}x{layer.height} but the image is {w}x{h}; "
+                       "paint on the image again (clear the strokes, then paint).")
+    rgba = layer.convert("RGBA")
+    out = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    out.paste(rgba.crop((0, 0, min(w, rgba.width), min(h, rgba.height))), (0, 0))
+    return out
 
 
 def editor_mask(value, upload, size, invert: bool) -> Image.Image:
     """The regenerate mask (L, 255 = regenerate) from the uploaded mask if any, else the strokes."""
     if upload is not None:
         up = _as_pil(upload)
+        if isinstance(upload, (str, Upload)):
+            up = ImageOps.exif_transpose(up)  # as a photo is shown
         if up.size != tuple(size):
             raise gr.Error(f"The mask is {up.width}×{up.height} but the image is {size[0]}×{size[1]}; "
                            "they must be the same size.")
@@ -128,9 +192,7 @@ def editor_mask(value, upload, size, invert: bool) -> Image.Image:
             layer = _as_pil(layer)
             if layer is None:
                 continue
-            if layer.size != tuple(size):  # the editor's canvas can differ from the upload by a pixel
-                layer = layer.resize(tuple(size), Image.Resampling.NEAREST)
-            mask |= layer_mask(layer)
+            mask |= layer_mask(fit_layer(layer, size))
     if invert:
         mask = ~mask
     if not mask.any():
@@ -141,15 +203,54 @@ def editor_mask(value, upload, size, invert: bool) -> Image.Image:
     return Image.fromarray(mask.astype(np.uint8) * 255, "L")
 
 
-def readable_upload_errors(**components) -> None:
-    """A corrupt upload fails inside Gradio's preprocessing with a developer message; turn it into a
-    message for people (and API clients). Keys name the upload in the message."""
-    for what, comp in components.items():
-        original = comp.preprocess
+def _checked_upload(data, what: str, limits: Limits, blob: bool = False):
+    """One uploaded file (Gradio's FileData / ImageData, or bytes) -> Upload / UploadBytes, checked
+    from its header against the limits; nothing is decoded."""
+    if data is None:
+        return None
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        out = UploadBytes(bytes(data))
+        out.size = limits.check_upload(out, what)
+        return out
+    url = getattr(data, "url", None) or ""
+    if url.startswith("data:") and not getattr(data, "path", None):
+        encoded = url.split(",", 1)[-1]
+        limits.check_bytes(len(encoded) * 3 // 4, what)  # before decoding the text
+        return _checked_upload(base64.b64decode(encoded), what, limits)
+    path = getattr(data, "path", None)
+    if not path:
+        raise UserError(f"no {what} was uploaded")
+    out = Upload(str(path))
+    out.size = limits.check_upload(out, what)
+    return out
 
-        def preprocess(payload, _original=original, _what=what.replace("_", " ")):
+
+def guard_uploads(limits: Limits, **components) -> None:
+    """Gradio decodes an uploaded picture whole (several copies for an image editor) before a handler
+    sees it; a 100-megapixel upload took the web process to gigabytes. Instead, each upload is checked
+    from its header (bytes, pixels, PNG/JPEG/WebP) against the limits, and handed on undecoded (an
+    Upload: its path, with its size); a handler decodes it inside a heavy-job slot. Keys name the
+    upload in messages."""
+    for what, comp in components.items():
+        what = what.replace("_", " ")
+        editor = isinstance(comp, gr.ImageEditor)
+
+        def preprocess(payload, _comp=comp, _what=what, _editor=editor):
+            if payload is None:
+                return None
             try:
-                return _original(payload)
+                if not _editor:
+                    return _checked_upload(payload, _what, limits)
+                if getattr(payload, "id", None) is not None:  # the editor sent its images as blobs
+                    payload = _comp.blob_storage.get(payload.id)
+                    if payload is None:
+                        raise UserError(f"the {_what} did not arrive: upload it again")
+                return {"background": _checked_upload(payload.background, _what, limits),
+                        "layers": [_checked_upload(layer, f"{_what}'s painted layer", limits)
+                                   for layer in (payload.layers or [])],
+                        "composite": _checked_upload(payload.composite, _what, limits)}
+            except UserError as e:
+                raise gr.Error(_sentence(str(e))) from e
             except gr.Error:
                 raise
             except Exception as e:
@@ -158,3 +259,41 @@ def readable_upload_errors(**components) -> None:
 
         comp.preprocess = preprocess
 
+
+def readable_inputs(components) -> None:
+    """A value Gradio cannot take (NaN in a whole-number field, text in a number ...) fails in its
+    preprocessing with "Could not preprocess input component at index N"; say instead which field
+    and what it must be."""
+    for comp in components:
+        if getattr(comp, "_readable", False) or isinstance(comp, (gr.ImageEditor, gr.Image, gr.State)):
+            continue
+        original = comp.preprocess
+        label = comp.label or type(comp).__name__
+
+        def preprocess(payload, _original=original, _label=label, _comp=comp):
+            if isinstance(payload, float) and not math.isfinite(payload):
+                raise gr.Error(f"{_label} must be a number, got {payload}.")
+            try:
+                return _original(payload)
+            except gr.Error:
+                raise
+            except Exception as e:
+                shown = repr(payload) if len(repr(payload)) < 40 else type(payload).__name__
+                if isinstance(_comp, (gr.Number, gr.Slider)):
+                    whole = " whole" if getattr(_comp, "precision", None) == 0 else ""
+                    raise gr.Error(f"{_label} must be a{whole} number{_bounds(_comp)}, got {shown}.") from e
+                raise gr.Error(f"{_label} cannot take {shown} ({type(e).__name__}).") from e
+
+        comp.preprocess = preprocess
+        comp._readable = True
+
+
+def _bounds(comp) -> str:
+    lo, hi = getattr(comp, "minimum", None), getattr(comp, "maximum", None)
+    if lo is not None and hi is not None:
+        return f" between {lo:g} and {hi:g}"
+    return ""
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + ("" if text.endswith((".", "!", "?")) else ".")

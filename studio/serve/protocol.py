@@ -66,10 +66,12 @@ class ScaleUpdate:
 class JobResult:
     job_id: str
     images: List[bytes]  # PNG files, parameters in their 'parameters' text chunk (studio.pngmeta)
-    paths: List[str]  # where they were saved (before the result was sent); none for a "preprocess" map
+    paths: List[str]  # where they were saved (before the result was sent), "" if not; none for a map
     params: List[dict]
     tokens: Optional[List[List[np.ndarray]]]  # per image, per scale (pn*pn,) token ids; None for edits
     timings: dict
+    # why an image could not be saved (its path is then ""; its PNG is still in `images`); None: all saved
+    save_error: Optional[str] = None
 
 
 @dataclass(frozen=True)

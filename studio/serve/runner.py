@@ -29,7 +29,10 @@ from studio.domainnets import load_domain_nets
 from studio.params import UserError
 from studio.pipeline import VARPipeline
 from studio.pngmeta import encode_png, read_png_info
+from studio.serve import outputs as saving
 from studio.serve.protocol import JobResult, ScaleUpdate
+from studio.uploads import check_image_size, image_header, mask_levels
+from studio.windows import MAX_WINDOWS, MIN_SIDE, count_windows
 
 log = logging.getLogger(__name__)  # the worker process logs to its stderr: the studio's log
 
@@ -210,7 +213,7 @@ class RunningJob:
             if p.class_name.strip():  # unknown classes fail here, before any work
                 self.label = P.find_class(p.class_name, self.pipe.class_names)
             self.sampling = dict(p.sampling_kwargs(), generator=torch.Generator(self.pipe.device).manual_seed(p.seed))
-            self.record = {"task": kind, "model": model, "model_source": str(self.pipe.source), "seed": p.seed,
+            self.record = {"task": kind, "model": model, "model_source": public_source(self.pipe.source), "seed": p.seed,
                            **p.sampling_kwargs()}
 
     # -- callbacks ---------------------------------------------------------------------------------
@@ -250,8 +253,8 @@ class RunningJob:
         seconds = time.perf_counter() - self.t0
         record = dict(self.record, **(record or {}))
         folder = self.runner.outputs / time.strftime("%Y-%m-%d")
-        folder.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%H%M%S")
+        save_error = None
         images, paths, all_params, all_tokens = [], [], [], []
         labels = out.class_labels or []
         pipe = self.pipe
@@ -264,16 +267,20 @@ class RunningJob:
                 params.update(class_id=None, class_name="unconditional")
             toks = [t[i].numpy().astype(np.int64) for t in out.tokens] if keep_tokens and out.tokens else None
             data = encode_png(im, params, toks)
-            path = folder / f"{stamp}_{self.kind}_s{record['seed']}_{self.id[:6]}_{i}.png"
-            tmp = path.with_suffix(".part")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            path = ""
+            if save_error is None:  # after a failed save the rest stay in memory too (same folder, same fault)
+                try:
+                    path = str(saving.save_png(folder, f"{stamp}_{self.kind}_s{record['seed']}_{self.id[:6]}_{i}",
+                                               data))
+                except saving.SaveError as e:
+                    save_error = str(e)
+                    log.error("job %s: %s (%s)", self.id, e, e.__cause__)
             images.append(data)
-            paths.append(str(path))
+            paths.append(path)
             all_params.append(params)
             all_tokens.append(toks)
         return JobResult(self.id, images, paths, all_params, all_tokens if keep_tokens else None,
-                         dict(out.timings, total_job=seconds))
+                         dict(out.timings, total_job=seconds), save_error)
 
 
 # -- the handlers: one per job kind, each (RunningJob, its params) -> JobResult ---------------------
@@ -290,7 +297,7 @@ def _inpaint(job: RunningJob, p: P.InpaintParams) -> JobResult:
     if mask.size != image.size:
         raise UserError(f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; "
                         "they must be the same size")
-    if not np.asarray(mask.convert("L")).any():
+    if not (mask_levels(mask) > 0.5).any():  # at the mask's own bit depth (16-bit masks too)
         raise UserError("the mask is empty: paint (white) the part of the image to regenerate")
     edit = dict(mask_blur=p.mask_blur, mask_grow=p.mask_grow, inpaint_area=p.inpaint_area, padding=p.padding)
     out = job.pipe.inpaint(image, mask, class_labels=job.label, num_images=p.num_images,
@@ -303,6 +310,13 @@ def _outpaint(job: RunningJob, p: P.OutpaintParams) -> JobResult:
     width, height = image.width + p.left + p.right, image.height + p.top + p.bottom
     if width * height > P.MAX_PIXELS:
         raise UserError(f"the out-painted image would be {width}x{height}; at most {P.MAX_PIXELS // 10**6} megapixels")
+    if image.width < MIN_SIDE or image.height < MIN_SIDE:
+        raise UserError(f"the image is {image.width}x{image.height} pixels; out-painting needs at least "
+                        f"{MIN_SIDE}x{MIN_SIDE}")
+    # the windows' places depend only on the sizes: count them before the first one runs
+    if count_windows(image.width, image.height, p.left, p.right, p.top, p.bottom, limit=MAX_WINDOWS) > MAX_WINDOWS:
+        raise UserError(f"out-painting {image.width}x{image.height} pixels by left {p.left}, right {p.right}, top "
+                        f"{p.top}, bottom {p.bottom} needs more than {MAX_WINDOWS} windows: add fewer pixels")
     job.window = 1
     out = job.pipe.outpaint(image, class_labels=job.label, mask_blur=p.mask_blur, callback_on_scale_end=job.on_scale,
                             on_window=job.on_window, **p.sides, **job.sampling)
@@ -368,18 +382,27 @@ HANDLERS: Dict[str, Handler] = {
 
 
 def open_image(data, what: str) -> Image.Image:
+    """The job's picture, its size checked from the header before it is decoded."""
     if not isinstance(data, (bytes, bytearray)) or not data:
         raise UserError(f"no {what} was given")
+    w, h, _ = image_header(data, what)
+    check_image_size(w, h, what, P.MAX_PIXELS)
     try:
         im = Image.open(io.BytesIO(data))
         im.load()
     except Exception as e:
         raise UserError(f"the {what} could not be read as an image ({type(e).__name__}); "
                         "upload a PNG, JPEG or WebP file") from e
-    if im.width < 1 or im.height < 1 or im.width * im.height > P.MAX_PIXELS:
-        raise UserError(f"the {what} is {im.width}x{im.height}; images must be at most "
-                        f"{P.MAX_PIXELS // 10**6} megapixels")
     return im
+
+
+def public_source(source) -> str:
+    """Where a model came from, as a PNG may say it: a hub id, the embedded default, or a local
+    folder's name (never the server's path)."""
+    text = str(source or "")
+    if os.path.isabs(text) or os.path.exists(text):
+        return Path(text).name or text
+    return text  # a hub id ("owner/name") or a bare name
 
 
 def studio_png(data) -> tuple:
@@ -392,9 +415,14 @@ def studio_png(data) -> tuple:
     except Exception as e:
         raise UserError(f"the image to re-roll could not be read ({type(e).__name__})") from e
     try:
-        return read_png_info(bytes(data))
-    except ValueError as e:  # a 'parameters' chunk another program wrote, a damaged token chunk
-        raise UserError(f"the image to re-roll holds parameters the studio cannot read ({e})") from e
+        params, tokens = read_png_info(bytes(data))
+    except (ValueError, KeyError, TypeError, RecursionError) as e:  # another program's chunk, a damaged one
+        raise UserError(f"the image to re-roll holds parameters the studio cannot read ({type(e).__name__}): "
+                        "choose an image the studio made") from e
+    if not isinstance(params, dict):
+        raise UserError("the image to re-roll holds a 'parameters' chunk that is not the studio's: choose an "
+                        "image the studio made")
+    return params, tokens
 
 
 # ---------------------------------------------------------------------------------------------

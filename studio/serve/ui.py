@@ -45,8 +45,11 @@ from studio import params as P  # noqa: E402
 from studio.params import UserError  # noqa: E402
 from studio.pngmeta import read_png_info  # noqa: E402
 from studio.serve.inputs import (NO_CLASS, RANDOM_CLASS, blank_layout, class_label, control_map_request,  # noqa: E402
-                                 controls_note, editor_background, editor_composite, editor_mask, png_bytes,
-                                 readable_upload_errors, sampling, seg_legend)
+                                 controls_note, editor_background, editor_composite, editor_mask, guard_uploads,
+                                 png_bytes, readable_inputs, sampling, seg_legend, upload_pixels, upload_size)
+from studio.serve import security  # noqa: E402
+from studio.serve.outputs import folder_problem  # noqa: E402
+from studio.serve.limits import Limits  # noqa: E402
 from studio.serve.pool import Job, WorkerPool  # noqa: E402
 from studio.serve.protocol import JobView, ModelInfo  # noqa: E402
 from studio.world import SEG_PALETTE  # noqa: E402  (numpy only, no torch)
@@ -137,12 +140,16 @@ class Studio:
     `w` holds the page's widgets (build_ui sets it): handlers answer {widget: value}, and a widget
     left out keeps its value."""
 
-    def __init__(self, pool: WorkerPool):
+    def __init__(self, pool: WorkerPool, limits: Optional[Limits] = None):
         self.pool = pool
+        self.limits = limits or Limits()
         self.models: Dict[str, ModelInfo] = dict(pool.models)
         self.default_model = next(iter(self.models))
-        self.preview_dir = Path(tempfile.mkdtemp(prefix="var-studio-previews-"))
-        weakref.finalize(self, shutil.rmtree, str(self.preview_dir), True)
+        # this instance's own Gradio temp folder (uploads, previews, result copies): no other studio
+        # serves or reads it, and it goes when the process exits (studio.serve.security)
+        self.temp_dir = security.private_temp_dir()
+        self.preview_dir = Path(tempfile.mkdtemp(prefix="previews-", dir=self.temp_dir))
+        weakref.finalize(self, shutil.rmtree, str(self.temp_dir), True)
         self._sessions: Dict[str, Set[Job]] = {}
         self._lock = threading.Lock()
         self.w = SimpleNamespace()
@@ -167,48 +174,64 @@ class Studio:
     def inpaint(self, model, image, mask, invert_mask, mask_blur, mask_grow, inpaint_area, padding, class_name, seed,
                 guidance_scale, top_k, top_p, more_smooth, num_images, preview, history, request: gr.Request):
         info = self.info(model)
-        picture = editor_background(image)
-        painted = editor_mask(image, mask, picture.size, bool(invert_mask))
-        values = dict(image=png_bytes(picture), mask=png_bytes(painted), mask_blur=mask_blur, mask_grow=mask_grow,
-                      inpaint_area=inpaint_area, padding=padding, class_name=class_label(class_name, info),
-                      **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview))
-        yield from self._run("inpaint", model, values, history, request)
+        with self.limits.heavy(upload_pixels(image, mask)):  # decoded here: one of few big jobs at once
+            sizes = {"image": upload_size(image)}
+            self._checked("inpaint", sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images,
+                                              preview), info, sizes)  # its cost, before decoding anything
+            picture = editor_background(image)
+            painted = editor_mask(image, mask, picture.size, bool(invert_mask))
+            values = dict(image=png_bytes(picture), mask=png_bytes(painted), mask_blur=mask_blur,
+                          mask_grow=mask_grow, inpaint_area=inpaint_area, padding=padding,
+                          class_name=class_label(class_name, info),
+                          **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview))
+            del picture, painted
+            yield from self._run("inpaint", model, values, history, request, sizes)
 
     @_errors_in_status
     def outpaint(self, model, image, left, right, top, bottom, mask_blur, class_name, seed, guidance_scale, top_k,
                  top_p, more_smooth, preview, history, request: gr.Request):
         info = self.info(model)
-        values = dict(image=png_bytes(editor_background(image)), mask_blur=mask_blur, left=left, right=right,
-                      top=top, bottom=bottom, class_name=class_label(class_name, info),
-                      **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, 1, preview))
-        yield from self._run("outpaint", model, values, history, request)
+        with self.limits.heavy(upload_pixels(image)):
+            sides = dict(mask_blur=mask_blur, left=left, right=right, top=top, bottom=bottom)
+            sizes = {"image": upload_size(image)}
+            self._checked("outpaint", dict(sides, **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth,
+                                                              1, preview)), info, sizes)  # windows, before decoding
+            values = dict(image=png_bytes(editor_background(image)), class_name=class_label(class_name, info),
+                          **sides, **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, 1, preview))
+            yield from self._run("outpaint", model, values, history, request, sizes)
 
     @_errors_in_status
     def guide(self, model, guide_image, keep_scales, class_name, seed, guidance_scale, top_k, top_p, more_smooth,
               num_images, preview, history, request: gr.Request):
         info = self.info(model)
-        values = dict(image=png_bytes(editor_composite(guide_image)), keep_scales=keep_scales,
-                      class_name=class_label(class_name, info),
-                      **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview))
-        yield from self._run("guide", model, values, history, request)
+        with self.limits.heavy(upload_pixels(guide_image)):
+            values = dict(image=png_bytes(editor_composite(guide_image)), keep_scales=keep_scales,
+                          class_name=class_label(class_name, info),
+                          **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview))
+            yield from self._run("guide", model, values, history, request)
 
     @_errors_in_status
     def control(self, model, image, control_type, preprocessor, canny_low, canny_high, control_strength,
                 control_guidance_start, control_guidance_end, class_name, seed, guidance_scale, top_k, top_p,
                 more_smooth, num_images, preview, history, request: gr.Request):
         info = self.info(model)
-        values = dict(control_map_request(image, control_type, preprocessor, canny_low, canny_high),
-                      control_strength=control_strength, control_guidance_start=control_guidance_start,
-                      control_guidance_end=control_guidance_end, class_name=class_label(class_name, info),
-                      **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview))
-        yield from self._run("control", model, values, history, request)
+        with self.limits.heavy(upload_pixels(image)):
+            values = dict(control_map_request(image, control_type, preprocessor, canny_low, canny_high),
+                          control_strength=control_strength, control_guidance_start=control_guidance_start,
+                          control_guidance_end=control_guidance_end, class_name=class_label(class_name, info),
+                          **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview))
+            yield from self._run("control", model, values, history, request)
 
     def preprocess(self, model, image, control_type, preprocessor, canny_low, canny_high):
         """The control map the worker extracts from the image (what /control would use), as a picture."""
         info = self.info(model)
-        values = control_map_request(image, control_type, preprocessor, canny_low, canny_high)
-        job = self._submit("preprocess", model, self._checked("preprocess", values, info))
-        job.wait()
+        try:
+            with self.limits.heavy(upload_pixels(image)):
+                values = control_map_request(image, control_type, preprocessor, canny_low, canny_high)
+                job = self._submit("preprocess", model, self._checked("preprocess", values, info))
+                job.wait()
+        except UserError as e:
+            raise gr.Error(str(e)) from e
         view = job.view()
         if view.status != "done":
             raise gr.Error(view.error or f"the map could not be made ({view.status})")
@@ -220,7 +243,7 @@ class Studio:
         info = self.info(model)
         if not image:
             raise gr.Error("Select a result first (click one in Result or History), or drop a studio PNG there.")
-        values = dict(source_png=Path(image).read_bytes(), keep_scales=keep_scales,
+        values = dict(source_png=Path(image).read_bytes(), keep_scales=keep_scales,  # checked: an image, in bounds
                       **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview))
         yield from self._run("reroll", model, values, history, request)
 
@@ -232,20 +255,26 @@ class Studio:
         return "Stopping…" if jobs else gr.skip()
 
     # -- following a job ---------------------------------------------------------------------------------
-    @staticmethod
-    def _checked(kind: str, values: dict, info: ModelInfo) -> P.JobParams:
-        """The form as the kind's typed parameters, checked (also against the model) before it is queued."""
+    def _checked(self, kind: str, values: dict, info: ModelInfo, sizes: Optional[dict] = None) -> P.JobParams:
+        """The form as the kind's typed parameters, checked (also against the model, and its cost against
+        the limits: studio.serve.limits) before it is queued."""
         try:
             p = P.parse(kind, values)
             p.check_model(info.num_scales)
+            self.limits.check_job(kind, p, {k: v for k, v in (sizes or {}).items() if v})
         except UserError as e:
             raise gr.Error(str(e)) from e
         return p.with_seed() if isinstance(p, P.Sampling) else p  # the seed is known before the job runs
 
-    def _run(self, kind: str, model, values: dict, history, request):
+    def _run(self, kind: str, model, values: dict, history, request, sizes: Optional[dict] = None):
         """Check the form, submit it and stream the job's state (preview, status, filmstrip, result,
         selected, history) until it ends. Outputs are saved by the worker before they arrive here."""
-        job = self._submit(kind, model, self._checked(kind, values, self.info(model)))
+        p = self._checked(kind, values, self.info(model), sizes)
+        problem = folder_problem(self.pool.outputs)  # before the work, not after it
+        if problem:
+            raise gr.Error(f"Results cannot be saved right now ({problem}); nothing was started. "
+                           "Tell the studio's operator.")
+        job = self._submit(kind, model, p)
         session = _session(request)
         with self._lock:
             self._sessions.setdefault(session, set()).add(job)
@@ -322,12 +351,26 @@ class Studio:
             raise gr.Error(view.error or "the job failed")
         res = view.result
         p0 = res.params[0]
+        # an image that could not be saved is still shown (and can be downloaded) from the temp folder
+        paths = [p or self._unsaved_file(res.job_id, i, data) for i, (p, data) in enumerate(zip(res.paths, res.images))]
         captions = [f"seed {p['seed']} · {p.get('class_name', '')}" for p in res.params]
-        history = (list(res.paths) + [h for h in history if h not in res.paths])[:HISTORY_SIZE]
-        text = (f"✓ Done in {view.elapsed:.1f} s · seed {p0['seed']} · {p0.get('class_name', '')} · saved "
-                f"`{_short(res.paths[0])}`" + (f" (+{len(res.paths) - 1} more)" if len(res.paths) > 1 else ""))
-        yield {**out, w.preview: res.paths[0], w.status: text, w.results: list(zip(res.paths, captions)),
-               w.selected: res.paths[0], w.history: history, w.history_state: history}
+        history = (list(paths) + [h for h in history if h not in paths])[:HISTORY_SIZE]
+        if res.save_error:
+            saved = sum(1 for p in res.paths if p)
+            text = (f"⚠️ Done in {view.elapsed:.1f} s, but {len(paths) - saved} of {len(paths)} image(s) could not be "
+                    f"saved ({res.save_error}): they are shown here only, download them now.")
+        else:
+            text = (f"✓ Done in {view.elapsed:.1f} s · seed {p0['seed']} · {p0.get('class_name', '')} · saved "
+                    f"`{_short(paths[0])}`" + (f" (+{len(paths) - 1} more)" if len(paths) > 1 else ""))
+        yield {**out, w.preview: paths[0], w.status: text, w.results: list(zip(paths, captions)),
+               w.selected: paths[0], w.history: history, w.history_state: history}
+
+    def _unsaved_file(self, job_id: str, index: int, data: bytes) -> str:
+        folder = self.temp_dir / "unsaved"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{job_id}_{index}.png"
+        path.write_bytes(data)
+        return str(path)
 
     # -- small helpers for the wiring -----------------------------------------------------------------------
     def model_changed(self, model) -> dict:
@@ -348,8 +391,10 @@ class Studio:
             return None
         try:
             params, tokens = read_png_info(Path(path).read_bytes())
-        except Exception:
-            return {"note": "no studio parameters in this image"}
+        except (Exception, RecursionError) as e:  # a damaged chunk, JSON nested too deep, not an image
+            return {"note": f"this image's studio parameters cannot be read ({type(e).__name__})"}
+        if not isinstance(params, dict):
+            return {"note": "this image's 'parameters' chunk is not the studio's"}
         return dict(params, tokens_stored=tokens is not None) if params else {"note": "no studio parameters"}
 
     def reuse_settings(self, path) -> dict:
@@ -412,6 +457,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 _outputs(w, info)
         _wire_runs(w, studio)
         _wire_helpers(w, studio, info, demo)
+        readable_inputs({c for fn in demo.fns.values() for c in fn.inputs})
     return demo
 
 
@@ -558,8 +604,8 @@ def _outputs(w, info: ModelInfo) -> None:
 
 def _wire_runs(w, studio: Studio) -> None:
     """The run buttons: each a streamed, named API endpoint (docs/api.md)."""
-    readable_upload_errors(image=w.editor, mask=w.mask_upload, guide_image=w.guide_editor,
-                           control_image=w.control_editor, selected_image=w.selected)
+    guard_uploads(studio.limits, image=w.editor, mask=w.mask_upload, guide_image=w.guide_editor,
+                  control_image=w.control_editor, selected_image=w.selected)
     run_outputs = [w.preview, w.status, w.filmstrip, w.results, w.selected, w.history, w.history_state]
     sample = [w.seed, w.guidance, w.top_k, w.top_p, w.more_smooth]
     after = [w.preview_mode, w.history_state]
@@ -643,8 +689,17 @@ def _to_editor(path):
 
 
 def launch(demo: gr.Blocks, studio: Studio, host: str = "127.0.0.1", port: int = 7860, **kwargs):
-    """Start serving (loopback by default); outputs are served only from the outputs folder."""
+    """Start serving (loopback by default). The guards of studio.serve.security wrap Gradio's app: on
+    loopback only Host: localhost is served, and the file route serves only this instance's images.
+    Gradio refuses an upload over the byte limit before storing it (max_file_size). `auth` (a list of
+    (user, password)) turns on Gradio's login."""
     demo.queue(max_size=64)
+    app_kwargs = dict(kwargs.pop("app_kwargs", None) or {})
+    app_kwargs["middleware"] = [*app_kwargs.get("middleware", []),
+                                *security.middleware(host, studio.temp_dir)]
+    # the outputs folder is "allowed" only so Gradio copies results into the temp folder; FileGuard
+    # serves none of it directly
     return demo.launch(server_name=host, server_port=port, show_error=True,
-                       allowed_paths=[str(studio.pool.outputs)], theme=gr.themes.Default(primary_hue="indigo"),
+                       allowed_paths=[str(studio.pool.outputs)], max_file_size=studio.limits.max_upload_bytes,
+                       app_kwargs=app_kwargs, theme=gr.themes.Default(primary_hue="indigo"),
                        css=CSS, footer_links=["api"], **kwargs)
