@@ -25,6 +25,7 @@ from test_worker import tiny_bundle  # noqa: F401 (the fixture)
 gradio_client = pytest.importorskip("gradio_client")
 requests = pytest.importorskip("requests")
 from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
 
 from studio.params import UserError  # noqa: E402
 from studio.serve.limits import Limits  # noqa: E402
@@ -139,7 +140,7 @@ def editor(path):
 
 
 def refused(client, api_name, **kwargs) -> str:
-    with pytest.raises(Exception) as e:
+    with pytest.raises(AppError) as e:
         client.predict(api_name=api_name, **kwargs)
     return str(e.value)
 
@@ -155,8 +156,8 @@ def test_a_100_megapixel_upload_is_refused_from_its_header_without_decoding(stud
     c = a.client()
     generate(c)  # the page, the queue and one job: the process at its working size
     before = peak_rss_mb(a.proc.pid)
-    for api in ("/inpaint", "/outpaint"):
-        msg = refused(c, api, image=editor(inputs / "huge.png"), right=64)
+    for api, extra in (("/inpaint", {"mask": None}), ("/outpaint", {"right": 64})):
+        msg = refused(c, api, image=editor(inputs / "huge.png"), **extra)
         assert "10000x10000" in msg and "16 megapixels" in msg and "--max-upload-megapixels" in msg, msg
     msg = refused(c, "/guide", guide_image=editor(inputs / "huge.png"))
     assert "16 megapixels" in msg, msg
@@ -189,8 +190,11 @@ def test_out_painting_that_needs_too_many_windows_is_refused_before_any_work(stu
 def test_developer_errors_become_messages_naming_the_parameter(studios, inputs):
     a, _ = studios
     c = a.client()
-    msg = refused(c, "/generate", seed=float("nan"))
-    assert "Seed" in msg and "nan" in msg.lower() and "preprocess" not in msg, msg
+    # NaN is not JSON, so gradio_client will not send it; a hand-made request does
+    r = requests.post(a.url + "gradio_api/call/generate", headers={"content-type": "application/json"},
+                      data='{"data": [null, null, NaN, 4, 900, 0.95, false, 1, "none"]}')
+    msg = requests.get(a.url + "gradio_api/call/generate/" + r.json()["event_id"]).text
+    assert "event: error" in msg and "Seed (-1 = random) must be a number, got nan" in msg, msg
     msg = refused(c, "/reroll", image=handle_file(str(inputs / "notes.png")))
     assert "could not be read as an image" in msg and "PNG, JPEG or WebP" in msg, msg
     msg = refused(c, "/reroll", image=handle_file(str(inputs / "deep.png")))
@@ -203,6 +207,10 @@ def test_a_foreign_host_header_is_refused_on_loopback(studios):
     assert requests.get(a.url, headers={"Host": "attacker.example"}).status_code == 421
     assert requests.get(a.url + "gradio_api/info", headers={"Host": "attacker.example:7860"}).status_code == 421
     assert requests.get(a.url, headers={"Host": f"localhost:{a.port}"}).status_code == 200
+    # a page elsewhere posting from a visitor's browser (the Host is right, the Origin is not)
+    r = requests.post(a.url + "gradio_api/upload", headers={"Origin": "http://attacker.example"},
+                      files={"files": ("x.png", b"\x89PNG", "image/png")})
+    assert r.status_code == 403
 
 
 def test_a_studio_serves_its_own_images_and_nothing_else(studios):
@@ -223,8 +231,8 @@ def test_a_studio_serves_its_own_images_and_nothing_else(studios):
 
 def test_a_failed_save_keeps_the_image_and_says_why_without_a_path(studios):
     a, _ = studios
-    c = a.client()
-    first = generate(c, seed=6)
+    first = generate(a.client(), seed=6)
+    c = a.client()  # a new session: its history holds no file of the folder moved below
     kept = {p: p.read_bytes() for p in a.outputs.rglob("*.png")}
     day = a.outputs / time.strftime("%Y-%m-%d")
     moved = a.outputs / "day-moved"
@@ -289,7 +297,7 @@ def test_window_count_is_the_pipelines_own(tiny_pipe):
     for sides in (dict(right=40), dict(left=8, top=30, bottom=5), dict(left=50, right=50)):
         seen = []
         tiny_pipe.outpaint(image, **sides, on_window=lambda n, canvas: seen.append(n), top_k=1)
-        full = dict(left=0, right=0, top=0, bottom=0, **sides)
+        full = {**dict(left=0, right=0, top=0, bottom=0), **sides}
         assert count_windows(32, 24, **full) == len(seen), sides
     assert count_windows(64, 48, 512, 512, 512, 512, limit=32) == 33  # "more than 32", at once
 

@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Collection, Iterable, List, Optional, Sequence, Tuple
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
@@ -78,16 +78,23 @@ def auth_problem(host: str, auth, insecure_no_auth: bool) -> Optional[str]:
 
 
 class HostCheck:
-    """ASGI middleware: serve only requests whose Host header is one of `allowed` (any port)."""
+    """ASGI middleware: serve only requests whose Host header is one of `allowed` (any port), and
+    whose Origin, when a browser sends one, is too: a page elsewhere cannot post uploads or jobs
+    to a loopback studio from a visitor's browser."""
 
     def __init__(self, app, allowed: Collection[str] = LOOPBACK_NAMES):
         self.app, self.allowed = app, {a.lower() for a in allowed}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] in ("http", "websocket"):
-            host = _host_name(dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1"))
+            headers = dict(scope.get("headers") or [])
+            host = _host_name(headers.get(b"host", b"").decode("latin-1"))
             if host not in self.allowed:
                 await _refuse(scope, send, 421, "This studio answers only to localhost (Host header refused).")
+                return
+            origin = headers.get(b"origin", b"").decode("latin-1")
+            if origin and _host_name(urlsplit(origin).netloc) not in self.allowed:
+                await _refuse(scope, send, 403, "This studio takes requests only from its own pages (Origin refused).")
                 return
         await self.app(scope, receive, send)
 
