@@ -241,10 +241,10 @@ def guard_uploads(limits: Limits, **components) -> None:
             try:
                 if not _editor:
                     return _checked_upload(payload, _what, limits)
-                if getattr(payload, "id", None) is not None:  # the editor sent its images as blobs
-                    payload = _comp.blob_storage.get(payload.id)
-                    if payload is None:
-                        raise UserError(f"the {_what} did not arrive: upload it again")
+                if getattr(payload, "id", None) is not None:  # the page sent the editor's images as blobs
+                    payload = _comp.blob_storage.pop(payload.id, None)
+                    if payload is None:  # none arrived (as Gradio reads it: an empty editor)
+                        return {"background": None, "layers": [], "composite": None}
                 return {"background": _checked_upload(payload.background, _what, limits),
                         "layers": [_checked_upload(layer, f"{_what}'s painted layer", limits)
                                    for layer in (payload.layers or [])],

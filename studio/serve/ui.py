@@ -140,6 +140,8 @@ class Studio:
     `w` holds the page's widgets (build_ui sets it): handlers answer {widget: value}, and a widget
     left out keeps its value."""
 
+    limits = Limits()  # the defaults, unless the studio is given its own (app.py's --max-* flags)
+
     def __init__(self, pool: WorkerPool, limits: Optional[Limits] = None):
         self.pool = pool
         self.limits = limits or Limits()
