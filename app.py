@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -86,6 +87,10 @@ def create_pool(args: argparse.Namespace) -> WorkerPool:
                       preview=args.preview, scale_delay=args.scale_delay, torch_threads=args.threads)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def outputs_problem(folder) -> Optional[str]:
     problem = folder_problem(folder)
     if problem:
@@ -120,6 +125,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     ui.patch_gradio()
     studio = ui.Studio(pool, limits)
+    # SIGTERM (a service manager, kill) stops the server as Ctrl-C does, so the workers are closed
+    # and the private temp folder removed
+    signal.signal(signal.SIGTERM, _interrupt)
     demo = ui.build_ui(studio)
     try:
         ui.launch(demo, studio, host=args.host, port=args.port, auth=auth)

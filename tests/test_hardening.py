@@ -101,13 +101,16 @@ class Studio:
 
     def stop(self):
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.kill(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
-        self.log.close()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # anything of its group left behind
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +257,17 @@ def test_a_failed_save_keeps_the_image_and_says_why_without_a_path(studios):
     params = json.loads(Image.open(next(iter(kept))).text["parameters"])
     assert not os.path.isabs(params["model_source"]) and "/" not in params["model_source"], params
     generate(c, seed=8)
+
+
+def test_a_stopped_studio_leaves_no_temp_folder(studios):
+    _, b = studios
+    out = generate(b.client(), seed=9)
+    shown = Path(out[3][0]["image"]["path"])
+    temp = next(p for p in shown.parents if p.name.startswith("var-studio-"))
+    assert temp.is_dir()
+    b.stop()  # SIGTERM, as a service manager stops it
+    assert b.proc.returncode == 0, b.text()
+    assert not temp.exists()
 
 
 # ---------------------------------------------------------------------------------------------

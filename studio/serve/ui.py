@@ -150,8 +150,10 @@ class Studio:
         # this instance's own Gradio temp folder (uploads, previews, result copies): no other studio
         # serves or reads it, and it goes when the process exits (studio.serve.security)
         self.temp_dir = security.private_temp_dir()
-        self.preview_dir = Path(tempfile.mkdtemp(prefix="previews-", dir=self.temp_dir))
         weakref.finalize(self, shutil.rmtree, str(self.temp_dir), True)
+        # the previews are written outside it: Gradio serves its own copies, so a job may remove its files
+        self.preview_dir = Path(tempfile.mkdtemp(prefix="var-studio-previews-"))
+        weakref.finalize(self, shutil.rmtree, str(self.preview_dir), True)
         self._sessions: Dict[str, Set[Job]] = {}
         self._lock = threading.Lock()
         self.w = SimpleNamespace()
