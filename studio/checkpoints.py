@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from models.car import CAR, CARConfig
+from models.controlvar import ControlVAR, ControlVARConfig, joint_levels_and_mask
 from models.var import VAR, VARConfig, scale_levels_and_mask
 from models.vqvae import VQVAE, VQVAEConfig
 
@@ -139,6 +140,38 @@ def vae_config_from_state_dict(sd: Dict[str, torch.Tensor], patch_nums) -> VQVAE
         raise CheckpointError(f"not a multi-scale VQVAE checkpoint (cannot read its shape: {e!r})") from e
 
 
+def is_controlvar_state_dict(sd: Dict[str, torch.Tensor]) -> bool:
+    """ControlVAR (lxa9867/ControlVAR): a condition-type table `cond_embed` next to VAR's keys, or (a
+    file that lost it, refused by name later) the two-token start `pos_start` (1, 2, C)."""
+    start = sd.get("pos_start")
+    return "class_emb.weight" in sd and ("cond_embed.weight" in sd or (start is not None and start.ndim == 3
+                                                                       and start.shape[1] == 2))
+
+
+def controlvar_config_from_state_dict(sd: Dict[str, torch.Tensor], what: str = "checkpoint") -> ControlVARConfig:
+    """The ControlVAR shape from its tensors: width, depth, classes, vocabulary, scales (lvl_1L counts
+    both halves of a scale); attention follows the released rule (l2-normalised only at depth 30)."""
+    try:
+        C = sd["class_emb.weight"].shape[1]
+        depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+        levels = sd["lvl_1L"].reshape(-1).tolist()
+        counts = [levels.count(i) for i in range(max(levels) + 1)]
+        patch_nums = tuple(int(round((c / 2) ** 0.5)) for c in counts)
+        if any(2 * pn * pn != c for pn, c in zip(patch_nums, counts)):
+            raise CheckpointError(f"{what}: lvl_1L does not describe [control; image] square scales: {counts}")
+        heads = sd["blocks.0.attn.scale_mul_1H11"].shape[1] if "blocks.0.attn.scale_mul_1H11" in sd else C // 64
+        return ControlVARConfig(
+            vocab_size=sd["head.weight"].shape[0], z_channels=sd["word_embed.weight"].shape[1],
+            num_classes=sd["class_emb.weight"].shape[0] - 1, depth=depth, embed_dim=C, num_heads=max(heads, 1),
+            mlp_ratio=sd["blocks.0.ffn.fc1.weight"].shape[0] / C, shared_aln=False, attn_l2_norm=depth == 30,
+            patch_nums=patch_nums,
+            num_type_ids=sd["cond_embed.weight"].shape[0] if "cond_embed.weight" in sd else ControlVARConfig.num_type_ids)
+    except (KeyError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{what} is not a ControlVAR checkpoint (cannot read its shape: {e!r})") from e
+
+
 # ---------------------------------------------------------------------------------------------
 # official .pth files
 
@@ -152,6 +185,11 @@ def torch_load(path: Path) -> Dict[str, torch.Tensor]:
     if isinstance(obj, dict) and "trainer" in obj and isinstance(obj["trainer"], dict):
         tr = obj["trainer"]
         obj = tr.get("var_wo_ddp", tr.get("vae_local", obj))
+    # ControlVAR's trainer: {'model_state_dict': DDP state dict, 'optimizer_state_dict', 'epoch', 'step'}
+    if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
+        obj = obj["model_state_dict"]
+    if isinstance(obj, dict) and obj and all(isinstance(k, str) and k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}  # saved from a DDP-wrapped model
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path.name} is not a state dict of tensors")
     return obj
@@ -164,14 +202,21 @@ def find_official_files(folder: Path, variant: Optional[str] = None) -> Tuple[Pa
         if len(cands) != 1:
             raise CheckpointError(f"{folder}: expected {OFFICIAL_VAE_FILE} (the official VQVAE) in the folder")
         vae = cands[0]
-    vars_ = sorted(folder.glob("var_d*.pth"), key=lambda p: int(re.findall(r"\d+", p.stem)[0]))
+    # VAR's var_dNN.pth, or ControlVAR's dNN.pth (hub qiuk6/ControlVAR)
+    vars_ = sorted((p for p in folder.glob("*.pth") if re.fullmatch(r"(var_)?d\d+", p.stem)),
+                   key=lambda p: (int(re.findall(r"\d+", p.stem)[0]), p.name))
     if variant is not None:
-        want = folder / f"var_{variant}.pth"
-        if not want.exists():
-            raise CheckpointError(f"{folder}: no var_{variant}.pth (found: {[p.name for p in vars_]})")
-        return vae, want
+        wants = [folder / f"var_{variant}.pth", folder / f"{variant}.pth"]
+        found = [w for w in wants if w.exists()]
+        if not found:
+            raise CheckpointError(f"{folder}: no var_{variant}.pth or {variant}.pth (found: {[p.name for p in vars_]})")
+        if len(found) > 1:
+            raise CheckpointError(f"{folder}: both var_{variant}.pth (VAR) and {variant}.pth (ControlVAR); keep one "
+                                  "per folder")
+        return vae, found[0]
     if not vars_:
-        raise CheckpointError(f"{folder}: no var_dNN.pth transformer checkpoint in the folder")
+        raise CheckpointError(f"{folder}: no var_dNN.pth (VAR) or dNN.pth (ControlVAR) transformer checkpoint in the "
+                              "folder")
     if len(vars_) > 1:
         raise CheckpointError(f"{folder}: several transformers ({', '.join(p.name for p in vars_)}); "
                               f"choose one with variant='d16' (or --model {folder}:d16)")
@@ -185,14 +230,15 @@ def load_official(folder: Path, variant: Optional[str] = None, materialize: bool
     the weights (a cheap check of a multi-GB checkpoint)."""
     vae_path, var_path = find_official_files(folder, variant)
     var_sd = torch_load(var_path)
-    var_cfg = var_config_from_state_dict(var_sd)
+    controlvar = is_controlvar_state_dict(var_sd)
+    var_cfg = controlvar_config_from_state_dict(var_sd, var_path.name) if controlvar else var_config_from_state_dict(var_sd)
     vae_sd = torch_load(vae_path)
     vae_cfg = vae_config_from_state_dict(vae_sd, var_cfg.patch_nums)
     if vae_cfg.vocab_size != var_cfg.vocab_size or vae_cfg.z_channels != var_cfg.z_channels:
         raise CheckpointError(f"{vae_path.name} (vocab {vae_cfg.vocab_size}, {vae_cfg.z_channels} channels) does not "
                               f"fit {var_path.name} (vocab {var_cfg.vocab_size}, {var_cfg.z_channels} channels)")
     with torch.device("meta"):
-        vae, var = VQVAE(vae_cfg), VAR(var_cfg)
+        vae, var = VQVAE(vae_cfg), (ControlVAR(var_cfg) if controlvar else VAR(var_cfg))
     if not materialize:
         check_state_dict(vae, vae_sd, vae_path.name)
         check_state_dict(var, var_sd, var_path.name)
@@ -206,9 +252,9 @@ def load_official(folder: Path, variant: Optional[str] = None, materialize: bool
     return LoadedModels(vae, var, class_names_for(var_cfg.num_classes), str(folder), {})
 
 
-def _reset_computed_buffers(vae: VQVAE, var: VAR) -> None:
+def _reset_computed_buffers(vae: VQVAE, var) -> None:
     """Models built on the meta device have empty buffers: recompute the ones we own."""
-    lvl, mask = scale_levels_and_mask(var.cfg.patch_nums)
+    lvl, mask = _levels_and_mask(var)
     var.lvl_1L.copy_(lvl)
     var.attn_bias_for_masking.copy_(mask)
     for blk in var.blocks:
@@ -216,10 +262,18 @@ def _reset_computed_buffers(vae: VQVAE, var: VAR) -> None:
     vae.quantize.ema_vocab_hit_SV.zero_()
 
 
-def _check_buffers(var: VAR, what: str) -> None:
-    _, expect = scale_levels_and_mask(var.cfg.patch_nums)
+def _levels_and_mask(var):
+    if isinstance(var, ControlVAR):
+        return joint_levels_and_mask(var.cfg.patch_nums)
+    return scale_levels_and_mask(var.cfg.patch_nums)
+
+
+def _check_buffers(var, what: str) -> None:
+    lvl, expect = _levels_and_mask(var)
     if not torch.equal(var.attn_bias_for_masking, expect):
         raise CheckpointError(f"{what}: attn_bias_for_masking is not the block-causal mask of its scales")
+    if not torch.equal(var.lvl_1L, lvl):
+        raise CheckpointError(f"{what}: lvl_1L does not give each token its scale")
     if any(blk.attn.zero_k_bias.abs().max() != 0 for blk in var.blocks):
         raise CheckpointError(f"{what}: zero_k_bias is not zero")
 

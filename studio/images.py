@@ -421,3 +421,28 @@ def car_scale_maps(picture, patch_nums, pixels_per_token: int = 16):
         t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))[None]
         out.append(t.add(t).add_(-1))
     return out
+
+
+def controlvar_map(picture, resolution: int = 256, control_type: str = "canny") -> torch.Tensor:
+    """A ControlVAR control map -> (1, 3, R, R) float32 in [-1, 1], as the released val loader feeds
+    it: uint8/255 in float32, then (x - 0.5) / 0.5, pixel for pixel at R x R. The model's VQVAE
+    tokenises it (its multi-scale quantiser does the per-scale downsampling).
+
+    Maps of another size are resized to R x R (our choice; the official loader only ever sees its
+    dataset's 256 px crops): NEAREST for segmentation maps, so that every pixel keeps a palette
+    colour, LANCZOS (the loader's filter) for the others. uint8 arrays (H, W[, 3]) are taken as
+    pictures; float maps are refused (they would have to be rounded to 8 bits)."""
+    if isinstance(picture, np.ndarray):
+        if picture.dtype != np.uint8:
+            raise ValueError(f"a ControlVAR control map is an 8-bit picture: give a PIL image or a uint8 array, "
+                             f"not a {picture.dtype} array")
+        picture = Image.fromarray(_hwc(picture, "control map"))
+    if not isinstance(picture, Image.Image):
+        raise ValueError(f"a ControlVAR control map must be a PIL image or a uint8 array, not {type(picture).__name__}")
+    picture = to_rgb(picture)
+    if picture.size != (resolution, resolution):
+        flt = Image.Resampling.NEAREST if control_type == "segmentation" else Image.Resampling.LANCZOS
+        picture = picture.resize((resolution, resolution), flt)
+    arr = np.asarray(picture).astype(np.float32) / 255.0
+    t = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))[None]
+    return (t - 0.5) / 0.5

@@ -20,6 +20,7 @@ from PIL import Image
 
 from models.car import CAR, CARHook
 from models.control import Control, ControlAdapter, ControlConfig, ControlHook, active_scales
+from models.controlvar import CONTROL_TYPE_IDS, ControlVAR
 from models.var import VAR, SampleResult, ScaleEvent
 from models.vqvae import VQVAE
 from studio import checkpoints, editing, params, preprocess, preview
@@ -37,6 +38,7 @@ class VAROutput:
     class_labels: List[int] = field(default_factory=list)
     stopped_early: bool = False  # a callback stopped the run; images show the scales made so far
     timings: dict = field(default_factory=dict)  # seconds: per scale, decode, total
+    control_tokens: Optional[List[torch.Tensor]] = None  # ControlVAR: the map's tokens per scale (B, pn*pn)
 
 
 class VARPipeline:
@@ -118,6 +120,18 @@ class VARPipeline:
     def num_classes(self) -> int:
         return self.var.cfg.num_classes
 
+    @property
+    def is_controlvar(self) -> bool:
+        """A ControlVAR model (lxa9867/ControlVAR): it generates only under a control map."""
+        return isinstance(self.var, ControlVAR)
+
+    @property
+    def control_types(self) -> List[str]:
+        """Every control type this model can be steered by (adapters, CAR files, or ControlVAR's own)."""
+        if self.is_controlvar:
+            return list(CONTROL_TYPE_IDS)
+        return sorted(set(self.controls) | set(self.car_controls))
+
     # -- inputs ---------------------------------------------------------------------------------
     def class_index(self, label: ClassLabel) -> int:
         """A class id, a negative int (unconditional), or a class name (case-insensitive)."""
@@ -192,7 +206,7 @@ class VARPipeline:
         class_labels: Optional[Union[ClassLabel, Sequence[ClassLabel]]] = None,
         guidance_scale: Union[float, Sequence[float]] = Sampling.guidance_scale,
         top_k: int = Sampling.top_k,
-        top_p: float = Sampling.top_p,
+        top_p: Optional[float] = None,
         more_smooth: bool = Sampling.more_smooth,
         generator: Optional[torch.Generator] = None,
         num_images_per_label: int = 1,
@@ -206,12 +220,15 @@ class VARPipeline:
         control_strength: Union[float, Sequence[float]] = 1.0,
         control_guidance_start: Union[float, Sequence[float]] = 0.0,
         control_guidance_end: Union[float, Sequence[float]] = 1.0,
+        type_guidance_scale: Optional[float] = None,
+        control_guidance_scale: Optional[float] = None,
     ) -> VAROutput:
         """Generate images scale by scale.
 
         guidance_scale: classifier-free guidance; a float g ramps linearly from 0 at the first
             scale to g at the last (the published schedule), a list gives the weight per scale.
-        top_k / top_p: keep the k most likely tokens / the nucleus of mass top_p (0 = off).
+        top_k / top_p: keep the k most likely tokens / the nucleus of mass top_p (0 = off); top_p
+            None is the family's published default (VAR 0.95, ControlVAR 0.96).
         more_smooth: feed Gumbel-softmax soft codes instead of hard tokens (smoother images).
         callback_on_scale_end: called with a ScaleEvent after every scale; return True to stop.
         known_tokens / known_mask: per scale (B, pn*pn) tokens and bool masks (True = keep) that
@@ -226,7 +243,25 @@ class VARPipeline:
             the fraction of the scales where it acts (scale si when si/n >= start, (si+1)/n <= end).
             Each may be a list, one value per control. Guidance sees no control in its unconditional
             half, so guidance_scale pushes towards the class and the control (models/control.py).
+        ControlVAR models (pipe.is_controlvar) always need control_image (the map itself, RGB: a
+            segmentation map in its 124-colour palette, an edge, depth or normal picture; one, or one
+            per label / per image) and control_type ("segmentation", "canny", "depth", "normal").
+            Their guidance has three weights: guidance_scale (class), type_guidance_scale (condition
+            type) and control_guidance_scale (map); None means guidance_scale (the published runs use
+            4, 4, 4). `.tokens` and `.images` are the image's; `.control_tokens` the map's.
         """
+        if self.is_controlvar:
+            if not use_kv_cache:
+                raise UserError("a ControlVAR model samples with its KV cache (use_kv_cache=False is for VAR)")
+            return self._controlvar_call(
+                class_labels, guidance_scale, type_guidance_scale, control_guidance_scale, top_k,
+                0.96 if top_p is None else top_p, more_smooth, generator, num_images_per_label, callback_on_scale_end,
+                output_type, known_tokens, known_mask, control_image, control_type, control_strength,
+                control_guidance_start, control_guidance_end)
+        if type_guidance_scale is not None or control_guidance_scale is not None:
+            raise UserError("type_guidance_scale and control_guidance_scale are ControlVAR's guidance weights; this "
+                            "model is not a ControlVAR")
+        top_p = Sampling.top_p if top_p is None else top_p
         self._check_sampling_args(guidance_scale, top_k, top_p)
         im.check_output_type(output_type)
         t_start = time.perf_counter()
@@ -261,6 +296,81 @@ class VARPipeline:
             images=self.postprocess(images, output_type), tokens=[t.cpu() for t in res.tokens],
             class_labels=labels.tolist(), stopped_early=res.stopped_early,
             timings={"per_scale": per_scale, "decode": t_end - t_dec, "total": t_end - t_start})
+
+    def _controlvar_call(self, class_labels, guidance_scale, type_guidance_scale, control_guidance_scale, top_k, top_p,
+                         more_smooth, generator, num_images_per_label, callback_on_scale_end, output_type, known_tokens,
+                         known_mask, control_image, control_type, strength, start, end) -> VAROutput:
+        """Sampling of a ControlVAR model (its official conditional_infer_cfg, see models/controlvar.py)."""
+        types = ", ".join(repr(t) for t in CONTROL_TYPE_IDS)
+        if control_image is None or control_type is None:
+            raise UserError(f"a ControlVAR model draws an image under a control map: give control_image and control_type "
+                            f"({types})")
+        if not isinstance(control_type, str) or control_type not in CONTROL_TYPE_IDS:
+            raise UserError(f"ControlVAR's control types are {types}; got {control_type!r}")
+        if (strength, start, end) != (1.0, 0.0, 1.0):
+            raise UserError("control_strength and control_guidance_start/end are for adapters; a ControlVAR model reads "
+                            "the map as part of its sequence: weigh it with control_guidance_scale")
+        weights = []
+        for name, g in (("guidance_scale", guidance_scale), ("type_guidance_scale", type_guidance_scale),
+                        ("control_guidance_scale", control_guidance_scale)):
+            g = guidance_scale if g is None else g
+            if isinstance(g, bool) or not isinstance(g, (int, float)) or not np.isfinite(g) or g < 0:
+                raise UserError(f"{name} must be one finite number >= 0 for a ControlVAR model, got {g!r}")
+            weights.append(float(g))
+        self._check_sampling_args(weights[0], top_k, top_p)
+        im.check_output_type(output_type)
+        t_start = time.perf_counter()
+        labels = self._labels(class_labels, num_images_per_label, generator)
+        B = labels.shape[0]
+        known_tokens, known_mask = self._check_known(known_tokens, known_mask, B)
+        pictures = list(control_image) if isinstance(control_image, (list, tuple)) else [control_image]
+        per_label = num_images_per_label
+        if len(pictures) not in (1, B, B // per_label):
+            raise UserError(f"control_image has {len(pictures)} maps for {B // per_label} labels x {per_label} images; "
+                            "give one map, one per label or one per image")
+        maps = torch.cat([im.controlvar_map(p, self.resolution, control_type) for p in pictures])
+        if len(pictures) == 1:
+            maps = maps.repeat(B, 1, 1, 1)
+        elif len(pictures) != B:
+            maps = maps.repeat_interleave(per_label, dim=0)
+        # the official sampler tokenises the batch of maps as it is (one map per image)
+        control_tokens = self.vae.img_to_tokens(maps.to(self.device))
+        type_B = torch.full((B,), CONTROL_TYPE_IDS[control_type], device=self.device, dtype=torch.long)
+        per_scale = []
+
+        def on_scale(ev: ScaleEvent):
+            per_scale.append(ev.seconds)
+            return None if callback_on_scale_end is None else callback_on_scale_end(ev)
+
+        res = self.var.sample(self.vae.quantize, labels, type_B, control_tokens, weights, top_k=top_k, top_p=top_p,
+                              more_smooth=more_smooth, generator=generator, callback=on_scale,
+                              known_tokens=known_tokens, known_mask=known_mask)
+        t_dec = time.perf_counter()
+        images = self.vae.fhat_to_img(res.f_hat)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t_end = time.perf_counter()
+        return VAROutput(
+            images=self.postprocess(images, output_type), tokens=[t.cpu() for t in res.tokens],
+            class_labels=labels.tolist(), stopped_early=res.stopped_early,
+            timings={"per_scale": per_scale, "decode": t_end - t_dec, "total": t_end - t_start},
+            control_tokens=[t.cpu() for t in res.control_tokens])
+
+    @torch.no_grad()
+    def control_preview(self, control_image, control_type: str) -> np.ndarray:
+        """What the model reads for this control, as an (R, R, 3) float image in [0, 1]: for ControlVAR
+        the map after its VQVAE (the tokens it forces), for a CAR file the picture at the finest
+        scale's size, for our adapters the map tensor shown as a picture."""
+        if self.is_controlvar:
+            m = im.controlvar_map(control_image, self.resolution, control_type).to(self.device)
+            rec = self.vae.tokens_to_img(self.vae.img_to_tokens(m))
+            return ((rec[0].float().cpu().permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1)
+        if control_type in self.car_controls:
+            car = self.car_controls[control_type]
+            m = im.car_scale_maps(control_image, self.patch_nums, car.cfg.stride)[-1]
+            return ((m[0].permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1)
+        raise UserError(f"this model has no {control_type!r} control to preview (it has: "
+                        f"{', '.join(self.control_types) or 'none'})")
 
     def _check_sampling_args(self, guidance_scale, top_k, top_p):
         """The bounds of studio.params.Sampling, but for guidance's maximum: the studio's slider
@@ -322,7 +432,8 @@ class VARPipeline:
                 num_images: int = 1, mask_blur: int = 4, mask_grow: int = 0, inpaint_area: str = "masked",
                 padding: int = 32, mask_coverage: float = 0.0, callback_on_scale_end=None,
                 output_type: str = "pil", control_image=None, control_type=None, control_strength=1.0,
-                control_guidance_start=0.0, control_guidance_end=1.0) -> VAROutput:
+                control_guidance_start=0.0, control_guidance_end=1.0, type_guidance_scale: Optional[float] = None,
+                control_guidance_scale: Optional[float] = None) -> VAROutput:
         """Regenerate the white part of `mask_image` (same size as `image`, any size and mode).
 
         inpaint_area: "masked" crops a square around the mask (plus `padding`) to the model's
@@ -333,7 +444,10 @@ class VARPipeline:
         class_labels: None edits without a class (the paper's in-painting); a class edits the region
             towards that class. `.tokens` holds the token maps used (model resolution).
         control_*: as in __call__; the maps cover the whole image (any size: they are resized to it)
-            and are cropped with it."""
+            and are cropped with it. type_guidance_scale / control_guidance_scale: ControlVAR's (see
+            __call__); without a class its type and map guidance keep guidance_scale's value.
+            A ControlVAR model in-paints under its map only: every guidance branch keeps the known
+            image tokens."""
         im.check_output_type(output_type)
         plan = editing.plan_inpaint(image, mask_image, self.resolution, self.patch_nums[-1], mask_blur, mask_grow,
                                     inpaint_area, padding, mask_coverage)
@@ -347,6 +461,9 @@ class VARPipeline:
             kw.update(control_image=self._crop_control_maps(control_image, control_type, plan),
                       control_type=control_type, control_strength=control_strength,
                       control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end)
+        if self.is_controlvar:  # its type and map guidance stay on when the edit has no class
+            kw.update(type_guidance_scale=guidance_scale if type_guidance_scale is None else type_guidance_scale,
+                      control_guidance_scale=guidance_scale if control_guidance_scale is None else control_guidance_scale)
         if plan.regen.all():  # everything regenerated: a fresh sample
             out = self._generate_with_known(None, None, class_labels, num_images, guidance_scale, kw)
         else:
@@ -532,8 +649,17 @@ class VARPipeline:
 
     def _crop_control_maps(self, control_image, control_type, plan: editing.InpaintPlan) -> list:
         """Control maps brought to the image's size and cut like the image (inpaint)."""
-        images, types = self._control_lists(control_image, control_type)
         W, H = plan.size
+        if self.is_controlvar or (isinstance(control_type, str) and control_type in self.car_controls):
+            # ControlVAR / CAR: the map is a picture; the model's own resizing happens when it reads it
+            if control_image is None or isinstance(control_image, (list, tuple)):
+                raise UserError("in-painting under control takes one control picture for the image")
+            pic = im.to_rgb(control_image if isinstance(control_image, Image.Image)
+                            else Image.fromarray(np.asarray(control_image, np.uint8)))
+            flt = Image.Resampling.NEAREST if control_type == "segmentation" else Image.Resampling.LANCZOS
+            arr = np.asarray(pic if pic.size == (W, H) else pic.resize((W, H), flt))
+            return Image.fromarray(np.ascontiguousarray(plan.crop(arr)), "RGB")
+        images, types = self._control_lists(control_image, control_type)
         out = []
         for image, ctype in zip(images, types):
             adapter = self._adapter(ctype)

