@@ -6,6 +6,7 @@
     python -m lab.bench --reference /tmp/varref  # adds the published code (fp32) on the same shapes
     python -m lab.bench --car --dtypes fp32 --batch 1 --repeat 1 --no-baseline   # CAR beside plain VAR
     python -m lab.bench --infinity 125m --dtypes fp32 --repeat 2 --no-baseline     # Infinity beside VAR d16
+    python -m lab.bench --controlvar --dtypes fp32 --batch 1 --repeat 1 --no-baseline   # ControlVAR beside VAR
 
 Every row runs in a fresh subprocess (so peak memory is that run's own) and reports the median of
 `--repeat` timed runs after one warm-up run. Baselines (no KV cache; the reference code) are
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -28,7 +30,7 @@ from studio.params import Sampling  # the studio's sampling defaults (plain Pyth
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def build_pipeline(model: str, device: str, dtype_name: str):
+def build_pipeline(model: str, device: str, dtype_name: str, controlvar: bool = False):
     import torch
 
     from studio.pipeline import VARPipeline
@@ -39,6 +41,7 @@ def build_pipeline(model: str, device: str, dtype_name: str):
         src = None if model == "default" else model
         return VARPipeline.from_pretrained(src, device=device, dtype=dtype)
     # an official-shaped model with random weights (timing does not depend on the values)
+    from models.controlvar import ControlVAR, ControlVARConfig
     from models.var import VAR, VARConfig
     from models.vqvae import VQVAE, VQVAEConfig
     from studio.classes import class_names_for
@@ -47,7 +50,8 @@ def build_pipeline(model: str, device: str, dtype_name: str):
     torch.manual_seed(0)
     with torch.device("meta"):
         vae = VQVAE(VQVAEConfig(patch_nums=VARConfig.official(depth, shared_aln=depth == 36).patch_nums))
-        var = VAR(VARConfig.official(depth, shared_aln=depth == 36))
+        # ControlVAR: the released shape at this depth ([control; image] per scale, 4 guidance branches)
+        var = ControlVAR(ControlVARConfig.official(depth)) if controlvar else VAR(VARConfig.official(depth, shared_aln=depth == 36))
     vae, var = vae.to_empty(device="cpu"), var.to_empty(device="cpu")
     from studio.checkpoints import _reset_computed_buffers
     _reset_computed_buffers(vae, var)
@@ -75,7 +79,15 @@ def add_random_car(pipe, control_type: str = "canny"):
         for blk in car.car_blocks:
             blk.attn.zero_k_bias.zero_()
     pipe.car_controls[control_type] = car.eval().to(pipe.device, pipe.dtype)
-    a = np.zeros((pipe.resolution, pipe.resolution, 3), np.uint8)
+    return edge_picture(pipe.resolution)
+
+
+def edge_picture(size: int):
+    """A canny-like condition picture (white grid lines on black)."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.zeros((size, size, 3), np.uint8)
     a[::32], a[:, ::24] = 255, 255
     return Image.fromarray(a)
 
@@ -91,12 +103,16 @@ def run_ours(args) -> dict:
     import torch
 
     torch.set_grad_enabled(False)
-    pipe = build_pipeline(args.model, args.device, args.dtype)
+    pipe = build_pipeline(args.model, args.device, args.dtype, controlvar=args.as_controlvar)
     labels = [i % pipe.num_classes for i in range(args.batch)]
     kw = dict(class_labels=labels, guidance_scale=args.guidance, top_k=args.top_k, top_p=args.top_p,
-              use_kv_cache=not args.no_cache, output_type="pt")
+              output_type="pt")
+    if args.no_cache:
+        kw["use_kv_cache"] = False
     if args.with_car:
         kw.update(control_image=add_random_car(pipe), control_type="canny")
+    if args.as_controlvar:  # the map is tokenised by the VQVAE inside the timed call, as in use
+        kw.update(control_image=edge_picture(pipe.resolution), control_type="canny")
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     runs = []
@@ -255,15 +271,15 @@ def print_table(rows, patch_nums, batch):
         print(f"{name:<{w}}{cells}{dec}{r['total']:9.3f}{r['peak_mb']:9.0f}{r['total'] / base:8.2f}x")
 
 
-def print_car_table(pairs, batch):
-    """CAR beside the plain run of the same dtype: seconds per image and the ratio."""
-    print(f"\nCAR vs plain VAR (same invocation; batch {batch}; seconds per image, median)")
-    head = f"{'dtype':<8}{'plain':>10}{'CAR':>10}{'CAR/plain':>11}{'plain MB':>10}{'CAR MB':>10}"
+def print_car_table(pairs, batch, name: str = "CAR"):
+    """CAR (or ControlVAR) beside the plain run of the same dtype: seconds per image and the ratio."""
+    print(f"\n{name} vs plain VAR (same invocation; batch {batch}; seconds per image, median)")
+    head = f"{'dtype':<8}{'plain':>10}{name:>11}{name + '/plain':>17}{'plain MB':>10}{name + ' MB':>14}"
     print(head)
     print("-" * len(head))
     for d, plain, car in pairs:
-        print(f"{d:<8}{plain['total'] / batch:10.3f}{car['total'] / batch:10.3f}{car['total'] / plain['total']:10.2f}x"
-              f"{plain['peak_mb']:10.0f}{car['peak_mb']:10.0f}")
+        print(f"{d:<8}{plain['total'] / batch:10.3f}{car['total'] / batch:11.3f}{car['total'] / plain['total']:16.2f}x"
+              f"{plain['peak_mb']:10.0f}{car['peak_mb']:14.0f}")
 
 
 def main(argv=None):
@@ -287,6 +303,11 @@ def main(argv=None):
                          "default size: 125m 256 px, 2b/8b 1024 px) beside the VAR --model baseline")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--infinity-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--controlvar", action="store_true",
+                    help="add a ControlVAR row per dtype (a random model of the released shape at --model's depth, "
+                         "[control; image] per scale, four guidance branches, a canny-like map) and a "
+                         "ControlVAR-vs-plain table per image")
+    ap.add_argument("--as-controlvar", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--with-car", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--no-cache", action="store_true", help=argparse.SUPPRESS)
@@ -321,7 +342,9 @@ def main(argv=None):
             print(f"{d:<8}{a['total']:12.3f}{b['total']:10.3f}{a['total'] / b['total']:7.2f}x{a['peak_mb']:9.0f}"
                   f"{b['peak_mb']:9.0f}")
         return
-    car_pairs = []
+    car_pairs, cv_pairs = [], []
+    if args.controlvar and not re.fullmatch(r"d\d+", args.model):
+        ap.error("--controlvar needs an official shape (--model d16 ...)")
     for d in dtypes:
         if not args.no_baseline:
             rows.append((f"{d} no cache", spawn(base, ["--dtype", d, "--no-cache"])))
@@ -329,10 +352,16 @@ def main(argv=None):
         if args.car:
             rows.append((f"{d} KV cache + CAR", spawn(base, ["--dtype", d, "--with-car"])))
             car_pairs.append((d, rows[-2][1], rows[-1][1]))
+        if args.controlvar:
+            plain = next(r for n, r in rows if n == f"{d} KV cache")
+            rows.append((f"{d} ControlVAR", spawn(base, ["--dtype", d, "--as-controlvar"])))
+            cv_pairs.append((d, plain, rows[-1][1]))
     patch_nums = next(r["patch_nums"] for _, r in rows if "patch_nums" in r)
     print_table(rows, patch_nums, args.batch)
     if car_pairs:
         print_car_table(car_pairs, args.batch)
+    if cv_pairs:
+        print_car_table(cv_pairs, args.batch, "ControlVAR")
 
 
 if __name__ == "__main__":
