@@ -290,6 +290,15 @@ def car_type_from_name(path: Path) -> str:
     return m.group(1)
 
 
+def car_file_and_variant(source) -> Optional[Tuple[Path, str]]:
+    """(path, "dNN") when `source` names an existing released CAR file (car_<type>_dNN.pth), else None."""
+    path = Path(os.path.expanduser(str(source)))
+    m = re.fullmatch(r"car_[a-z]+_(d\d+)", path.stem)
+    if m is None or path.suffix != ".pth" or not path.is_file():
+        return None
+    return path, m.group(1)
+
+
 def car_config_for(sd: Dict[str, torch.Tensor], var_cfg: VARConfig, control_type: str, what: str) -> CARConfig:
     """The CAR config of `sd` for the VAR `var_cfg`: the branch's shape is the VAR's (width, heads,
     depth/2 blocks); only the stem's widths are read from the file. A file made for another VAR is

@@ -64,11 +64,19 @@ class VARPipeline:
     @classmethod
     def from_pretrained(cls, path_or_hub_id: Optional[Union[str, Path]] = None, device="cpu",
                         dtype: Optional[torch.dtype] = None, variant: Optional[str] = None) -> "VARPipeline":
-        """Load official weights (a folder with vae_ch160v4096z32.pth + var_dNN.pth), one of our bundles
-        (config.json + safetensors), a hub id, or with no argument the embedded default model.
+        """Load official weights (a folder with vae_ch160v4096z32.pth + var_dNN.pth, or + ControlVAR's
+        dNN.pth), one of our bundles (config.json + safetensors), a hub id, or with no argument the
+        embedded default model. A released CAR file (`weights/car_canny_d16.pth`) loads the VAR of its
+        folder that it was made for (var_d16.pth) with the adapter (so `app.py --model` takes it too).
 
         dtype: None means float32 (faithful); bfloat16 (CPU or GPU) or float16 (GPU) trade exactness
         for speed. The quantiser and f_hat always stay in float32."""
+        car_file = None if path_or_hub_id is None else checkpoints.car_file_and_variant(path_or_hub_id)
+        if car_file is not None:  # a released CAR file: the VAR it was made for from its folder, then the file
+            path, depth_variant = car_file
+            pipe = cls.from_pretrained(path.parent, device, dtype, variant or depth_variant)
+            pipe.load_control(path)
+            return pipe
         loaded = checkpoints.resolve_and_load(None if path_or_hub_id is None else str(path_or_hub_id), variant)
         pipe = cls(loaded.vae, loaded.var, loaded.class_names, device, dtype or torch.float32, loaded.source,
                    loaded.extras)
@@ -206,7 +214,7 @@ class VARPipeline:
         class_labels: Optional[Union[ClassLabel, Sequence[ClassLabel]]] = None,
         guidance_scale: Union[float, Sequence[float]] = Sampling.guidance_scale,
         top_k: int = Sampling.top_k,
-        top_p: Optional[float] = None,
+        top_p: float = Sampling.top_p,
         more_smooth: bool = Sampling.more_smooth,
         generator: Optional[torch.Generator] = None,
         num_images_per_label: int = 1,
@@ -227,8 +235,7 @@ class VARPipeline:
 
         guidance_scale: classifier-free guidance; a float g ramps linearly from 0 at the first
             scale to g at the last (the published schedule), a list gives the weight per scale.
-        top_k / top_p: keep the k most likely tokens / the nucleus of mass top_p (0 = off); top_p
-            None is the family's published default (VAR 0.95, ControlVAR 0.96).
+        top_k / top_p: keep the k most likely tokens / the nucleus of mass top_p (0 = off).
         more_smooth: feed Gumbel-softmax soft codes instead of hard tokens (smoother images).
         callback_on_scale_end: called with a ScaleEvent after every scale; return True to stop.
         known_tokens / known_mask: per scale (B, pn*pn) tokens and bool masks (True = keep) that
@@ -247,21 +254,21 @@ class VARPipeline:
             segmentation map in its 124-colour palette, an edge, depth or normal picture; one, or one
             per label / per image) and control_type ("segmentation", "canny", "depth", "normal").
             Their guidance has three weights: guidance_scale (class), type_guidance_scale (condition
-            type) and control_guidance_scale (map); None means guidance_scale (the published runs use
-            4, 4, 4). `.tokens` and `.images` are the image's; `.control_tokens` the map's.
+            type) and control_guidance_scale (map); None means guidance_scale (the published val
+            runs use 4, 4, 4 with top_k 900 and top_p 0.96). `.tokens` and `.images` are the
+            image's; `.control_tokens` the map's.
         """
         if self.is_controlvar:
             if not use_kv_cache:
                 raise UserError("a ControlVAR model samples with its KV cache (use_kv_cache=False is for VAR)")
             return self._controlvar_call(
                 class_labels, guidance_scale, type_guidance_scale, control_guidance_scale, top_k,
-                0.96 if top_p is None else top_p, more_smooth, generator, num_images_per_label, callback_on_scale_end,
+                top_p, more_smooth, generator, num_images_per_label, callback_on_scale_end,
                 output_type, known_tokens, known_mask, control_image, control_type, control_strength,
                 control_guidance_start, control_guidance_end)
         if type_guidance_scale is not None or control_guidance_scale is not None:
             raise UserError("type_guidance_scale and control_guidance_scale are ControlVAR's guidance weights; this "
                             "model is not a ControlVAR")
-        top_p = Sampling.top_p if top_p is None else top_p
         self._check_sampling_args(guidance_scale, top_k, top_p)
         im.check_output_type(output_type)
         t_start = time.perf_counter()

@@ -259,3 +259,19 @@ def test_loading_a_type_again_replaces_it(pipe, car_files):
     pipe.load_control(car_files["hed"])
     assert pipe.car_controls["hed"] is not before and sorted(pipe.car_controls) == ["canny", "hed"]
     assert torch.equal(before.car_var_conv.weight, pipe.car_controls["hed"].car_var_conv.weight)
+
+
+def test_a_car_file_given_as_the_model_loads_the_var_of_its_folder(ref, car_files, tmp_path):
+    """VARPipeline.from_pretrained("weights/car_canny_d4.pth") (and so `app.py --model`): the folder's
+    VQVAE and var_d4.pth, then the adapter; it samples as the official car_inference."""
+    c, v = ref["config"], ref["config"]["vae"]
+    vae = VQVAE(VQVAEConfig(vocab_size=v["vocab_size"], z_channels=v["z_channels"], ch=v["ch"],
+                            share_quant_resi=v["share_quant_resi"], patch_nums=c["patch_nums"]))
+    torch.save(fill_reference_weights(vae.state_dict(), seed=c["seeds"]["vae"]), tmp_path / "vae_ch160v4096z32.pth")
+    var = VAR(VARConfig.official(c["depth"]))
+    torch.save(fill_reference_weights(var.state_dict(), seed=c["seeds"]["var"]), tmp_path / f"var_d{c['depth']}.pth")
+    torch.save(torch.load(car_files["canny"], weights_only=True), tmp_path / car_files["canny"].name)
+    pipe = VARPipeline.from_pretrained(tmp_path / car_files["canny"].name)
+    assert sorted(pipe.car_controls) == ["canny"] and pipe.var.cfg.depth == c["depth"]
+    out = _run(pipe, ref, "greedy")
+    assert _same(out.tokens, ref["greedy_tokens"])
