@@ -107,6 +107,9 @@ class VARPipeline:
     def save_pretrained(self, folder: Union[str, Path], dtype: torch.dtype = torch.float16) -> None:
         """Write our bundle format: config.json + vae.safetensors + var.safetensors (fp16 by default),
         plus control_<type>.safetensors per control adapter (configs under config.json["control"])."""
+        if self.is_controlvar:
+            raise UserError("a ControlVAR model is loaded from its released folder (VQVAE + dNN.pth); our bundle "
+                            "format holds VAR models only")
         controls_cfg = {"control": {t: a.cfg.to_dict() for t, a in self.controls.items()}} if self.controls else None
         checkpoints.save_bundle(Path(folder), self.vae, self.var, self.class_names, dtype, extra_config=controls_cfg,
                                 extra_tensors={f"control_{t}": a.state_dict() for t, a in self.controls.items()})
