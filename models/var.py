@@ -249,11 +249,26 @@ class ScaleEvent:
 
 
 @dataclass
+class RowGroup:
+    """Consecutive rows of a sampled batch that draw and filter as if they were sampled alone: their
+    own random generator, guidance, top-k/top-p and more_smooth (batched serving of several users'
+    jobs: each job's tokens are the ones it gets by itself)."""
+
+    size: int
+    generator: Optional[torch.Generator] = None
+    guidance_scale: Union[float, Sequence[float]] = 4.0
+    top_k: int = 0
+    top_p: float = 0.0
+    more_smooth: bool = False
+
+
+@dataclass
 class SampleResult:
     tokens: List[torch.Tensor]  # per scale (B, pn*pn) int64
     f_hat: torch.Tensor
     soft_codes: List[Optional[torch.Tensor]] = field(default_factory=list)  # more_smooth codes per scale
     stopped_early: bool = False
+    group_f_hat: Optional[List[torch.Tensor]] = None  # with several RowGroups: each group's f_hat, computed apart
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,6 +426,7 @@ class VAR(nn.Module):
         logits_hook: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
         use_kv_cache: bool = True,
         block_hook: Optional[BlockHook] = None,
+        rows: Optional[Sequence[RowGroup]] = None,
     ) -> SampleResult:
         """Sample a token pyramid for labels `label_B` (B,) (value num_classes = unconditional).
 
@@ -427,13 +443,22 @@ class VAR(nn.Module):
         block_hook(block_index, x, start) may change each block's output (a control adapter's
         residual; see BlockHook): with the KV cache x is the current scale's tokens, without it the
         whole prefix (start 0).
+        rows: split the batch into RowGroups that each sample with their own generator and settings
+        (guidance_scale, top_k, top_p, more_smooth and generator are then taken from the groups).
         """
         import time
 
         B = label_B.shape[0]
         dev = label_B.device
         E = quantizer.embedding.weight
-        ts = self.guidance_per_scale(guidance_scale)
+        if rows is None:
+            rows = [RowGroup(B, generator, guidance_scale, top_k, top_p, more_smooth)]
+        if sum(g.size for g in rows) != B:
+            raise ValueError(f"the row groups cover {sum(g.size for g in rows)} rows, the batch has {B}")
+        bounds = [(sum(g.size for g in rows[:i]), sum(g.size for g in rows[:i + 1])) for i in range(len(rows))]
+        group_ts = [self.guidance_per_scale(g.guidance_scale) for g in rows]
+        ts = [max(col) for col in zip(*group_ts)]  # a scale needs the guidance half if any group guides there
+        more_smooth = any(g.more_smooth for g in rows)
         # the guidance half of the batch is dropped once no remaining scale uses it
         last_cfg = max([si for si, t in enumerate(ts) if t != 0.0], default=-1)
         use_cfg = last_cfg >= 0
@@ -448,6 +473,7 @@ class VAR(nn.Module):
         size = self.patch_nums[-1]
         f_hat = torch.zeros(B, quantizer.cfg.z_channels, size, size, device=dev)
         result = SampleResult(tokens=[], f_hat=f_hat)
+        f_parts = [torch.zeros(g.size, quantizer.cfg.z_channels, size, size, device=dev) for g in rows]
 
         for si, pn in enumerate(self.patch_nums):
             t0 = time.perf_counter()
@@ -479,22 +505,32 @@ class VAR(nn.Module):
                 x = x[:, ed - pn * pn:]
             if use_cfg and ts[si] != 0:
                 t = ts[si]
+                t1 = 1 + t
+                if any(gt[si] != t for gt in group_ts):  # groups guide with other weights: one per row
+                    per_row = [gt[si] for gt, g in zip(group_ts, rows) for _ in range(g.size)]
+                    # 1 + t in double, rounded once (as the scalar is): a row's logits are the ones it gets alone
+                    t = torch.tensor(per_row, dtype=torch.float64).float().to(dev).view(B, 1, 1)
+                    t1 = torch.tensor([1 + v for v in per_row], dtype=torch.float64).float().to(dev).view(B, 1, 1)
                 logits = self.get_logits(x, cond_BD)  # (2B, pn*pn, V) fp32
-                logits = (1 + t) * logits[:B] - t * logits[B:]
+                logits = t1 * logits[:B] - t * logits[B:]
             else:  # unguided scale: the null half only fed the KV cache, its logits are not needed
                 logits = self.get_logits(x[:B], cond_BD[:B])
             if logits_hook is not None:
                 logits = logits_hook(si, logits)
-            filter_top_k_top_p_(logits, top_k, top_p)
-            idx_Bl = sample_tokens(logits, generator)
-            soft = None
-            if more_smooth:
-                ratio = si / max(self.num_scales - 1, 1)
-                tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-                soft = gumbel_soft_codes(logits.mul(1 + ratio), tau, generator) @ E.unsqueeze(0)  # (B, l, Cvae)
-                h_BlC = soft
-            else:
-                h_BlC = quantizer.embedding(idx_Bl)
+            ratio = si / max(self.num_scales - 1, 1)
+            tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+            idx_parts, h_parts = [], []
+            for g, (r0, r1) in zip(rows, bounds):  # each group draws from its own generator, in the official order
+                lg = logits if len(rows) == 1 else logits[r0:r1]
+                filter_top_k_top_p_(lg, g.top_k, g.top_p)
+                idx_parts.append(sample_tokens(lg, g.generator))
+                if g.more_smooth:
+                    h_parts.append(gumbel_soft_codes(lg.mul(1 + ratio), tau, g.generator) @ E.unsqueeze(0))  # (b, l, Cvae)
+                else:
+                    h_parts.append(quantizer.embedding(idx_parts[-1]))
+            idx_Bl = idx_parts[0] if len(rows) == 1 else torch.cat(idx_parts)
+            h_BlC = h_parts[0] if len(rows) == 1 else torch.cat(h_parts)
+            soft = h_BlC if more_smooth else None
             if known_tokens is not None and known_tokens[si] is not None:
                 m = known_mask[si].to(dev).view(B, -1, 1).to(h_BlC.dtype)
                 gt = quantizer.embedding(known_tokens[si].to(dev))
@@ -503,7 +539,14 @@ class VAR(nn.Module):
                 if soft is not None:
                     soft = h_BlC
             h_BChw = h_BlC.transpose(1, 2).reshape(B, -1, pn, pn)
-            f_hat, nxt = quantizer.next_input(si, f_hat, h_BChw.float())
+            if len(rows) == 1:
+                f_hat, nxt = quantizer.next_input(si, f_hat, h_BChw.float())
+            else:  # per group, on its own tensors: a convolution's result can depend on the batch it runs in
+                parts = [quantizer.next_input(si, f_parts[i], h_BlC[r0:r1].transpose(1, 2).reshape(
+                    r1 - r0, -1, pn, pn).float()) for i, (r0, r1) in enumerate(bounds)]  # the layout it has alone
+                f_parts = [a for a, _ in parts]
+                f_hat, nxt = torch.cat(f_parts), torch.cat([b for _, b in parts])
+                result.group_f_hat = f_parts
             result.tokens.append(idx_Bl)
             result.soft_codes.append(None if soft is None else soft.transpose(1, 2).reshape(B, -1, pn, pn))
             last = si == self.num_scales - 1

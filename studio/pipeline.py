@@ -21,7 +21,7 @@ from PIL import Image
 from models.car import CAR, CARHook
 from models.control import Control, ControlAdapter, ControlConfig, ControlHook, active_scales
 from models.controlvar import CONTROL_TYPE_IDS, ControlVAR
-from models.var import VAR, SampleResult, ScaleEvent
+from models.var import VAR, RowGroup, SampleResult, ScaleEvent
 from models.vqvae import VQVAE
 from studio import checkpoints, editing, params, preprocess, preview
 from studio import images as im
@@ -381,6 +381,53 @@ class VARPipeline:
             return ((m[0].permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1)
         raise UserError(f"this model has no {control_type!r} control to preview (it has: "
                         f"{', '.join(self.control_types) or 'none'})")
+
+    @torch.no_grad()
+    def generate_batch(self, requests: Sequence[dict],
+                       callback_on_scale_end: Optional[Callable[[ScaleEvent], Optional[bool]]] = None,
+                       output_type: str = "pil") -> List[VAROutput]:
+        """Several plain generations in one batch, each exactly as __call__ alone would make it.
+
+        requests: dicts of __call__'s arguments class_labels, num_images_per_label, guidance_scale,
+        top_k, top_p, more_smooth and generator (one generator per request: its labels and tokens are
+        drawn from it in the order __call__ draws them). The callback sees the whole batch: request
+        i owns the rows `VAROutput.rows` of its output (also known before: the requests' image counts
+        in order). Returns one VAROutput per request."""
+        if self.is_controlvar:  # as __call__ says it
+            raise UserError("a ControlVAR model draws an image under a control map: give control_image and "
+                            "control_type")
+        im.check_output_type(output_type)
+        t_start = time.perf_counter()
+        labels, groups = [], []
+        for r in requests:
+            g, k, p = (r.get("guidance_scale", Sampling.guidance_scale), r.get("top_k", Sampling.top_k),
+                       r.get("top_p", Sampling.top_p))
+            self._check_sampling_args(g, k, p)
+            lab = self._labels(r.get("class_labels"), r.get("num_images_per_label", 1), r.get("generator"))
+            labels.append(lab)
+            groups.append(RowGroup(lab.shape[0], r.get("generator"), g, k, p, r.get("more_smooth", Sampling.more_smooth)))
+        per_scale = []
+
+        def on_scale(ev: ScaleEvent):
+            per_scale.append(ev.seconds)
+            return callback_on_scale_end(ev) if callback_on_scale_end is not None else None
+
+        res = self.var.sample(self.vae.quantize, torch.cat(labels), generator=None, callback=on_scale, rows=groups)
+        outs, r0 = [], 0
+        for lab, g in zip(labels, groups):
+            t_dec = time.perf_counter()
+            f_hat = res.group_f_hat[len(outs)] if res.group_f_hat else res.f_hat
+            images = self.vae.fhat_to_img(f_hat)  # per request: the same decode as alone
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t_end = time.perf_counter()
+            outs.append(VAROutput(
+                images=self.postprocess(images, output_type), tokens=[t[r0:r0 + g.size].cpu() for t in res.tokens],
+                class_labels=lab.tolist(), stopped_early=res.stopped_early,
+                timings={"per_scale": per_scale, "decode": t_end - t_dec, "total": t_end - t_start,
+                         "batch_images": len(torch.cat(labels))}))
+            r0 += g.size
+        return outs
 
     def _check_sampling_args(self, guidance_scale, top_k, top_p):
         """The bounds of studio.params.Sampling, but for guidance's maximum: the studio's slider

@@ -163,10 +163,10 @@ def test_bad_input_fails_the_job_and_keeps_the_worker(pool):
 
 def test_a_killed_worker_fails_its_job_restarts_and_runs_the_queue(pool):
     victim = pool.submit("generate", {"seed": 5})
-    waiting = pool.submit("generate", {"seed": 6})
     for view in victim.updates():
         if view.latest is not None:
             break
+    waiting = pool.submit("generate", {"seed": 6})  # after the victim started: not in its batch
     old = pool.worker_pids()[0]
     os.kill(old, signal.SIGKILL)
     assert victim.wait(30) and victim.status == "failed"

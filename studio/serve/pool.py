@@ -32,18 +32,18 @@ import uuid
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
-from studio.params import JOBS, PREVIEW_MODES, JobParams
+from studio.params import JOBS, PREVIEW_MODES, JobParams, UserError
 from studio.serve.protocol import FINISHED, JobResult, JobView, ModelInfo, ModelSpec, ScaleUpdate, WorkerError
 
-__all__ = ["Job", "WorkerPool", "WorkerError", "ModelSpec", "ModelInfo", "JobView"]
+__all__ = ["Job", "WorkerPool", "WorkerError", "QueueFull", "ModelSpec", "ModelInfo", "JobView"]
 
 
 class Job:
     """The parent's handle on one job; thread-safe. Use `updates()` to follow it."""
 
-    def __init__(self, pool: "WorkerPool", seq: int, kind: str, model: str, params: dict):
+    def __init__(self, pool: "WorkerPool", seq: int, kind: str, model: str, params: dict, session: str = ""):
         self.id = uuid.uuid4().hex[:12]
-        self.seq, self.kind, self.model, self.params = seq, kind, model, params
+        self.seq, self.kind, self.model, self.params, self.session = seq, kind, model, params, session
         self._pool = pool
         self._cond = threading.Condition()
         self._version = 0
@@ -54,6 +54,8 @@ class Job:
         self.error: Optional[str] = None
         self.worker: Optional[int] = None
         self.submitted = time.monotonic()
+        self.started: Optional[float] = None  # when it (last) went to a worker
+        self.stop_asked: Optional[float] = None  # when Stop was pressed while it ran
 
     # -- for consumers ---------------------------------------------------------------------------
     @property
@@ -75,10 +77,12 @@ class Job:
 
     def _view_locked(self, position: int) -> JobView:
         window = self.scales[-1].window if self.scales else 0
-        return JobView(self.id, self.status, position if self.status == "queued" else 0,
+        queued = self.status == "queued"
+        return JobView(self.id, self.status, position if queued else 0,
                        self.scales[-1] if self.scales else None,
                        tuple(s for s in self.scales if s.window == window), self.canvas, self.result,
-                       self.error, time.monotonic() - self.submitted)
+                       self.error, time.monotonic() - self.submitted,
+                       self._pool.wait_estimate(position) if queued and position else None)
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         with self._cond:
@@ -125,18 +129,33 @@ class Job:
 # the pool (parent side)
 
 
+class QueueFull(UserError):
+    """A session has as many jobs waiting as it may have (WorkerPool.max_queued_per_session)."""
+
+
 class WorkerPool:
-    """One worker process per device, one shared queue of jobs.
+    """Worker processes (one per device; a device may be named twice for two CPU workers) and one
+    fair queue of jobs.
 
     devices: e.g. ["cuda:0", "cuda:1"]; "auto" picks cuda when the worker sees a GPU, else cpu.
     preview: "full" decodes f_hat at every scale; "fast" maps the VAE's code channels to RGB with
         a linear map fitted when the worker starts (a job can ask for the other mode).
     scale_delay: seconds to sleep after every scale (demos and tests of streaming on tiny models).
+    torch_threads: intra-op threads per worker; None: chosen by the worker before every job from
+        the free cores (studio.serve.runner.ThreadPolicy).
+    batching / max_batch_images: waiting plain generations of one model run as one batch of up to
+        this many images (each job keeps its own seed, previews, stop and result).
+    max_queued_per_session: jobs one session may have waiting; sessions are served round-robin.
+    job_timeout: seconds a job (or a batch) may run; heartbeat_timeout: seconds a worker may go
+        without a heartbeat; stop_timeout: seconds a stopped job may take to reach its next scale.
+        Past any of them the worker is killed and restarted and the queue goes on.
     """
 
     def __init__(self, models: Sequence[ModelSpec], devices: Sequence[str] = ("auto",), outputs="outputs",
                  preview: str = "full", preview_size: int = 384, scale_delay: float = 0.0,
-                 torch_threads: Optional[int] = None, start_timeout: float = 900.0):
+                 torch_threads: Optional[int] = None, start_timeout: float = 900.0, batching: bool = True,
+                 max_batch_images: int = 16, max_queued_per_session: int = 8, job_timeout: float = 600.0,
+                 heartbeat_timeout: float = 30.0, stop_timeout: float = 30.0):
         if not models:
             raise ValueError("give at least one model")
         names = [m.name for m in models]
@@ -149,12 +168,17 @@ class WorkerPool:
         self.outputs = Path(outputs).resolve()
         self.preview, self.preview_size, self.scale_delay = preview, int(preview_size), float(scale_delay)
         self.torch_threads, self.start_timeout = torch_threads, start_timeout
+        self.batching, self.max_batch_images = bool(batching), min(MAX_BATCH, max(1, int(max_batch_images)))
+        self.max_queued_per_session = max(1, int(max_queued_per_session))
+        self.job_timeout, self.heartbeat_timeout, self.stop_timeout = job_timeout, heartbeat_timeout, stop_timeout
         self.models: Dict[str, ModelInfo] = {}  # filled by the first worker that is ready
         self._ctx = mp.get_context("spawn")
         self._lock = threading.Condition()
-        self._pending: collections.deque = collections.deque()
+        self._queues: Dict[str, collections.deque] = {}  # session -> its waiting jobs, in submission order
+        self._order: List[str] = []  # sessions with waiting jobs, the next to be served first
         self._seq = itertools.count(1)
         self._closed = False
+        self._seconds_per_job: Optional[float] = None  # a running average of worker time per job
         self._slots = [_Slot(self, i, d) for i, d in enumerate(self.devices)]
 
     # -- life cycle --------------------------------------------------------------------------------
@@ -181,7 +205,7 @@ class WorkerPool:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            pending, self._pending = list(self._pending), collections.deque()
+            pending = self._take_all()
             self._lock.notify_all()
         for job in pending:
             job._update(status="cancelled", error="the studio is shutting down")
@@ -195,41 +219,75 @@ class WorkerPool:
         self.close()
 
     # -- jobs --------------------------------------------------------------------------------------
-    def submit(self, kind: str, params: Union[dict, JobParams], model: Optional[str] = None) -> Job:
+    def submit(self, kind: str, params: Union[dict, JobParams], model: Optional[str] = None,
+               session: str = "") -> Job:
         """Queue a job. `params`: the kind's studio.params dataclass, or a dict of its fields (the
-        worker checks either; bad input fails the job with a message naming the parameter)."""
+        worker checks either; bad input fails the job with a message naming the parameter).
+        session: who asks (the browser session); sessions take turns, and each may have at most
+        max_queued_per_session jobs waiting (QueueFull, a UserError, says so)."""
         if kind not in JOBS:
             raise ValueError(f"unknown job kind {kind!r}; one of {', '.join(JOBS)}")
         model = model or self.model_specs[0].name
         if model not in {m.name for m in self.model_specs}:
             raise ValueError(f"unknown model {model!r}; loaded: {', '.join(m.name for m in self.model_specs)}")
+        session = str(session or "")
         with self._lock:
             if self._closed:
                 raise RuntimeError("the worker pool is closed")
             if not any(s.alive_or_starting for s in self._slots):
                 raise WorkerError("no worker is running: " + "; ".join(s.fatal or "" for s in self._slots))
-            job = Job(self, next(self._seq), kind, model, params if isinstance(params, JobParams) else dict(params))
-            self._pending.append(job)
+            queue = self._queues.setdefault(session, collections.deque())
+            if len(queue) >= self.max_queued_per_session:
+                raise QueueFull(f"you already have {len(queue)} jobs waiting (at most {self.max_queued_per_session} "
+                                "at a time); wait for one to start, or stop one")
+            job = Job(self, next(self._seq), kind, model, params if isinstance(params, JobParams) else dict(params),
+                      session)
+            queue.append(job)
+            if session not in self._order:
+                self._order.append(session)
             self._lock.notify_all()
         return job
 
     def position(self, job: Job) -> int:
-        """The job's place in the queue (1 = next to start), 0 when it is not waiting."""
+        """The job's place in the queue (1 = next to start), 0 when it is not waiting. Sessions take
+        turns: a job waits for its own session's earlier jobs and, per earlier job of its own, one
+        job of every other session (one more of those whose turn comes first)."""
         with self._lock:
-            try:
-                return self._pending.index(job) + 1
-            except ValueError:
+            queue = self._queues.get(job.session)
+            if not queue or job not in queue or job.session not in self._order:
                 return 0
+            k, mine = queue.index(job), self._order.index(job.session)
+            ahead = k
+            for i, session in enumerate(self._order):
+                if i != mine:
+                    ahead += min(len(self._queues[session]), k + 1 if i < mine else k)
+            return ahead + 1
 
     @property
     def queue_length(self) -> int:
         with self._lock:
-            return len(self._pending)
+            return sum(len(q) for q in self._queues.values())
+
+    def wait_estimate(self, position: int) -> Optional[float]:
+        """Seconds until the job at `position` starts, from the recent worker time per job (None
+        before any job has finished). Takes no lock."""
+        per_job, workers = self._seconds_per_job, sum(1 for s in self._slots if s.alive_or_starting)
+        if per_job is None or position < 1:
+            return None
+        return position * per_job / max(1, workers)
+
+    def _ran(self, seconds: float, jobs: int) -> None:
+        """A worker finished `jobs` jobs in `seconds` (one batch): the wait estimates follow."""
+        per_job = seconds / max(1, jobs)
+        old = self._seconds_per_job
+        self._seconds_per_job = per_job if old is None else 0.7 * old + 0.3 * per_job
 
     def cancel(self, job: Job) -> None:
         with self._lock:
-            if job in self._pending:
-                self._pending.remove(job)
+            queue = self._queues.get(job.session)
+            if queue is not None and job in queue:
+                queue.remove(job)
+                self._forget_empty(job.session)
                 job._update(status="cancelled", error="stopped before it started")
                 self._lock.notify_all()
                 return
@@ -239,39 +297,111 @@ class WorkerPool:
     def worker_pids(self) -> List[Optional[int]]:
         return [slot.pid for slot in self._slots]
 
-    def _next_job(self, slot: "_Slot"):
-        """The next job for `slot`; None when the pool closes, _DIED when its idle process died."""
+    def _batchable(self, job: Job) -> bool:
+        """Plain generations batch, except more_smooth: its soft codes carry the batch's rounding."""
+        if not self.batching or job.kind != "generate":
+            return False
+        p = job.params
+        return not (p.get("more_smooth") if isinstance(p, dict) else getattr(p, "more_smooth", False))
+
+    @staticmethod
+    def _images(job: Job) -> int:
+        p = job.params
+        try:
+            return max(1, int(p.get("num_images", 1) if isinstance(p, dict) else getattr(p, "num_images", 1)))
+        except (TypeError, ValueError):
+            return 1
+
+    def _take_batch(self, slot: "_Slot") -> List[Job]:
+        """Under the lock: the next job in turn, and with it (when it batches) the first waiting job
+        of every other session, round after round, that batches with it and fits."""
+        first_session = self._order[0]
+        first = self._queues[first_session].popleft()
+        batch, served = [first], [first_session]
+        # the waiting jobs are shared among the idle workers (this one included) before any batches
+        idle = 1 + sum(1 for s in self._slots if not s.jobs and s.ready.is_set() and s.alive_or_starting
+                       and s.proc is not None and s.proc.is_alive() and s is not slot)
+        most = -(-(1 + sum(len(q) for q in self._queues.values())) // idle)
+        if self._batchable(first):
+            images = self._images(first)
+            taken = True
+            while taken and images < self.max_batch_images and len(batch) < most:
+                taken = False
+                for session in list(self._order):
+                    queue = self._queues[session]
+                    if not queue:
+                        continue
+                    head = queue[0]
+                    if len(batch) >= most:
+                        break
+                    if (head.model == first.model and self._batchable(head)
+                            and images + self._images(head) <= self.max_batch_images):
+                        batch.append(queue.popleft())
+                        images += self._images(head)
+                        taken = True
+                        if session not in served:
+                            served.append(session)
+        # served sessions go to the back of the line, in the order they were served; the rest keep theirs
+        self._order = [s for s in self._order if s not in served] + served
+        for session in served:
+            self._forget_empty(session)
+        return batch
+
+    def _forget_empty(self, session: str) -> None:
+        if not self._queues.get(session):
+            self._queues.pop(session, None)
+            if session in self._order:
+                self._order.remove(session)
+
+    def _take_all(self) -> List[Job]:
+        jobs = [j for s in self._order for j in self._queues.get(s, ())]
+        self._queues, self._order = {}, []
+        return jobs
+
+    def _next_batch(self, slot: "_Slot"):
+        """The next jobs for `slot`; None when the pool closes, _DIED when its idle process died."""
         with self._lock:
-            while not self._closed and not self._pending:
+            while not self._closed and not self._order:
                 if not slot.proc.is_alive():
                     return _DIED
                 self._lock.wait(0.5)
             if self._closed:
                 return None
-            job = self._pending.popleft()
-            job.worker = slot.index
-            slot.job = job  # under the lock, so a cancel never misses it
-            job._update(status="running")
+            batch = self._take_batch(slot)
+            now = time.monotonic()
+            for job in batch:
+                job.worker, job.started = slot.index, now
+                job._update(status="running")
+            slot.jobs = list(batch)  # under the lock, so a cancel never misses them
             self._lock.notify_all()
-            return job
+            return batch
 
-    def _requeue_front(self, job: Job) -> None:
+    def _requeue_front(self, jobs: Sequence[Job]) -> None:
+        """Jobs a worker could not finish through no fault of theirs go back to the front, progress reset."""
         with self._lock:
-            job._update(status="queued")
-            self._pending.appendleft(job)
+            for job in reversed(list(jobs)):
+                job._update(status="queued", scales=[], canvas=None, stop_asked=None)
+                self._queues.setdefault(job.session, collections.deque()).appendleft(job)
+                if job.session in self._order:
+                    self._order.remove(job.session)
+                self._order.insert(0, job.session)
             self._lock.notify_all()
 
     def _fail_all_pending(self, message: str) -> None:
         with self._lock:
             if any(s.alive_or_starting for s in self._slots):
                 return
-            pending, self._pending = list(self._pending), collections.deque()
+            pending = self._take_all()
         for job in pending:
             job._update(status="failed", error=message)
 
 
+MAX_BATCH = 64  # cells of a worker's cancel array: the most jobs one batch may hold
+
+
 class _Slot:
-    """A parent-side thread that keeps one worker process alive and feeds it jobs one at a time."""
+    """A parent-side thread that keeps one worker process alive, feeds it jobs (one, or one batch,
+    at a time) and watches it: heartbeat, time limit, and Stop."""
 
     def __init__(self, pool: WorkerPool, index: int, device: str):
         self.pool, self.index, self.device = pool, index, device
@@ -280,7 +410,8 @@ class _Slot:
         self.proc = None
         self.conn = None
         self.cancel_cell = None
-        self.job: Optional[Job] = None
+        self.heartbeat = None
+        self.jobs: List[Job] = []
         self.restarts = 0
         self._stop = False
         self._thread = threading.Thread(target=self._run, name=f"var-worker-{index}", daemon=True)
@@ -297,8 +428,11 @@ class _Slot:
         self._thread.start()
 
     def cancel(self, job: Job):
-        if self.job is job and self.cancel_cell is not None:
-            self.cancel_cell.value = job.seq
+        jobs = self.jobs
+        if job in jobs and self.cancel_cell is not None:
+            if job.stop_asked is None:
+                job.stop_asked = time.monotonic()
+            self.cancel_cell[jobs.index(job)] = job.seq
 
     def stop(self):
         self._stop = True
@@ -322,26 +456,29 @@ class _Slot:
                 self.pool._fail_all_pending(f"no worker could be started: {self.fatal}")
                 return
             while not self._stop:
-                job = self.pool._next_job(self)
-                if job is None:
+                batch = self.pool._next_batch(self)
+                if batch is None:
                     return
-                if job is _DIED or not self._serve(job):
-                    break  # the process died: restart it
+                if batch is _DIED or not self._serve(batch):
+                    break  # the process died or was killed: restart it
             self._reap()
             self.restarts += 1
 
     def _spawn(self) -> bool:
         p = self.pool
         parent_conn, child_conn = p._ctx.Pipe(duplex=True)
-        cell = p._ctx.RawValue("q", 0)
+        cell = p._ctx.RawArray("q", MAX_BATCH)
+        heartbeat = p._ctx.RawValue("d", time.monotonic())
+        cpu_workers = sum(1 for d in p.devices if d in ("cpu", "auto"))
         config = dict(device=self.device, models=[(m.name, m.source) for m in p.model_specs],
                       outputs=str(p.outputs), preview=p.preview, preview_size=p.preview_size,
-                      scale_delay=p.scale_delay, torch_threads=p.torch_threads, worker_index=self.index)
-        proc = p._ctx.Process(target=_child_main, args=(config, child_conn, cell), daemon=True,
+                      scale_delay=p.scale_delay, torch_threads=p.torch_threads, worker_index=self.index,
+                      cpu_workers=cpu_workers)
+        proc = p._ctx.Process(target=_child_main, args=(config, child_conn, cell, heartbeat), daemon=True,
                               name=f"var-worker-{self.index}")
         proc.start()
         child_conn.close()
-        self.proc, self.conn, self.cancel_cell = proc, parent_conn, cell
+        self.proc, self.conn, self.cancel_cell, self.heartbeat = proc, parent_conn, cell, heartbeat
         deadline = time.monotonic() + p.start_timeout
         while time.monotonic() < deadline and not self._stop:
             msg = self._recv(timeout=1.0)
@@ -369,46 +506,118 @@ class _Slot:
         self.ready.set()  # start() looks at .fatal
         return False
 
-    def _serve(self, job: Job) -> bool:
-        """Run one job on the process; False when the process died under it."""
+    def _serve(self, batch: List[Job]) -> bool:
+        """Run one job or one batch on the process; False when the process died under it or the
+        watchdog killed it (it is then restarted)."""
+        p = self.pool
+        by_id = {job.id: job for job in batch}
+        started, open_ids = set(), set(by_id)
+        last_scale = {}  # job id -> when its last scale arrived
+        t0 = time.monotonic()
         try:
-            started = False
+            for i in range(len(self.cancel_cell)):
+                self.cancel_cell[i] = 0
+            for job in batch:  # a Stop pressed between the hand-over and now
+                if job.stop_asked is not None:
+                    self.cancel_cell[batch.index(job)] = job.seq
             try:
-                self.conn.send(("job", job.seq, job.id, job.kind, job.model, job.params))
+                if len(batch) == 1:
+                    job = batch[0]
+                    self.conn.send(("job", job.seq, job.id, job.kind, job.model, job.params))
+                else:
+                    self.conn.send(("batch", [(j.seq, j.id, j.kind, j.model, j.params) for j in batch]))
             except (OSError, ValueError):
                 pass  # a dead process: _recv reports it below
-            while True:
-                msg = self._recv(timeout=1.0)
+            while open_ids:
+                msg = self._recv(timeout=0.2)
                 if msg is _NOTHING:
-                    continue
-                if msg is _DIED and not started:  # it died before taking the job: the job goes back
-                    self.job = None
-                    self.pool._requeue_front(job)
+                    reason = self._watchdog(batch, open_ids, last_scale, t0)
+                    if reason is None:
+                        continue
+                    self._kill_for(reason, batch, open_ids, started)
                     return False
                 if msg is _DIED:
                     self.proc.join(10)  # reap it, so the exit code can be told
-                    job._update(status="failed", error=(
+                    self._end_after_death(batch, open_ids, started, (
                         f"the worker on {self.device} stopped unexpectedly while running this job "
                         f"({_describe_exit(self.proc.exitcode)}); it is being restarted, so try again"))
                     return False
                 kind = msg[0]
                 if kind == "started":
-                    started = True
+                    started.add(msg[1])
                 elif kind == "scale":
-                    job._update(scale=msg[1])
+                    last_scale[msg[1].job_id] = time.monotonic()
+                    by_id[msg[1].job_id]._update(scale=msg[1])
                 elif kind == "window":
-                    job._update(canvas=msg[2])
+                    last_scale[msg[1]] = time.monotonic()
+                    by_id[msg[1]]._update(canvas=msg[2])
                 elif kind == "done":
-                    job._update(status="done", result=msg[1])
-                    return True
-                elif kind == "error":
-                    job._update(status="failed", error=msg[2])
-                    return True
-                elif kind == "cancelled":
-                    job._update(status="cancelled", error=msg[2])
-                    return True
+                    by_id[msg[1].job_id]._update(status="done", result=msg[1])
+                    open_ids.discard(msg[1].job_id)
+                elif kind in ("error", "cancelled"):
+                    by_id[msg[1]]._update(status="failed" if kind == "error" else "cancelled", error=msg[2])
+                    open_ids.discard(msg[1])
+                # (a watchdog check here too: a worker that streams but never ends is still timed)
+                reason = self._watchdog(batch, open_ids, last_scale, t0)
+                if reason is not None and open_ids:
+                    self._kill_for(reason, batch, open_ids, started)
+                    return False
+            p._ran(time.monotonic() - t0, len(batch))
+            return True
         finally:
-            self.job = None
+            self.jobs = []
+
+    def _watchdog(self, batch, open_ids, last_scale, t0) -> Optional[tuple]:
+        """Why the worker must be killed now: ("hung" | "timeout" | "stop", message), or None."""
+        p, now = self.pool, time.monotonic()
+        silent = now - self.heartbeat.value
+        if p.heartbeat_timeout and silent > p.heartbeat_timeout:
+            return ("hung", f"the worker on {self.device} stopped answering (no heartbeat for {silent:.0f} s); "
+                            "it was restarted, so try again")
+        if p.job_timeout and now - t0 > p.job_timeout:
+            return ("timeout", f"the job took longer than the time limit of {p.job_timeout:g} s and was stopped; "
+                               "the worker was restarted (try fewer images or a smaller job)")
+        if p.stop_timeout:
+            for job in batch:
+                asked = job.stop_asked
+                if (job.id in open_ids and asked is not None and now - asked > p.stop_timeout
+                        and last_scale.get(job.id, t0) < asked):
+                    return ("stop", f"stopped; the worker did not reach the next scale within {p.stop_timeout:g} s, "
+                                    "so it was restarted")
+        return None
+
+    def _kill_for(self, reason: tuple, batch, open_ids, started) -> None:
+        """The watchdog's verdict: kill the process (it is restarted by _run). On a Stop that did not
+        land, the stopped jobs end cancelled and the others of the batch go back to the queue; on a
+        hang or a time limit every unfinished job fails with the reason."""
+        what, message = reason
+        if self.proc.is_alive():
+            self.proc.kill()  # SIGKILL: also ends a stopped (SIGSTOP) process
+        self.proc.join(10)
+        unfinished = [j for j in batch if j.id in open_ids]
+        if what == "stop":
+            again = []
+            for job in unfinished:
+                if job.stop_asked is not None:
+                    job._update(status="cancelled", error=message)
+                else:
+                    again.append(job)
+            self.pool._requeue_front(again)
+        else:
+            for job in unfinished:
+                if job.id in started or what == "timeout":
+                    job._update(status="failed", error=message)
+                else:  # never reached the worker's hands: it waits for the new worker
+                    self.pool._requeue_front([job])
+        open_ids.clear()
+
+    def _end_after_death(self, batch, open_ids, started, message: str) -> None:
+        unfinished = [j for j in batch if j.id in open_ids]
+        self.pool._requeue_front([j for j in unfinished if j.id not in started])  # died before taking them
+        for job in unfinished:
+            if job.id in started:
+                job._update(status="failed", error=message)
+        open_ids.clear()
 
     def _recv(self, timeout: float):
         """The next message, _NOTHING after `timeout` seconds, or _DIED if the process is gone."""
@@ -451,9 +660,9 @@ def _describe_exit(code: Optional[int]) -> str:
 
 
 
-def _child_main(config: dict, conn, cancel_cell) -> None:
+def _child_main(config: dict, conn, cancel_cell, heartbeat=None) -> None:
     """The target of every spawned worker process: the runner (and torch with it) is imported there,
     never in the parent."""
     from studio.serve.runner import worker_main
 
-    worker_main(config, conn, cancel_cell)
+    worker_main(config, conn, cancel_cell, heartbeat)

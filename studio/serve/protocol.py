@@ -5,9 +5,10 @@ A job's parameters are the typed dataclasses of studio.params (one per job kind)
 tuples whose first item says what they are:
 
     parent -> worker   ("job", seq, job_id, kind, model, params)   None: exit
+                       ("batch", [(seq, job_id, kind, model, params), ...])   plain generations of one model
     worker -> parent   ("ready", {"pid", "device", "models": {name: ModelInfo fields}})
                        ("fatal", message)                          the models could not be loaded
-                       ("started", job_id)
+                       ("started", job_id)                         (per job of a batch)
                        ("scale", ScaleUpdate)                      after every scale
                        ("window", job_id, jpeg)                    out-painting: the canvas so far
                        ("done", JobResult) | ("error", job_id, message) | ("cancelled", job_id, message)
@@ -87,6 +88,7 @@ class JobView:
     result: Optional[JobResult]
     error: Optional[str]
     elapsed: float  # since submission
+    wait_estimate: Optional[float] = None  # queued: seconds until it starts, from recent jobs (None: unknown)
 
     @property
     def finished(self) -> bool:

@@ -9,9 +9,11 @@ goes back to the user as it is; any other exception is a bug or a device failure
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -45,12 +47,18 @@ class Cancelled(Exception):
 # the process
 
 
-def worker_main(config: dict, conn, cancel_cell) -> None:
-    """Load the models, say "ready" (or "fatal" with the reason), then serve jobs until told to stop."""
+def worker_main(config: dict, conn, cancel_cell, heartbeat=None) -> None:
+    """Load the models, say "ready" (or "fatal" with the reason), then serve jobs until told to stop.
+
+    cancel_cell: shared int64 array; the parent writes a job's number in the cell of its place in
+    the running batch to stop it. heartbeat: a shared double the process sets to time.monotonic()
+    every HEARTBEAT_INTERVAL seconds from a thread of its own (the parent's watchdog reads it)."""
+    _start_heartbeat(heartbeat)
     try:
-        if config.get("torch_threads"):
-            torch.set_num_threads(int(config["torch_threads"]))
         device = config["device"]
+        threads = ThreadPolicy(config.get("torch_threads"), int(config.get("cpu_workers") or 1),
+                               on_cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
+        threads.apply()
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         pipes, previewers = {}, {}
@@ -81,9 +89,74 @@ def worker_main(config: dict, conn, cancel_cell) -> None:
             return
         if msg is None:
             return
+        threads.apply()  # the machine's load may have changed since the last job
+        if msg[0] == "batch":
+            runner.run_batch(msg[1])
+            continue
         _, seq, job_id, kind, model, params = msg
         conn.send(("started", job_id))
         conn.send(runner.answer(seq, job_id, kind, model, params))
+
+
+HEARTBEAT_INTERVAL = 0.25  # seconds between two beats of a worker's heartbeat thread
+
+
+def _start_heartbeat(cell) -> None:
+    """A daemon thread that writes the time into the shared cell: torch releases the GIL in its
+    operations, so it beats while a job runs; a stopped (SIGSTOP) or wedged process stops beating."""
+    if cell is None:
+        return
+
+    def beat():
+        while True:
+            cell.value = time.monotonic()
+            time.sleep(HEARTBEAT_INTERVAL)
+
+    cell.value = time.monotonic()
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+
+
+class ThreadPolicy:
+    """How many intra-op threads a CPU worker's torch uses: a fixed --threads, or a choice made
+    before every job from the cores this process may use, the number of CPU workers sharing them
+    and the machine's load from other processes.
+
+    Why: OpenMP threads of one operation wait for each other at every barrier, so one thread that
+    loses its core to another process stalls them all (issue 17: 2 threads on 2 busy cores were 3-20x
+    slower than 1 thread). Cores already busy with other work are not counted, and each worker
+    keeps to its share of the rest."""
+
+    def __init__(self, fixed: Optional[int], cpu_workers: int = 1, on_cpu: bool = True):
+        self.fixed = int(fixed) if fixed else None
+        self.cpu_workers = max(1, int(cpu_workers))
+        self.on_cpu = on_cpu
+        self.current: Optional[int] = None
+
+    def choose(self, cores: Optional[int] = None, load: Optional[float] = None, own: Optional[int] = None) -> int:
+        if self.fixed:
+            return self.fixed
+        if not self.on_cpu:  # a GPU worker: the CPU only feeds the device
+            return 1
+        cores = cores if cores is not None else _usable_cores()
+        load = load if load is not None else os.getloadavg()[0]
+        own = own if own is not None else (self.current or 0)
+        others = max(0.0, load - own)  # runnable threads of other processes (a 1-minute average)
+        free = max(1, int(cores - others + 0.5))
+        return max(1, min(cores // self.cpu_workers, free // self.cpu_workers))
+
+    def apply(self) -> int:
+        n = self.choose()
+        if n != self.current:
+            torch.set_num_threads(n)
+            self.current = n
+        return n
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _free_device_memory():
@@ -115,8 +188,12 @@ class Runner:
 
     def answer(self, seq: int, job_id: str, kind: str, model: str, params) -> tuple:
         """Run a job and make the message that ends it; never raises (the worker serves on)."""
+        return self.ending(job_id, kind, model, lambda: self.run(seq, job_id, kind, model, params))
+
+    def ending(self, job_id: str, kind: str, model: str, work: Callable[[], JobResult]) -> tuple:
+        """The message that ends a job: ("done", result) from work(), or why it did not finish."""
         try:
-            return ("done", self.run(seq, job_id, kind, model, params))
+            return ("done", work())
         except Cancelled as e:
             return ("cancelled", job_id, str(e))
         except UserError as e:
@@ -138,7 +215,65 @@ class Runner:
         return handler.run(job, job.p)
 
     def cancelled(self, seq: int) -> bool:
-        return self.cancel_cell.value == seq
+        return seq in self.cancel_cell[:]
+
+    def run_batch(self, items: Sequence[tuple]) -> None:
+        """Plain generations (seq, job_id, kind, model, params) of one model as one batch: one
+        transformer pass per scale for all, each job with its own seed, sampling settings, previews,
+        stop and result (exactly the images it gets alone: VARPipeline.generate_batch). A job whose
+        parameters are wrong fails alone; the others run."""
+        jobs: List[RunningJob] = []
+        for seq, job_id, kind, model, params in items:
+            self.conn.send(("started", job_id))
+            try:
+                if kind != "generate":
+                    raise ValueError(f"{kind} jobs are not batched")
+                if model not in self.pipes:
+                    raise UserError(f"unknown model {model!r}; loaded: {', '.join(self.pipes)}")
+                jobs.append(RunningJob(self, seq, job_id, kind, model, P.parse(kind, params),
+                                       HANDLERS[kind].last_scale_is_result))
+            except Exception as e:
+                self.conn.send(self.ending(job_id, kind, model, _raiser(e)))
+        if not jobs:
+            return
+        if len({j.model for j in jobs}) != 1:
+            raise ValueError("a batch holds jobs of one model")
+        pipe, ended = jobs[0].pipe, {}  # job id -> the message that ended it early
+        rows, r0 = [], 0
+        for j in jobs:
+            rows.append((r0, r0 + j.p.num_images))
+            r0 += j.p.num_images
+
+        def on_scale(ev):
+            for j, (a, b) in zip(jobs, rows):
+                if j.id in ended:
+                    continue
+                sub = dataclasses.replace(ev, tokens=ev.tokens[a:b], f_hat=ev.f_hat[a:b])
+                try:
+                    j.on_scale(sub, delay=False)
+                except Cancelled as e:
+                    ended[j.id] = ("cancelled", j.id, str(e))
+                    self.conn.send(ended[j.id])
+            delay = float(self.config.get("scale_delay") or 0.0)
+            if delay:  # once per batch, as for a job alone
+                time.sleep(delay)
+                for j in jobs:  # a stop that came in meanwhile
+                    if j.id not in ended and self.cancelled(j.seq):
+                        ended[j.id] = ("cancelled", j.id, f"stopped at scale {ev.scale_index + 1}/{ev.num_scales}")
+                        self.conn.send(ended[j.id])
+            return len(ended) == len(jobs)  # every job stopped: the batch stops
+
+        requests = [dict(class_labels=j.label, num_images_per_label=j.p.num_images, **j.sampling) for j in jobs]
+        try:
+            outs = pipe.generate_batch(requests, callback_on_scale_end=on_scale)
+        except Exception as e:  # the whole batch failed (out of memory ...): every job that was still running
+            for j in jobs:
+                if j.id not in ended:
+                    self.conn.send(self.ending(j.id, j.kind, j.model, _raiser(e)))
+            return
+        for j, out in zip(jobs, outs):
+            if j.id not in ended:
+                self.conn.send(self.ending(j.id, j.kind, j.model, lambda j=j, out=out: j.finish(out)))
 
     def control_map(self, model: str, pipe, p: P.ControlMapParams, need_adapter: bool = False):
         """The job's control map at the model's resolution (studio.preprocess) and the parameters
@@ -217,13 +352,13 @@ class RunningJob:
                            **p.sampling_kwargs()}
 
     # -- callbacks ---------------------------------------------------------------------------------
-    def on_scale(self, ev) -> None:
+    def on_scale(self, ev, delay: bool = True) -> None:
         t = time.perf_counter()
         if self.defer_last and ev.scale_index == ev.num_scales - 1:
             self.deferred.append(ev)
         else:
             self._send_scale(ev, self.previewer(ev.f_hat, self.mode) if self.mode != "none" else None, t)
-        delay = float(self.runner.config.get("scale_delay") or 0.0)
+        delay = delay and float(self.runner.config.get("scale_delay") or 0.0)
         if delay:
             time.sleep(delay)
         if self.runner.cancelled(self.seq):
@@ -279,8 +414,16 @@ class RunningJob:
             paths.append(path)
             all_params.append(params)
             all_tokens.append(toks)
-        return JobResult(self.id, images, paths, all_params, all_tokens if keep_tokens else None,
-                         dict(out.timings, total_job=seconds), save_error)
+        timings = dict(out.timings, total_job=seconds)
+        timings.setdefault("batch_images", len(out.images))  # a job alone: its own images
+        return JobResult(self.id, images, paths, all_params, all_tokens if keep_tokens else None, timings,
+                         save_error)
+
+
+def _raiser(error: Exception) -> Callable[[], JobResult]:
+    def work():
+        raise error
+    return work
 
 
 # -- the handlers: one per job kind, each (RunningJob, its params) -> JobResult ---------------------
