@@ -39,7 +39,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help="the live preview's default (each request can ask for another): a fast linear latent-to-RGB "
                          "map of every scale (default), a full decode of every scale (costs a decode per scale), "
                          "or none (status only)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per worker (default: chosen before every job from the cores other programs "
+                         "leave free, shared among the CPU workers)")
+    ap.add_argument("--batching", action=argparse.BooleanOptionalAction, default=True,
+                    help="run waiting generations of one model as one batch (default: on)")
+    ap.add_argument("--max-batch", type=int, default=16, help="the most images in one batch (default 16)")
+    ap.add_argument("--max-queued", type=int, default=8, help="jobs one browser session may have waiting (default 8)")
+    ap.add_argument("--job-timeout", type=float, default=600.0,
+                    help="seconds a job (or a batch) may run before its worker is restarted (default 600)")
+    ap.add_argument("--heartbeat-timeout", type=float, default=30.0,
+                    help="seconds a worker may go silent before it is restarted (default 30)")
+    ap.add_argument("--stop-timeout", type=float, default=30.0,
+                    help="seconds a stopped job may take to reach its next scale before its worker is restarted "
+                         "(default 30)")
     ap.add_argument("--auth", action="append", default=None, metavar="USER:PASSWORD",
                     help="require a login (repeat for several users; @FILE reads USER:PASSWORD lines); needed "
                          "with a --host other than loopback")
@@ -84,7 +97,10 @@ def model_specs(sources: Optional[List[str]]) -> List[ModelSpec]:
 
 def create_pool(args: argparse.Namespace) -> WorkerPool:
     return WorkerPool(model_specs(args.model), devices=args.device or ["auto"], outputs=args.outputs,
-                      preview=args.preview, scale_delay=args.scale_delay, torch_threads=args.threads)
+                      preview=args.preview, scale_delay=args.scale_delay, torch_threads=args.threads,
+                      batching=args.batching, max_batch_images=args.max_batch, max_queued_per_session=args.max_queued,
+                      job_timeout=args.job_timeout, heartbeat_timeout=args.heartbeat_timeout,
+                      stop_timeout=args.stop_timeout)
 
 
 def _interrupt(signum, frame):

@@ -7,6 +7,8 @@
     python -m lab.bench --car --dtypes fp32 --batch 1 --repeat 1 --no-baseline   # CAR beside plain VAR
     python -m lab.bench --infinity 125m --dtypes fp32 --repeat 2 --no-baseline     # Infinity beside VAR d16
     python -m lab.bench --controlvar --dtypes fp32 --batch 1 --repeat 1 --no-baseline   # ControlVAR beside VAR
+    python -m lab.bench --model default --under-load 1   # torch's threads vs the studio's, with and
+                                                         # without 1 competing busy process
 
 Every row runs in a fresh subprocess (so peak memory is that run's own) and reports the median of
 `--repeat` timed runs after one warm-up run. Baselines (no KV cache; the reference code) are
@@ -126,6 +128,7 @@ def run_ours(args) -> dict:
         "total": statistics.median(r["total"] for r in runs),
         "peak_mb": peak_memory_mb(args.device),
         "patch_nums": list(pipe.patch_nums),
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -237,9 +240,12 @@ def print_scales_table(title, rows, scale_names):
 
 
 def child_main(args):
-    if args.threads:
+    if args.threads > 0:
         import torch
         torch.set_num_threads(args.threads)
+    elif args.threads < 0:  # the studio worker's choice (studio.serve.runner.ThreadPolicy)
+        from studio.serve.runner import ThreadPolicy
+        ThreadPolicy(None).apply()
     if args.infinity_child:
         args.infinity = args.infinity_child
         res = run_infinity(args)
@@ -271,6 +277,35 @@ def print_table(rows, patch_nums, batch):
         print(f"{name:<{w}}{cells}{dec}{r['total']:9.3f}{r['peak_mb']:9.0f}{r['total'] / base:8.2f}x")
 
 
+BUSY_LOOP = "import time\nwhile True:\n    pass"
+
+
+def under_load(base: list, procs: int, repeat: int) -> None:
+    """The embedded default (or --model) per image with torch's default threads and with the
+    studio's choice, on the machine as it is and with `procs` competing busy processes."""
+    rows = []
+    for load in (0, procs):
+        hogs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(load)]
+        try:
+            time.sleep(0.5 if load else 0.0)
+            for name, threads in (("torch default", "0"), ("studio choice", "-1")):
+                r = spawn(base, ["--dtype", "fp32", "--threads", threads])
+                rows.append((load, name, r))
+        finally:
+            for h in hogs:
+                h.kill()
+                h.wait()
+    print(f"\nthreads under load: seconds per image (median of {repeat}); {os.cpu_count()} cores; "
+          f"competing load = busy-loop processes started by this benchmark (other programs also count)")
+    head = f"{'competing':>10}  {'threads':<16}{'used':>6}{'per image':>11}{'vs default':>12}"
+    print(head)
+    print("-" * len(head))
+    for load, name, r in rows:
+        ref = next(x for lo, n, x in rows if lo == load and n == "torch default")
+        batch = int(base[base.index("--batch") + 1])
+        print(f"{load:>10}  {name:<16}{r['threads']:>6}{r['total'] / batch:11.3f}{r['total'] / ref['total']:11.2f}x")
+
+
 def print_car_table(pairs, batch, name: str = "CAR"):
     """CAR (or ControlVAR) beside the plain run of the same dtype: seconds per image and the ratio."""
     print(f"\n{name} vs plain VAR (same invocation; batch {batch}; seconds per image, median)")
@@ -292,7 +327,11 @@ def main(argv=None):
     ap.add_argument("--guidance", type=float, default=Sampling.guidance_scale)
     ap.add_argument("--top-k", type=int, default=Sampling.top_k)
     ap.add_argument("--top-p", type=float, default=Sampling.top_p)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: PyTorch's default, -1: the studio worker's choice)")
+    ap.add_argument("--under-load", type=int, default=None, metavar="N",
+                    help="only the thread table: torch's default threads vs the studio's choice, without and with "
+                         "N competing busy processes")
     ap.add_argument("--no-baseline", action="store_true", help="skip the no-KV-cache runs")
     ap.add_argument("--reference", default=None, help="work tree of the published VAR code: add its fp32 run")
     ap.add_argument("--car", action="store_true",
@@ -318,6 +357,8 @@ def main(argv=None):
     base = ["--model", args.model, "--device", args.device, "--batch", str(args.batch), "--repeat", str(args.repeat),
             "--guidance", str(args.guidance), "--top-k", str(args.top_k), "--top-p", str(args.top_p),
             "--threads", str(args.threads)]
+    if args.under_load is not None:
+        return under_load(base, max(1, args.under_load), args.repeat)
     rows = []
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in dtypes:

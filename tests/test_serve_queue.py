@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from studio.serve.pool import ModelSpec, QueueFull, WorkerPool
-from studio.serve.runner import ThreadPolicy, jpeg
+from studio.serve.runner import ThreadPolicy, busy_cores, jpeg
 from tests.test_worker import TINY_PATCH_NUMS, tiny_bundle  # noqa: F401 (a fixture)
 
 SCALES = len(TINY_PATCH_NUMS)
@@ -120,12 +120,13 @@ def test_sessions_take_turns_and_each_may_queue_only_so_many(tiny_bundle):  # no
 
 def test_thread_policy_leaves_busy_cores_alone():
     policy = ThreadPolicy(None, cpu_workers=1)
-    assert policy.choose(cores=2, load=0.0, own=0) == 2
-    assert policy.choose(cores=2, load=1.0, own=0) == 1  # another busy process: one thread, not two fighting
-    assert policy.choose(cores=2, load=3.0, own=0) == 1
-    assert policy.choose(cores=16, load=2.0, own=2) == 16
-    assert ThreadPolicy(None, cpu_workers=2).choose(cores=16, load=0.0, own=0) == 8
-    assert ThreadPolicy(3).choose(cores=16, load=9.0) == 3  # --threads wins
+    assert policy.choose(cores=2, busy=0.1) == 2
+    assert policy.choose(cores=2, busy=1.0) == 1  # another busy process: one thread, not two fighting
+    assert policy.choose(cores=2, busy=2.0) == 1
+    assert policy.choose(cores=16, busy=2.0) == 14
+    assert ThreadPolicy(None, cpu_workers=2).choose(cores=16, busy=0.0) == 8
+    assert ThreadPolicy(3).choose(cores=16, busy=9.0) == 3  # --threads wins
+    assert 0.0 <= busy_cores(0.02) <= (os.cpu_count() or 1) + 0.01
 
 
 # -- the watchdogs -------------------------------------------------------------------------------------

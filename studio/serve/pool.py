@@ -4,18 +4,23 @@ process itself is studio.serve.runner, imported only in the spawned child.
 
     pool = WorkerPool([ModelSpec("default", None)], devices=["cpu"], outputs="outputs/")
     pool.start()                                   # spawns the workers, waits for the models
-    job = pool.submit("generate", {"class_name": "volcano", "seed": 0})   # or a studio.params dataclass
+    job = pool.submit("generate", {"class_name": "volcano", "seed": 0}, session="alice")  # or a params dataclass
     for view in job.updates():                     # the latest state; stale previews are dropped
         print(view.status, view.latest and view.latest.scale_index)
     job.result.paths                               # the PNGs, saved before anyone saw them
 
 Pieces and why:
-- one thread per worker process in the parent sends it one job at a time and reads its events;
-  a job waits in the pool's queue until a worker is free, so a worker that dies takes only the
-  job it was running with it (that job fails with a clear message, the worker is restarted, the
-  queue goes on);
-- each worker process has a shared cancel cell: the parent writes the running job's number into
-  it and the per-scale callback checks it, so Stop lands at the next scale boundary;
+- one thread per worker process in the parent sends it one job, or one batch of plain generations
+  of one model, at a time and reads its events; jobs wait in the pool's queue until a worker is
+  free, so a worker that dies takes only the jobs it was running with it (they fail with a clear
+  message, the worker is restarted, the queue goes on);
+- the queue is fair: one queue per session, sessions take turns, each may have only so many jobs
+  waiting; `position` counts the turns before a job, `wait_estimate` turns it into seconds;
+- each worker process has a shared cancel array: the parent writes a running job's number into
+  the cell of its place in the batch and the per-scale callback checks it, so Stop lands at the
+  next scale boundary, for that job only;
+- a watchdog in the same thread kills and restarts a worker that stops beating its heartbeat (a
+  shared timestamp), overruns the job time limit, or does not reach the next scale after Stop;
 - every scale's preview is kept (the filmstrip needs them all), but a consumer only ever sees the
   latest state when it asks: previews it was too slow to show are dropped, never queued.
 """

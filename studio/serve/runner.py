@@ -118,13 +118,16 @@ def _start_heartbeat(cell) -> None:
 
 class ThreadPolicy:
     """How many intra-op threads a CPU worker's torch uses: a fixed --threads, or a choice made
-    before every job from the cores this process may use, the number of CPU workers sharing them
-    and the machine's load from other processes.
+    before every job (or batch) from the cores this process may use, the number of CPU workers
+    sharing them, and how many of them other programs keep busy right now.
 
     Why: OpenMP threads of one operation wait for each other at every barrier, so one thread that
     loses its core to another process stalls them all (issue 17: 2 threads on 2 busy cores were 3-20x
-    slower than 1 thread). Cores already busy with other work are not counted, and each worker
-    keeps to its share of the rest."""
+    slower than 1 thread). Cores busy with other work are not counted, and each worker keeps to its
+    share of the rest. "Busy now" is measured over BUSY_SAMPLE seconds of /proc/stat while the
+    worker itself is idle (between jobs); elsewhere the 1-minute load average stands in."""
+
+    BUSY_SAMPLE = 0.05
 
     def __init__(self, fixed: Optional[int], cpu_workers: int = 1, on_cpu: bool = True):
         self.fixed = int(fixed) if fixed else None
@@ -132,16 +135,15 @@ class ThreadPolicy:
         self.on_cpu = on_cpu
         self.current: Optional[int] = None
 
-    def choose(self, cores: Optional[int] = None, load: Optional[float] = None, own: Optional[int] = None) -> int:
+    def choose(self, cores: Optional[int] = None, busy: Optional[float] = None) -> int:
+        """cores: usable by this process; busy: how many of the machine's cores other work keeps busy."""
         if self.fixed:
             return self.fixed
         if not self.on_cpu:  # a GPU worker: the CPU only feeds the device
             return 1
         cores = cores if cores is not None else _usable_cores()
-        load = load if load is not None else os.getloadavg()[0]
-        own = own if own is not None else (self.current or 0)
-        others = max(0.0, load - own)  # runnable threads of other processes (a 1-minute average)
-        free = max(1, int(cores - others + 0.5))
+        busy = busy if busy is not None else busy_cores(self.BUSY_SAMPLE)
+        free = max(1, int(cores - busy + 0.5))
         return max(1, min(cores // self.cpu_workers, free // self.cpu_workers))
 
     def apply(self) -> int:
@@ -150,6 +152,27 @@ class ThreadPolicy:
             torch.set_num_threads(n)
             self.current = n
         return n
+
+
+def busy_cores(sample: float = 0.05) -> float:
+    """How many cores of the machine are busy (not idle, not waiting for I/O), over `sample` seconds."""
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + (v[4] if len(v) > 4 else 0)
+
+    try:
+        t0, i0 = read()
+        time.sleep(sample)
+        t1, i1 = read()
+        if t1 <= t0:
+            return 0.0
+        return (1.0 - (i1 - i0) / (t1 - t0)) * (os.cpu_count() or 1)
+    except (OSError, ValueError, IndexError):  # not Linux
+        try:
+            return float(os.getloadavg()[0])
+        except OSError:
+            return 0.0
 
 
 def _usable_cores() -> int:

@@ -278,8 +278,8 @@ class Studio:
         if problem:
             raise gr.Error(f"Results cannot be saved right now ({problem}); nothing was started. "
                            "Tell the studio's operator.")
-        job = self._submit(kind, model, p)
         session = _session(request)
+        job = self._submit(kind, model, p, session)
         with self._lock:
             self._sessions.setdefault(session, set()).add(job)
         folder = self.preview_dir / job.id
@@ -301,17 +301,18 @@ class Studio:
                 self._sessions.get(session, set()).discard(job)
             shutil.rmtree(folder, ignore_errors=True)
 
-    def _submit(self, kind: str, model, p: P.JobParams) -> Job:
-        try:
-            return self.pool.submit(kind, p, model or self.default_model)
+    def _submit(self, kind: str, model, p: P.JobParams, session: str = "") -> Job:
+        try:  # sessions take turns in the pool's queue, each with a limit on waiting jobs
+            return self.pool.submit(kind, p, model or self.default_model, session=session)
         except (ValueError, RuntimeError) as e:
             raise gr.Error(str(e))
 
     def _progress(self, view: JobView, folder: Path, with_strip: bool = True) -> dict:
         w = self.w
         if view.status == "queued":
+            wait = f", about {view.wait_estimate:.0f} s to go" if view.wait_estimate is not None else ""
             return {w.status: (f"⏳ Waiting in the queue: position **{view.position}** ({self.pool.queue_length} "
-                               f"waiting, {view.elapsed:.0f} s)" if view.position else "⏳ Starting…")}
+                               f"waiting, {view.elapsed:.0f} s{wait})" if view.position else "⏳ Starting…")}
         if view.latest is None:
             return {w.status: "⏳ Running…"}
         u = view.latest
@@ -613,8 +614,10 @@ def _wire_runs(w, studio: Studio) -> None:
     run_outputs = [w.preview, w.status, w.filmstrip, w.results, w.selected, w.history, w.history_state]
     sample = [w.seed, w.guidance, w.top_k, w.top_p, w.more_smooth]
     after = [w.preview_mode, w.history_state]
-    run = dict(outputs=run_outputs, show_progress="hidden", concurrency_id="jobs",
-               concurrency_limit=8 * len(studio.pool.devices))
+    # no limit of Gradio's own on job events: every job goes straight into the pool's fair queue, whose
+    # position the page shows from the first moment (a Gradio queue would hold it without a word);
+    # the pool limits each session's waiting jobs, and demo.queue(max_size) the events at once
+    run = dict(outputs=run_outputs, show_progress="hidden", concurrency_id="jobs", concurrency_limit=None)
     w.generate_btn.click(studio.generate, [w.model, w.gen_class, *sample, w.num_images, *after],
                          api_name="generate", **run)
     w.inpaint_btn.click(studio.inpaint, [w.model, w.editor, w.mask_upload, w.invert_mask, w.mask_blur, w.mask_grow,

@@ -1,0 +1,169 @@
+"""Many users at once: throughput, latency and time to the first preview through the real app.
+
+    python -m lab.bench_load                              # 1, 4 and 16 clients, batching off and on
+    python -m lab.bench_load --clients 1,8 --jobs 4 --model my_bundle/
+
+Starts `app.py` twice on loopback (lab.bench_client.AppProcess), once with --no-batching and once
+with --batching, and against each runs rounds of N concurrent gradio_client clients (each its own
+browser session) that submit /generate one after another, --jobs each, with fixed seeds (the same
+seeds in both runs) and the app's default preview. Bounded: every round ends after its jobs (or
+--round-timeout). Printed per round:
+
+- jobs/min: finished jobs over the round's wall time (from the first submit to the last result);
+- p50 / p95 latency: from submit to the final image, over every job of the round;
+- first preview p50: from submit to the first streamed preview picture;
+- x off: jobs/min relative to the same number of clients without batching;
+- RSS: the app and its workers' resident memory after the round.
+
+This process never imports torch.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+from lab.bench_client import AppProcess, close_client, terminate_as_exit, time_generation
+
+
+@dataclass
+class Round:
+    batching: bool
+    clients: int
+    jobs: int
+    failed: int
+    seconds: float
+    latencies: List[float]
+    first_previews: List[float]
+    rss_mb: Optional[float]
+
+    @property
+    def jobs_per_min(self) -> float:
+        return 60.0 * self.jobs / self.seconds if self.seconds > 0 else 0.0
+
+
+def _pct(values: Sequence[float], q: float) -> Optional[float]:
+    values = sorted(values)
+    if not values:
+        return None
+    k = min(len(values) - 1, max(0, int(round(q * (len(values) - 1)))))
+    return values[k]
+
+
+def tree_rss_mb(pid: int) -> Optional[float]:
+    try:
+        import psutil
+        root = psutil.Process(pid)
+        procs = [root] + root.children(recursive=True)
+        return sum(p.memory_info().rss for p in procs) / 2 ** 20
+    except Exception:
+        return None
+
+
+def run_round(app: AppProcess, batching: bool, clients: int, jobs: int, class_name: str, timeout: float,
+              log=print) -> Round:
+    from gradio_client import Client
+
+    made = [Client(app.url, verbose=False, download_files=False) for _ in range(clients)]
+    latencies, firsts, failed, lock = [], [], [0], threading.Lock()
+    submitted: List[list] = [[] for _ in range(clients)]
+    deadline = time.monotonic() + timeout
+
+    def user(i: int):
+        for k in range(jobs):
+            if time.monotonic() > deadline:
+                return
+            try:
+                run = time_generation(made[i], "fast", seed=1000 * i + k, class_name=class_name,
+                                      jobs=submitted[i])
+            except Exception as e:  # a failed job is counted, the user goes on
+                with lock:
+                    failed[0] += 1
+                log(f"  client {i} job {k} failed: {e}")
+                continue
+            with lock:
+                latencies.append(run.total)
+                if run.first_preview is not None:
+                    firsts.append(run.first_preview)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(1.0, deadline - time.monotonic() + 30))
+    seconds = time.perf_counter() - t0
+    for c, js in zip(made, submitted):
+        close_client(c, js[-1:])
+    return Round(batching, clients, len(latencies), failed[0], seconds, latencies, firsts,
+                 tree_rss_mb(app.proc.pid) if app.proc else None)
+
+
+def format_table(rounds: Sequence[Round]) -> str:
+    base = {r.clients: r.jobs_per_min for r in rounds if not r.batching}
+    head = ["batching", "clients", "jobs", "failed", "jobs/min", "p50 s", "p95 s", "1st preview p50 s", "x off",
+            "RSS MB"]
+    rows = [head]
+    for r in rounds:
+        def sec(v):
+            return "-" if v is None else f"{v:.2f}"
+        ratio = r.jobs_per_min / base[r.clients] if base.get(r.clients) else None
+        rows.append(["on" if r.batching else "off", str(r.clients), str(r.jobs), str(r.failed),
+                     f"{r.jobs_per_min:.1f}", sec(_pct(r.latencies, 0.5)), sec(_pct(r.latencies, 0.95)),
+                     sec(statistics.median(r.first_previews) if r.first_previews else None),
+                     "-" if ratio is None else f"{ratio:.2f}x", "-" if r.rss_mb is None else f"{r.rss_mb:.0f}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="Load benchmark: N concurrent clients, batching off and on")
+    ap.add_argument("--model", default="default", help="app.py --model source, or 'default' (the embedded model)")
+    ap.add_argument("--clients", default="1,4,16", help="comma list of concurrent clients per round")
+    ap.add_argument("--jobs", type=int, default=3, help="jobs each client submits, one after another (default 3)")
+    ap.add_argument("--class", dest="class_name", default="0", help="class name or id for every job (default 0)")
+    ap.add_argument("--round-timeout", type=float, default=600.0, help="seconds a round may take at most")
+    ap.add_argument("--threads", type=int, default=None, help="app.py --threads (default: the app's choice)")
+    ap.add_argument("--device", default=None, help="app.py --device")
+    ap.add_argument("--max-batch", type=int, default=16, help="app.py --max-batch")
+    ap.add_argument("--start-timeout", type=float, default=900.0)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    clients = [int(c) for c in args.clients.split(",") if c.strip()]
+
+    def log(text):
+        print(text, flush=True)
+
+    common = (["--threads", str(args.threads)] if args.threads else []) + (
+        ["--device", args.device] if args.device else []) + ["--max-batch", str(args.max_batch),
+                                                              "--max-queued", str(max(8, args.jobs))]
+    rounds: List[Round] = []
+    try:
+        with terminate_as_exit():
+            for batching in (False, True):
+                extra = common + ["--batching" if batching else "--no-batching"]
+                with AppProcess(args.model, extra=extra, start_timeout=args.start_timeout, log=log) as app:
+                    run_round(app, batching, 1, 1, args.class_name, args.round_timeout, log)  # warm-up
+                    for n in clients:
+                        r = run_round(app, batching, n, args.jobs, args.class_name, args.round_timeout, log)
+                        log(f"batching {'on' if batching else 'off'}, {n} client(s): {r.jobs} jobs in "
+                            f"{r.seconds:.1f} s ({r.jobs_per_min:.1f}/min)")
+                        rounds.append(r)
+    except KeyboardInterrupt:
+        print("interrupted; the app is stopped", file=sys.stderr)
+        return 130
+    print()
+    print(f"VAR Studio load benchmark · model {args.model} · {args.jobs} job(s) per client · loopback")
+    print(format_table(rounds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
