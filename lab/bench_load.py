@@ -3,8 +3,9 @@
     python -m lab.bench_load                              # 1, 4 and 16 clients, batching off and on
     python -m lab.bench_load --clients 1,8 --jobs 4 --model my_bundle/
 
-Starts `app.py` twice on loopback (lab.bench_client.AppProcess), once with --no-batching and once
-with --batching, and against each runs rounds of N concurrent gradio_client clients (each its own
+Starts `app.py` twice on loopback (lab.bench_client.AppProcess), one with --no-batching and one
+with --batching, and runs rounds of N concurrent gradio_client clients against each in turn (the
+two rounds of one N back to back, so a drift in the machine's load hits both alike) (each its own
 browser session) that submit /generate one after another, --jobs each, with fixed seeds (the same
 seeds in both runs) and the app's default preview. Bounded: every round ends after its jobs (or
 --round-timeout). Printed per round:
@@ -20,6 +21,7 @@ This process never imports torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import threading
@@ -146,16 +148,19 @@ def main(argv=None) -> int:
                                                               "--max-queued", str(max(8, args.jobs))]
     rounds: List[Round] = []
     try:
-        with terminate_as_exit():
-            for batching in (False, True):
-                extra = common + ["--batching" if batching else "--no-batching"]
-                with AppProcess(args.model, extra=extra, start_timeout=args.start_timeout, log=log) as app:
-                    run_round(app, batching, 1, 1, args.class_name, args.round_timeout, log)  # warm-up
-                    for n in clients:
-                        r = run_round(app, batching, n, args.jobs, args.class_name, args.round_timeout, log)
-                        log(f"batching {'on' if batching else 'off'}, {n} client(s): {r.jobs} jobs in "
-                            f"{r.seconds:.1f} s ({r.jobs_per_min:.1f}/min)")
-                        rounds.append(r)
+        with terminate_as_exit(), contextlib.ExitStack() as stack:
+            apps = {batching: stack.enter_context(AppProcess(
+                args.model, extra=common + ["--batching" if batching else "--no-batching"],
+                start_timeout=args.start_timeout, log=log)) for batching in (False, True)}
+            for batching, app in apps.items():
+                run_round(app, batching, 1, 1, args.class_name, args.round_timeout, log)  # warm-up
+            for n in clients:  # off and on back to back, so that a drift in the machine's load hits both alike
+                for batching, app in apps.items():
+                    r = run_round(app, batching, n, args.jobs, args.class_name, args.round_timeout, log)
+                    log(f"batching {'on' if batching else 'off'}, {n} client(s): {r.jobs} jobs in "
+                        f"{r.seconds:.1f} s ({r.jobs_per_min:.1f}/min)")
+                    rounds.append(r)
+            rounds.sort(key=lambda r: (r.batching, r.clients))
     except KeyboardInterrupt:
         print("interrupted; the app is stopped", file=sys.stderr)
         return 130
