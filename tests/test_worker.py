@@ -332,7 +332,7 @@ def test_a_bug_in_a_job_is_an_internal_error_with_the_traceback_in_the_log(tiny_
 
     pipe = VARPipeline.from_pretrained(tiny_bundle)
     sent = []
-    conn, cancel_cell = types.SimpleNamespace(send=sent.append), types.SimpleNamespace(value=0)
+    conn, cancel_cell = types.SimpleNamespace(send=sent.append), [0] * 4  # the cancel array: no job stopped
     runner = runner_module.Runner({"outputs": str(tmp_path), "preview": "fast"}, conn, cancel_cell, {"m": pipe},
                                   {"m": Previewer(pipe, 64)}, "cpu")
     with monkeypatch.context() as m:

@@ -245,6 +245,11 @@ class Runner:
         transformer pass per scale for all, each job with its own seed, sampling settings, previews,
         stop and result (exactly the images it gets alone: VARPipeline.generate_batch). A job whose
         parameters are wrong fails alone; the others run."""
+        if any(not hasattr(self.pipes.get(item[3]), "generate_batch") for item in items):
+            for seq, job_id, kind, model, params in items:  # a pipeline that cannot batch: one at a time
+                self.conn.send(("started", job_id))
+                self.conn.send(self.answer(seq, job_id, kind, model, params))
+            return
         jobs: List[RunningJob] = []
         for seq, job_id, kind, model, params in items:
             self.conn.send(("started", job_id))
