@@ -222,15 +222,23 @@ def filter_top_k_top_p_(logits_BlV, top_k: int = 0, top_p: float = 0.0):
     return logits_BlV
 
 
-def sample_tokens(logits_BlV, generator: Optional[torch.Generator]):
-    """One categorical draw per position: (B, l, V) -> (B, l)."""
+Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
+
+
+def sample_tokens(logits_BlV, generator: Generators):
+    """One categorical draw per position: (B, l, V) -> (B, l). A list of generators draws row b from
+    generator[b] (each image of a batch then samples as it would alone with its generator)."""
     B, l, V = logits_BlV.shape
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([sample_tokens(logits_BlV[b:b + 1], g) for b, g in enumerate(generator)])
     probs = logits_BlV.softmax(dim=-1).view(-1, V)
     return torch.multinomial(probs, num_samples=1, replacement=True, generator=generator).view(B, l)
 
 
-def gumbel_soft_codes(logits_BlV, tau: float, generator: Optional[torch.Generator]):
-    """Soft one-hot weights softmax((logits + Gumbel noise) / tau) drawn from `generator`."""
+def gumbel_soft_codes(logits_BlV, tau: float, generator: Generators):
+    """Soft one-hot weights softmax((logits + Gumbel noise) / tau) drawn from `generator` (a list: one per row)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([gumbel_soft_codes(logits_BlV[b:b + 1], tau, g) for b, g in enumerate(generator)])
     gumbels = -torch.empty_like(logits_BlV, memory_format=torch.legacy_contiguous_format).exponential_(
         generator=generator).log()
     return ((logits_BlV + gumbels) / tau).softmax(dim=-1)
@@ -255,7 +263,7 @@ class RowGroup:
     jobs: each job's tokens are the ones it gets by itself)."""
 
     size: int
-    generator: Optional[torch.Generator] = None
+    generator: "Generators" = None  # one, or a list with one per row of the group
     guidance_scale: Union[float, Sequence[float]] = 4.0
     top_k: int = 0
     top_p: float = 0.0
@@ -419,7 +427,7 @@ class VAR(nn.Module):
         top_k: int = 0,
         top_p: float = 0.0,
         more_smooth: bool = False,
-        generator: Optional[torch.Generator] = None,
+        generator: Generators = None,
         callback: Optional[Callable[[ScaleEvent], Optional[bool]]] = None,
         known_tokens: Optional[Sequence[Optional[torch.Tensor]]] = None,
         known_mask: Optional[Sequence[Optional[torch.Tensor]]] = None,
@@ -449,6 +457,8 @@ class VAR(nn.Module):
         import time
 
         B = label_B.shape[0]
+        if isinstance(generator, (list, tuple)) and len(generator) != B:
+            raise ValueError(f"got {len(generator)} generators for {B} images: give one per image")
         dev = label_B.device
         E = quantizer.embedding.weight
         if rows is None:

@@ -21,6 +21,7 @@ from PIL import Image
 from studio import images as im
 from studio.images import Region
 from studio.windows import MIN_SIDE, next_outpaint_window, window_side  # noqa: F401 (re-exported)
+from studio.pngmeta import decode_array, encode_array
 
 INPAINT_AREAS = ("masked", "whole")
 
@@ -79,6 +80,29 @@ class InpaintPlan:
 
     def keep_masks(self, patch_nums: Sequence[int]) -> List[torch.Tensor]:
         return scale_keep_masks(self.regen, patch_nums)
+
+    def reroll_masks(self, patch_nums: Sequence[int], from_scale: int) -> List[torch.Tensor]:
+        """Re-rolling the edit from `from_scale`: scales before it keep every token of the result,
+        the later ones keep what the edit kept (the area outside it) and resample the edited cells."""
+        edit = self.keep_masks(patch_nums)
+        return [torch.ones_like(m) if si < from_scale else m for si, m in enumerate(edit)]
+
+    def record(self) -> dict:
+        """What a result's PNG keeps of the plan so that it can be re-rolled later (see from_record)."""
+        return {"region": None if self.region is None else [self.region.x0, self.region.y0, self.region.side],
+                "alpha": encode_array(np.round(np.clip(self.alpha, 0, 1) * 255).astype(np.uint8)),
+                "regen": encode_array(self.regen.astype(np.uint8))}
+
+    @classmethod
+    def from_record(cls, image, rec: dict) -> "InpaintPlan":
+        """The plan of an edit whose result is `image`: re-rolled output is pasted back over it."""
+        base = im.to_float_rgb(image)
+        alpha = decode_array(rec["alpha"]).astype(np.float32) / 255.0
+        if alpha.shape != base.shape[:2]:
+            raise ValueError(f"the edit's mask is {alpha.shape[1]}x{alpha.shape[0]}, the picture "
+                             f"{base.shape[1]}x{base.shape[0]}")
+        region = None if rec.get("region") is None else Region(*[int(v) for v in rec["region"]])
+        return cls(base, (alpha > 0).astype(np.float32), alpha, region, None, decode_array(rec["regen"]).astype(bool))
 
     def crop(self, arr: np.ndarray) -> np.ndarray:
         """A full-size (H, W[, C]) array (a control map) cut like the image (not resized)."""
@@ -161,14 +185,21 @@ class OutpaintCanvas:
         """The window's picture (margins edge-filled) and its mask: 1 = not yet known."""
         return im.to_pil(im.crop(self.canvas, region)), (~im.crop(self.known, region)).astype(np.float32)
 
-    def merge(self, region: Region, generated: np.ndarray, mask_blur: int) -> None:
+    def merge(self, region: Region, generated: np.ndarray, mask_blur: int) -> np.ndarray:
         """Take a window's result: new pixels take it, earlier generated pixels blend over a
-        feathered band, the original is never touched."""
+        feathered band, the original is never touched. Returns the window's blend weights."""
         win_mask = (~im.crop(self.known, region)).astype(np.float32)
         alpha = np.maximum(im.feather(win_mask, int(mask_blur)), win_mask).astype(np.float32)
         alpha[im.crop(self.is_original, region)] = 0.0
         self.canvas = im.paste(self.canvas, im.blend(im.crop(self.canvas, region), generated, alpha), region)
         self.known = im.paste(self.known, np.ones((region.side, region.side), bool), region)
+        return alpha
+
+    def window_plan(self, region: Region, alpha: np.ndarray, regen: np.ndarray) -> InpaintPlan:
+        """A merged window as an in-painting of the whole canvas (for re-rolling it later)."""
+        full = np.zeros(self.canvas.shape[:2], np.float32)
+        full = im.paste(full, alpha, region)
+        return InpaintPlan(self.canvas, (full > 0).astype(np.float32), full, region, None, regen)
 
     def picture(self) -> Image.Image:
         return im.to_pil(self.canvas)

@@ -39,6 +39,7 @@ class VAROutput:
     stopped_early: bool = False  # a callback stopped the run; images show the scales made so far
     timings: dict = field(default_factory=dict)  # seconds: per scale, decode, total
     control_tokens: Optional[List[torch.Tensor]] = None  # ControlVAR: the map's tokens per scale (B, pn*pn)
+    edit: Optional[editing.InpaintPlan] = None  # an edit's geometry: where its tokens' picture went (re-roll)
 
 
 class VARPipeline:
@@ -164,6 +165,11 @@ class VARPipeline:
             raise ValueError(f"num_images_per_label must be at least 1, got {num_images_per_label}")
         if class_labels is None:  # random classes, drawn like the reference sampler does
             probs = torch.full((1, self.num_classes), 1.0 / self.num_classes, device=self.device)
+            if isinstance(generator, (list, tuple)):  # one generator per image: each draws its own class
+                if len(generator) != num_images_per_label:
+                    raise ValueError(f"got {len(generator)} generators for {num_images_per_label} images: "
+                                     "give one per image")
+                return torch.cat([torch.multinomial(probs, 1, generator=g).view(-1) for g in generator])
             return torch.multinomial(probs, num_images_per_label, replacement=True, generator=generator).view(-1)
         if isinstance(class_labels, (int, str, np.integer)):
             class_labels = [class_labels]
@@ -219,7 +225,7 @@ class VARPipeline:
         top_k: int = Sampling.top_k,
         top_p: float = Sampling.top_p,
         more_smooth: bool = Sampling.more_smooth,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[Union[torch.Generator, Sequence[torch.Generator]]] = None,
         num_images_per_label: int = 1,
         callback_on_scale_end: Optional[Callable[[ScaleEvent], Optional[bool]]] = None,
         output_type: str = "pil",
@@ -240,6 +246,8 @@ class VARPipeline:
             scale to g at the last (the published schedule), a list gives the weight per scale.
         top_k / top_p: keep the k most likely tokens / the nucleus of mass top_p (0 = off).
         more_smooth: feed Gumbel-softmax soft codes instead of hard tokens (smoother images).
+        generator: a torch.Generator for the whole batch, or a list with one per image: image i is then
+            the image a run of it alone with generator[i] gives (the studio seeds image i with seed + i).
         callback_on_scale_end: called with a ScaleEvent after every scale; return True to stop.
         known_tokens / known_mask: per scale (B, pn*pn) tokens and bool masks (True = keep) that
             are forced in place of the sampled ones (editing, variations, re-roll).
@@ -330,6 +338,10 @@ class VARPipeline:
         self._check_sampling_args(weights[0], top_k, top_p)
         im.check_output_type(output_type)
         t_start = time.perf_counter()
+        if isinstance(generator, (list, tuple)):  # the ControlVAR sampler draws its guidance branches together
+            if len(generator) != 1:
+                raise UserError("a ControlVAR model draws a batch from one generator, not one per image")
+            generator = generator[0]
         labels = self._labels(class_labels, num_images_per_label, generator)
         B = labels.shape[0]
         known_tokens, known_mask = self._check_known(known_tokens, known_mask, B)
@@ -528,6 +540,7 @@ class VARPipeline:
             out = self._generate_with_known(known, plan.keep_masks(self.patch_nums), class_labels, num_images,
                                             guidance_scale, kw)
         out.images = im.float_to_output(np.stack([plan.paste(gen) for gen in out.images]), output_type)
+        out.edit = plan
         return out
 
     @torch.no_grad()
@@ -543,7 +556,7 @@ class VARPipeline:
         feathered seam. The original pixels stay exactly in place. `on_window(index, canvas_pil)`
         reports the canvas after each window."""
         canvas = editing.OutpaintCanvas(image, left, right, top, bottom, window)
-        all_tokens, n = None, 0
+        all_tokens, n, last = None, 0, None
         while (win := canvas.next_window()) is not None:
             if n >= max_windows:
                 raise UserError(f"out-painting needs more than {max_windows} windows; add fewer pixels, or use a "
@@ -553,13 +566,17 @@ class VARPipeline:
                                top_k=top_k, top_p=top_p, more_smooth=more_smooth, generator=generator,
                                mask_blur=0, inpaint_area="whole", callback_on_scale_end=callback_on_scale_end,
                                output_type="np")
-            canvas.merge(win, res.images[0], mask_blur)
-            all_tokens = res.tokens
+            alpha = canvas.merge(win, res.images[0], mask_blur)
+            all_tokens, last = res.tokens, (win, alpha, res.edit.regen)
             n += 1
             if on_window is not None:
                 on_window(n, canvas.picture())
+        # the last window's tokens and geometry: a re-roll resamples that window's new part
+        edit = canvas.window_plan(*last) if last is not None else None
+        if edit is not None:
+            edit.image = canvas.result()
         return VAROutput(im.float_to_output(canvas.result()[None], output_type), all_tokens or [],
-                         timings={"windows": n})
+                         timings={"windows": n}, edit=edit)
 
     @torch.no_grad()
     def variations(self, image, keep_scales: int, class_labels: Optional[ClassLabel] = None, num_images: int = 1,
@@ -577,18 +594,34 @@ class VARPipeline:
         return self(class_labels=labels, num_images_per_label=num_images, known_tokens=known, **kwargs)
 
     @torch.no_grad()
-    def reroll(self, tokens: Sequence[torch.Tensor], from_scale: int, class_labels=None, **kwargs) -> VAROutput:
+    def reroll(self, tokens: Sequence[torch.Tensor], from_scale: int, class_labels=None,
+               edit: Optional[editing.InpaintPlan] = None, **kwargs) -> VAROutput:
         """Keep scales 0..from_scale-1 of a result's tokens and resample the rest (from_scale equal
-        to the number of scales gives the same image back)."""
+        to the number of scales gives the same image back).
+
+        edit: the result was an in- or out-painting (`out.edit`, or InpaintPlan.from_record on the
+        edited picture): all its tokens are kept up to from_scale, after it only those outside the
+        edited area, and the model's picture is pasted back over the edited picture (outside the
+        edit the pixels stay exactly as they are)."""
         if not 0 <= from_scale <= self.num_scales:
             raise ValueError(f"from_scale must be in 0..{self.num_scales}, got {from_scale}")
-        self._check_tokens(tokens[:max(from_scale, 1)], allow_prefix=True)
-        known = list(tokens[:from_scale]) if from_scale else None
+        self._check_tokens(tokens[:max(from_scale, 1)] if edit is None else tokens, allow_prefix=edit is None)
         B = tokens[0].shape[0]
         if class_labels is None:
             class_labels = -1
         labels = class_labels if isinstance(class_labels, (list, tuple)) else [class_labels] * B
-        return self(class_labels=labels, known_tokens=known, **kwargs)
+        if edit is None:
+            known = list(tokens[:from_scale]) if from_scale else None
+            return self(class_labels=labels, known_tokens=known, **kwargs)
+        output_type = kwargs.pop("output_type", "pil")
+        if all(int(c) < 0 for c in labels):  # an edit without a class: no guidance (both halves are the null class)
+            kwargs["guidance_scale"] = 0.0
+        out = self(class_labels=labels, known_tokens=list(tokens), known_mask=edit.reroll_masks(self.patch_nums,
+                                                                                                from_scale),
+                   output_type="np", **kwargs)
+        out.images = im.float_to_output(np.stack([edit.paste(gen) for gen in out.images]), output_type)
+        out.edit = edit
+        return out
 
     # -- control adapters -------------------------------------------------------------------------
     def load_control(self, path: Union[str, Path], control_type: Optional[str] = None) -> None:

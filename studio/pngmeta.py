@@ -23,13 +23,19 @@ PARAMETERS_CHUNK = "parameters"  # JSON of the job's parameters
 TOKENS_CHUNK = "var_tokens"  # a result's token pyramid (so it can be re-rolled)
 
 
-def encode_png(image: Image.Image, params: dict, tokens: Optional[Sequence[np.ndarray]] = None) -> bytes:
+EXTRA_PREFIX = "var_"  # what else a re-roll needs: "var_edit" (where an edit goes), "var_control" (its map)
+
+
+def encode_png(image: Image.Image, params: dict, tokens: Optional[Sequence[np.ndarray]] = None,
+               extras: Optional[dict] = None) -> bytes:
     """PNG bytes with `params` as JSON in the 'parameters' text chunk and, when given, the token
-    pyramid in a compressed chunk."""
+    pyramid in a compressed chunk; `extras` (name -> JSON-able dict) each in a compressed 'var_<name>' chunk."""
     info = PngImagePlugin.PngInfo()
     info.add_text(PARAMETERS_CHUNK, json.dumps(params, sort_keys=True))
     if tokens is not None:
         info.add_text(TOKENS_CHUNK, encode_tokens(tokens), zip=True)
+    for name, value in (extras or {}).items():
+        info.add_text(EXTRA_PREFIX + name, json.dumps(value), zip=True)
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
@@ -64,6 +70,24 @@ def read_png_info(data: bytes) -> tuple:
     params = json.loads(text[PARAMETERS_CHUNK]) if PARAMETERS_CHUNK in text else {}
     tokens = decode_tokens(text[TOKENS_CHUNK]) if TOKENS_CHUNK in text else None
     return params, tokens
+
+
+def read_png_extras(data: bytes) -> dict:
+    """PNG bytes -> the extras encode_png stored (name -> dict; {} when none)."""
+    with Image.open(io.BytesIO(data)) as im:
+        text = getattr(im, "text", {}) or {}
+    return {k[len(EXTRA_PREFIX):]: json.loads(v) for k, v in text.items()
+            if k.startswith(EXTRA_PREFIX) and k != TOKENS_CHUNK}
+
+
+def encode_array(a: np.ndarray) -> dict:
+    """An array as a JSON-able dict (dtype, shape, base64 bytes) for an extra chunk."""
+    a = np.ascontiguousarray(a)
+    return {"dtype": a.dtype.str, "shape": list(a.shape), "data": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+def decode_array(d: dict) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(d["data"]), dtype=np.dtype(d["dtype"])).reshape(d["shape"]).copy()
 
 
 def read_png_parameters(path: Union[str, Path]) -> dict:

@@ -137,3 +137,38 @@ def test_editing_streams_every_scale(tiny_pipe, photo):
     tiny_pipe.inpaint(photo, _box_mask(photo.size, (0, 0, 100, 100)), generator=_gen(),
                       callback_on_scale_end=lambda e: seen.append(e.scale_index))
     assert seen == list(range(tiny_pipe.num_scales))
+
+
+def test_one_generator_per_image_makes_each_image_as_it_would_be_alone(tiny_pipe):
+    """The studio seeds image i of a batch with seed + i: a batch of 3 from seeds 5, 6, 7 holds the images
+    that seed 6 or 7 alone make (random classes and more_smooth's Gumbel noise included)."""
+    for smooth in (False, True):
+        batch = tiny_pipe(generator=[_gen(5), _gen(6), _gen(7)], num_images_per_label=3, top_k=0, top_p=0,
+                          more_smooth=smooth, output_type="np")
+        for i, seed in enumerate((6, 7), start=1):
+            alone = tiny_pipe(generator=_gen(seed), top_k=0, top_p=0, more_smooth=smooth, output_type="np")
+            assert batch.class_labels[i] == alone.class_labels[0]
+            assert all(torch.equal(b[i], a[0]) for b, a in zip(batch.tokens, alone.tokens))
+            assert np.abs(batch.images[i] - alone.images[0]).max() < 1 / 255  # batched float sums differ a little
+    with pytest.raises(ValueError, match="one per image"):
+        tiny_pipe(generator=[_gen(1)], num_images_per_label=2)
+
+
+def test_an_inpainting_rerolls_inside_its_mask_and_pastes_back(tiny_pipe, photo):
+    """A re-roll of an in-painting from scale k keeps the result outside the edit exactly and the coarse
+    scales inside it; the plan survives the trip through the PNG's record."""
+    R = tiny_pipe.resolution
+    mask = _box_mask((R, R), (64, 80, 160, 176))
+    edited = tiny_pipe.inpaint(photo, mask, generator=_gen(1), mask_blur=4)
+    plan = ed.InpaintPlan.from_record(edited.images[0], edited.edit.record())
+    k = 3
+    again = tiny_pipe.reroll(edited.tokens, from_scale=k, edit=plan, generator=_gen(2), output_type="np")
+    src = np.asarray(edited.images[0], dtype=np.float32) / 255
+    res = again.images[0]
+    outside = plan.alpha == 0
+    assert np.abs(res - src)[outside].max() <= 1 / 255
+    assert np.abs(res - src)[np.asarray(mask) > 0].mean() > 0.01  # the edited area was resampled
+    keep = plan.keep_masks(tiny_pipe.patch_nums)
+    for si, (a, b) in enumerate(zip(again.tokens, edited.tokens)):
+        kept = torch.ones_like(keep[si]) if si < k else keep[si]
+        assert torch.equal(a[kept], b[kept])

@@ -30,7 +30,8 @@ from studio import preview
 from studio.domainnets import load_domain_nets
 from studio.params import UserError
 from studio.pipeline import VARPipeline
-from studio.pngmeta import encode_png, read_png_info
+from studio import editing
+from studio.pngmeta import decode_array, encode_array, encode_png, read_png_extras, read_png_info
 from studio.serve import outputs as saving
 from studio.serve.protocol import JobResult, ScaleUpdate
 from studio.uploads import check_image_size, image_header, mask_levels
@@ -375,9 +376,12 @@ class RunningJob:
             self.defer_last = last_scale_is_result and self.mode == "full"
             if p.class_name.strip():  # unknown classes fail here, before any work
                 self.label = P.find_class(p.class_name, self.pipe.class_names)
-            self.sampling = dict(p.sampling_kwargs(), generator=torch.Generator(self.pipe.device).manual_seed(p.seed))
+            # image i of a batch has its own seed, seed + i: it can be made again alone (Reuse settings)
+            count = 1 if kind == "outpaint" else p.num_images
+            generators = [torch.Generator(self.pipe.device).manual_seed(p.seed + i) for i in range(count)]
+            self.sampling = dict(p.sampling_kwargs(), generator=generators)
             self.record = {"task": kind, "model": model, "model_source": public_source(self.pipe.source), "seed": p.seed,
-                           **p.sampling_kwargs()}
+                           "batch_seed": p.seed, "num_images": count, **p.sampling_kwargs()}
 
     # -- callbacks ---------------------------------------------------------------------------------
     def on_scale(self, ev, delay: bool = True) -> None:
@@ -406,9 +410,11 @@ class RunningJob:
                                                     ev.seconds, now - t, now - self.t0, self.window)))
 
     # -- the end -----------------------------------------------------------------------------------
-    def finish(self, out, record: Optional[dict] = None, keep_tokens: bool = True) -> JobResult:
+    def finish(self, out, record: Optional[dict] = None, keep_tokens: bool = True,
+               extras: Optional[dict] = None) -> JobResult:
         """Send the deferred last preview, write every image to the outputs folder, and only then
-        return the result."""
+        return the result. The PNGs keep what a re-roll needs: the tokens, an edit's geometry
+        (out.edit), `extras` (a control map)."""
         if self.runner.cancelled(self.seq):
             raise Cancelled("stopped")
         for ev in self.deferred:
@@ -424,17 +430,23 @@ class RunningJob:
         for i, im in enumerate(out.images):
             cid = labels[i] if i < len(labels) else (pipe.class_index(self.label) if self.label is not None else None)
             params = dict(record, index_in_batch=i, seconds=round(seconds, 3))
+            if "batch_seed" in record:  # this image's own seed
+                params["seed"] = record["batch_seed"] + i
             if cid is not None and 0 <= cid < pipe.num_classes:
                 params.update(class_id=int(cid), class_name=pipe.class_names[cid])
             else:
                 params.update(class_id=None, class_name="unconditional")
             toks = [t[i].numpy().astype(np.int64) for t in out.tokens] if keep_tokens and out.tokens else None
-            data = encode_png(im, params, toks)
+            more = dict(extras or {})
+            if toks is not None and getattr(out, "edit", None) is not None:
+                more["edit"] = out.edit.record()
+            data = encode_png(im, params, toks, more)
             path = ""
             if save_error is None:  # after a failed save the rest stay in memory too (same folder, same fault)
                 try:
-                    path = str(saving.save_png(folder, f"{stamp}_{self.kind}_s{record['seed']}_{self.id[:6]}_{i}",
-                                               data))
+                    path = str(saving.save_png(
+                        folder, f"{stamp}_{self.kind}_s{params.get('seed', record.get('seed'))}_{self.id[:6]}_{i}",
+                        data))
                 except saving.SaveError as e:
                     save_error = str(e)
                     log.error("job %s: %s (%s)", self.id, e, e.__cause__)
@@ -473,7 +485,7 @@ def _inpaint(job: RunningJob, p: P.InpaintParams) -> JobResult:
     edit = dict(mask_blur=p.mask_blur, mask_grow=p.mask_grow, inpaint_area=p.inpaint_area, padding=p.padding)
     out = job.pipe.inpaint(image, mask, class_labels=job.label, num_images=p.num_images,
                            callback_on_scale_end=job.on_scale, **edit, **job.sampling)
-    return job.finish(out, dict(edit, image_size=list(image.size)), keep_tokens=False)
+    return job.finish(out, dict(edit, image_size=list(image.size)))
 
 
 def _outpaint(job: RunningJob, p: P.OutpaintParams) -> JobResult:
@@ -491,7 +503,7 @@ def _outpaint(job: RunningJob, p: P.OutpaintParams) -> JobResult:
     job.window = 1
     out = job.pipe.outpaint(image, class_labels=job.label, mask_blur=p.mask_blur, callback_on_scale_end=job.on_scale,
                             on_window=job.on_window, **p.sides, **job.sampling)
-    return job.finish(out, dict(p.sides, mask_blur=p.mask_blur, image_size=list(image.size)), keep_tokens=False)
+    return job.finish(out, dict(p.sides, mask_blur=p.mask_blur, image_size=list(image.size)))
 
 
 def _guide(job: RunningJob, p: P.GuideParams) -> JobResult:
@@ -508,26 +520,46 @@ def _control(job: RunningJob, p: P.ControlParams) -> JobResult:
                  control_guidance_end=p.control_guidance_end)
     out = job.pipe(class_labels=job.label, num_images_per_label=p.num_images, control_image=cmap.map,
                    control_type=p.control_type, callback_on_scale_end=job.on_scale, **steer, **job.sampling)
-    return job.finish(out, dict(control, **steer))
+    # the map goes into the PNG: a re-roll steers with it again
+    stored = {"control": dict(steer, control_type=p.control_type, map=encode_array(cmap.map.cpu().numpy()))}
+    return job.finish(out, dict(control, **steer), extras=stored)
 
 
 def _reroll(job: RunningJob, p: P.RerollParams) -> JobResult:
     pipe = job.pipe
     src_params, src_tokens = studio_png(p.source_png)
     if src_tokens is None:
-        raise UserError("this image has no token pyramid stored with it: only images the studio "
-                        "generated (Generate, Guide, Re-roll) can be re-rolled")
+        raise UserError("this image has no token pyramid stored with it: only results the studio made "
+                        "can be re-rolled")
     if [t.size for t in src_tokens] != [n * n for n in pipe.patch_nums]:
         raise UserError(f"this image was made by a model with other scales ({src_params.get('model', '?')}); "
                         "select that model to re-roll it")
+    extras = read_png_extras(bytes(p.source_png))
     keep = p.kept_scales(pipe.num_scales)
     if job.label is None:  # the class the image was made with
         cid = src_params.get("class_id")
         job.label = int(cid) if isinstance(cid, int) and 0 <= cid < pipe.num_classes else -1
     tokens = [torch.from_numpy(t).view(1, -1).expand(p.num_images, -1) for t in src_tokens]
-    out = pipe.reroll(tokens, from_scale=keep, class_labels=job.label, callback_on_scale_end=job.on_scale,
-                      **job.sampling)
-    return job.finish(out, dict(keep_scales=keep, rerolled_from_seed=src_params.get("seed")))
+    kw, record = {}, dict(keep_scales=keep, rerolled_from_seed=src_params.get("seed"))
+    control = extras.get("control")
+    if control:  # a control result keeps its control
+        ctype = control["control_type"]
+        if ctype not in pipe.controls:
+            raise UserError(f"this image was made under {ctype} control; the model {job.model!r} has no {ctype} "
+                            "adapter")
+        steer = {k: control[k] for k in ("control_strength", "control_guidance_start", "control_guidance_end")}
+        kw.update(steer, control_image=torch.from_numpy(decode_array(control["map"])), control_type=ctype)
+        record.update(steer, control_type=ctype)
+    edit = None
+    if "edit" in extras:  # an in- or out-painting: resample inside the edit, paste it back over the picture
+        try:
+            edit = editing.InpaintPlan.from_record(open_image(bytes(p.source_png), "image to re-roll"), extras["edit"])
+        except (KeyError, ValueError) as e:
+            raise UserError(f"the edit stored with this image cannot be read ({e})") from e
+        record.update(rerolled_edit=src_params.get("task"))
+    out = pipe.reroll(tokens, from_scale=keep, class_labels=job.label, edit=edit, callback_on_scale_end=job.on_scale,
+                      **kw, **job.sampling)
+    return job.finish(out, record, extras={"control": control} if control else None)
 
 
 def _preprocess(job: RunningJob, p: P.ControlMapParams) -> JobResult:
@@ -542,7 +574,7 @@ HANDLERS: Dict[str, Handler] = {
     "inpaint": Handler(_inpaint),
     "outpaint": Handler(_outpaint),
     "guide": Handler(_guide, last_scale_is_result=True),
-    "reroll": Handler(_reroll, last_scale_is_result=True),
+    "reroll": Handler(_reroll),  # an edit's re-roll is pasted back: not the last scale's picture
     "control": Handler(_control, last_scale_is_result=True),
     "preprocess": Handler(_preprocess),
 }
