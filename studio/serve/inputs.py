@@ -225,6 +225,43 @@ def _checked_upload(data, what: str, limits: Limits, blob: bool = False):
     return out
 
 
+# Uploads larger than this on their longer side are downscaled when they arrive: the editors stay
+# responsive and a mask painted on them reaches the worker (the model works at 128-512 px anyway).
+WORKING_SIDE = 2048
+
+
+def read_upload(path, limits: Limits, what: str = "picture") -> tuple:
+    """A file from an editor's upload button -> (RGB or RGBA picture, a line for the user). It is first
+    checked from its header against the limits (bytes, pixels, PNG/JPEG/WebP), then decoded inside a
+    heavy-job slot; pictures above WORKING_SIDE are downscaled, and the line says so. Unreadable files
+    raise UserError in the user's words."""
+    name = Path(str(path)).name if path else ""
+    if not path:
+        raise UserError(f"no {what} arrived: try again")
+    size = limits.check_upload(str(path), f"file {name}")  # nothing decoded yet
+    with limits.heavy(size[0] * size[1]):
+        try:
+            with Image.open(path) as opened:
+                if max(size) > WORKING_SIDE:
+                    opened.draft("RGB", (WORKING_SIDE, WORKING_SIDE))  # JPEG: decode at a reduced size directly
+                picture = opened.convert("RGBA" if opened.mode in ("RGBA", "LA", "PA") or "transparency" in opened.info
+                                         else "RGB")
+        except Exception as e:  # a truncated or corrupt file behind a valid header
+            raise UserError(f"the file {name} could not be read as an image ({type(e).__name__}): "
+                            "upload a PNG, JPEG or WebP file") from e
+        if max(picture.size) > WORKING_SIDE:
+            picture.thumbnail((WORKING_SIDE, WORKING_SIDE), Image.Resampling.LANCZOS)
+    line = f"{name}: {size[0]}×{size[1]}"
+    if picture.size != size:
+        line += f", downscaled to {picture.width}×{picture.height} to work on"
+    return picture, line
+
+
+def editor_value(picture: Image.Image) -> dict:
+    """An ImageEditor value holding `picture` alone (no strokes)."""
+    return {"background": picture, "layers": [], "composite": picture}
+
+
 def guard_uploads(limits: Limits, **components) -> None:
     """Gradio decodes an uploaded picture whole (several copies for an image editor) before a handler
     sees it; a 100-megapixel upload took the web process to gigabytes. Instead, each upload is checked

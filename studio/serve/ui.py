@@ -45,8 +45,9 @@ from studio import params as P  # noqa: E402
 from studio.params import UserError  # noqa: E402
 from studio.pngmeta import read_png_info  # noqa: E402
 from studio.serve.inputs import (NO_CLASS, RANDOM_CLASS, blank_layout, class_label, control_map_request,  # noqa: E402
-                                 controls_note, editor_background, editor_composite, editor_mask, guard_uploads,
-                                 png_bytes, readable_inputs, sampling, seg_legend, upload_pixels, upload_size)
+                                 controls_note, editor_background, editor_composite, editor_mask, editor_value,
+                                 guard_uploads, png_bytes, read_upload, readable_inputs, sampling, seg_legend,
+                                 upload_pixels, upload_size)
 from studio.serve import security  # noqa: E402
 from studio.serve.outputs import folder_problem  # noqa: E402
 from studio.serve.limits import Limits  # noqa: E402
@@ -74,8 +75,47 @@ CSS = """
 #dice { align-self: center; }
 #status p { margin: 0.3em 0; }
 #filmstrip .thumbnail-item { min-width: 56px; }
+.upload-row { align-items: center; }
+.upload-note p { margin: 0; }
 .seg-legend span.swatch { display: inline-block; width: 0.9em; height: 0.9em; margin: 0 0.25em 0 0.6em;
                           vertical-align: -0.1em; border: 1px solid #8886; border-radius: 2px; }
+"""
+
+# The page's own script (runs once on load):
+# - a file dropped on an editor goes to that editor's upload button, whose handler checks and shows it
+#   (the editors' own drop kept the old canvas and sent that);
+# - Ctrl+Enter (Cmd+Enter) presses the run button of the tab in view, Escape presses Stop.
+PAGE_JS = """
+() => {
+    const EDITORS = ['editor', 'guide', 'control-editor'];
+    const editorOf = el => { for (const id of EDITORS) { const e = document.getElementById(id);
+                                                      if (e && e.contains(el)) return id; } return null; };
+    const hasFiles = ev => ev.dataTransfer && [...(ev.dataTransfer.types || [])].includes('Files');
+    document.addEventListener('dragover', ev => {
+        if (editorOf(ev.target) && hasFiles(ev)) { ev.preventDefault(); ev.stopPropagation(); }
+    }, true);
+    document.addEventListener('drop', ev => {
+        const id = editorOf(ev.target);
+        if (!id || !hasFiles(ev)) return;
+        ev.preventDefault(); ev.stopPropagation();
+        const button = document.getElementById(id + '-upload');  // Gradio puts its file input just before it
+        const input = button && button.parentElement.querySelector('input[type=file]');
+        if (!input) return;
+        const dt = new DataTransfer(); dt.items.add(ev.dataTransfer.files[0]);
+        input.files = dt.files;
+        input.dispatchEvent(new Event('change', {bubbles: true}));
+    }, true);
+    const RUNS = ['generate-btn', 'inpaint-btn', 'outpaint-btn', 'guide-btn', 'control-btn'];
+    document.addEventListener('keydown', ev => {
+        if (ev.key === 'Enter' && (ev.ctrlKey || ev.metaKey)) {
+            const run = RUNS.map(id => document.getElementById(id)).find(b => b && b.offsetParent !== null);
+            if (run) { ev.preventDefault(); run.click(); }
+        } else if (ev.key === 'Escape') {
+            const stop = document.getElementById('stop-btn');
+            if (stop) stop.click();
+        }
+    });
+}
 """
 
 
@@ -360,12 +400,14 @@ class Studio:
         paths = [p or self._unsaved_file(res.job_id, i, data) for i, (p, data) in enumerate(zip(res.paths, res.images))]
         captions = [f"seed {p['seed']} · {p.get('class_name', '')}" for p in res.params]
         history = (list(paths) + [h for h in history if h not in paths])[:HISTORY_SIZE]
+        seeds = (f"seed {p0['seed']}" if len(res.params) == 1 else
+                 f"seeds {p0['seed']}–{res.params[-1]['seed']}")  # image i has seed + i
         if res.save_error:
             saved = sum(1 for p in res.paths if p)
             text = (f"⚠️ Done in {view.elapsed:.1f} s, but {len(paths) - saved} of {len(paths)} image(s) could not be "
                     f"saved ({res.save_error}): they are shown here only, download them now.")
         else:
-            text = (f"✓ Done in {view.elapsed:.1f} s · seed {p0['seed']} · {p0.get('class_name', '')} · saved "
+            text = (f"✓ Done in {view.elapsed:.1f} s · {seeds} · {p0.get('class_name', '')} · saved "
                     f"`{_short(paths[0])}`" + (f" (+{len(paths) - 1} more)" if len(paths) > 1 else ""))
         yield {**out, w.preview: paths[0], w.status: text, w.results: list(zip(paths, captions)),
                w.selected: paths[0], w.history: history, w.history_state: history}
@@ -403,17 +445,33 @@ class Studio:
         return dict(params, tokens_stored=tokens is not None) if params else {"note": "no studio parameters"}
 
     def reuse_settings(self, path) -> dict:
-        """The selected PNG's settings back on the page: the sampling settings always, the Control
-        tab's own settings only when it was made under control."""
+        """The selected PNG's settings back on the page: the sampling settings and the image count
+        always (the seed of its batch's first image: Generate makes the same batch again, this image
+        included), the Control tab's own settings only when it was made under control. An image
+        without studio parameters changes nothing and says so in the status line."""
+        w = self.w
         params = self.parameters_of(path) or {}
         if "seed" not in params:
-            raise gr.Error("The selected image has no studio parameters to reuse.")
+            why = ("Select a result first (click one in Result or History)." if not path else
+                   "This picture has no studio parameters to reuse (it was not made by VAR Studio, or its "
+                   "metadata was stripped): nothing was changed.")
+            gr.Warning(why)
+            return {w.status: f"⚠️ {why}"}
         name = params.get("class_name")
         cls = name if name in self.info(params.get("model")).class_names else RANDOM_CLASS
-        S, C, w = P.Sampling, P.ControlParams, self.w
-        out = {w.gen_class: cls, w.seed: params["seed"],
+        S, C = P.Sampling, P.ControlParams
+        index = int(params.get("index_in_batch") or 0)
+        count = int(params.get("num_images") or 1)
+        first = int(params.get("batch_seed", params["seed"]))  # (older PNGs: every image said the batch's seed)
+        out = {w.gen_class: cls, w.seed: first, w.num_images: count,
                w.guidance: params.get("guidance_scale", S.guidance_scale), w.top_k: params.get("top_k", S.top_k),
                w.top_p: params.get("top_p", S.top_p), w.more_smooth: bool(params.get("more_smooth", S.more_smooth))}
+        if count > 1:
+            out[w.status] = (f"♻️ Settings of a batch of {count} (seeds {first}–{first + count - 1}); this image is "
+                             f"number {index + 1}, seed {params['seed']}: set Seed {params['seed']} and 1 image "
+                             "to make it alone.")
+        else:
+            out[w.status] = f"♻️ Settings reused: seed {params['seed']}, {params.get('class_name') or 'no class'}."
         if "control_type" in params:
             ctype = params["control_type"]
             out.update({w.control_class: cls, w.control_type: ctype,
@@ -475,9 +533,10 @@ def _generate_tab(w, info: ModelInfo) -> None:
 
 def _edit_tab(w, info: ModelInfo) -> None:
     with gr.Tab("Edit", id="edit"):
+        w.edit_upload, w.edit_note = _upload_row("editor")
         w.editor = gr.ImageEditor(
             label="Image · paint over what to regenerate", type="pil", image_mode="RGBA",
-            sources=("upload", "clipboard"), transforms=(), layers=False, height=420,
+            sources=(), transforms=(), layers=False, height=420,
             brush=gr.Brush(colors=[("#ff2d78", 0.7)], default_size=12, color_mode="fixed"),
             eraser=gr.Eraser(default_size=16), elem_id="editor")
         w.edit_class = gr.Dropdown([NO_CLASS] + info.class_names, value=NO_CLASS, allow_custom_value=True,
@@ -511,9 +570,10 @@ def _guide_tab(w, info: ModelInfo) -> None:
     with gr.Tab("Guide", id="guide"):
         gr.Markdown("Paint a rough colour layout, or upload a picture. The model keeps the first "
                     "scales of its token pyramid (the layout) and paints the finer ones.")
+        w.guide_upload, w.guide_note = _upload_row("guide")
         w.guide_editor = gr.ImageEditor(
             value=Image.new("RGB", (info.resolution,) * 2, "#cfd8df"), label="Guide image",
-            type="pil", image_mode="RGB", sources=("upload", "clipboard"), transforms=(), layers=False,
+            type="pil", image_mode="RGB", sources=(), transforms=(), layers=False,
             height=360, brush=gr.Brush(colors=GUIDE_PALETTE, default_size="auto"), elem_id="guide")
         w.keep_scales = slider(P.GuideParams, "keep_scales", "Keep scales 1..k", maximum=info.num_scales,
                                value=P.GuideParams().kept_scales(info.num_scales),
@@ -526,9 +586,10 @@ def _guide_tab(w, info: ModelInfo) -> None:
 def _control_tab(w, info: ModelInfo) -> None:
     with gr.Tab("Control", id="control"):
         w.control_note = gr.Markdown(controls_note(info))
+        w.control_upload, w.control_upload_note = _upload_row("control-editor")
         w.control_editor = gr.ImageEditor(
             value=blank_layout(info.resolution), label="Control image · a picture, or a map",
-            type="pil", image_mode="RGB", sources=("upload", "clipboard"), transforms=(),
+            type="pil", image_mode="RGB", sources=(), transforms=(),
             layers=False, height=360, elem_id="control-editor",
             brush=gr.Brush(colors=SEG_BRUSH, default_size="auto", color_mode="fixed"))
         gr.HTML(seg_legend(), elem_classes="seg-legend", padding=False)
@@ -556,6 +617,17 @@ def _control_tab(w, info: ModelInfo) -> None:
         w.control_class = gr.Dropdown([RANDOM_CLASS] + info.class_names, value=RANDOM_CLASS,
                                       label="Class", allow_custom_value=True)
         w.control_btn = gr.Button("Generate with control", variant="primary", elem_id="control-btn")
+
+
+def _upload_row(editor_id: str):
+    """An editor's own upload: a button (the page's script sends files dropped on the canvas to it too)
+    and a line that says what arrived, or why it could not be read. The editors' built-in upload is
+    off: it kept showing a picture while sending the canvas it replaced (issue 15)."""
+    with gr.Row(equal_height=True, elem_classes="upload-row"):
+        button = gr.UploadButton("Upload a picture…", type="filepath", file_count="single", size="sm", scale=0,
+                                 min_width=170, elem_id=f"{editor_id}-upload")
+        note = gr.Markdown("or drop one on the canvas", elem_id=f"{editor_id}-note", elem_classes="upload-note")
+    return button, note
 
 
 def _sampling_settings(w, info: ModelInfo, preview: str) -> None:
@@ -655,9 +727,12 @@ def _wire_helpers(w, studio: Studio, info: ModelInfo, demo: gr.Blocks) -> None:
     w.history.select(_selected_path, None, w.selected, **private)
     w.selected.change(studio.parameters_of, w.selected, w.params_view, **private)
     w.reuse.click(studio.reuse_settings, w.selected,
-                  [w.gen_class, w.seed, w.guidance, w.top_k, w.top_p, w.more_smooth, w.control_class, w.control_type,
-                   w.canny_low, w.canny_high, w.control_strength, w.control_start, w.control_end, w.preprocessor,
-                   w.canny_row], **private)
+                  [w.gen_class, w.seed, w.num_images, w.guidance, w.top_k, w.top_p, w.more_smooth, w.status,
+                   w.control_class, w.control_type, w.canny_low, w.canny_high, w.control_strength, w.control_start,
+                   w.control_end, w.preprocessor, w.canny_row], **private)
+    for button, editor, note in ((w.edit_upload, w.editor, w.edit_note), (w.guide_upload, w.guide_editor, w.guide_note),
+                                 (w.control_upload, w.control_editor, w.control_upload_note)):
+        button.upload(functools.partial(_uploaded, studio.limits), button, [editor, note], **private)
     for button, editor, tab in ((w.send_edit, w.editor, "edit"), (w.send_guide, w.guide_editor, "guide"),
                                 (w.send_control, w.control_editor, "control")):
         button.click(_to_editor, w.selected, editor, **private).then(_show_tab(tab), None, w.tabs, **private)
@@ -672,6 +747,18 @@ def _control_type_changed(control_type, preprocessor=None):
     return (gr.Radio(choices=preprocessor_choices(control_type),
                      value=preprocessor or CONTROL_PREPROCESSORS[control_type][0]),
             gr.Row(visible=control_type == "canny"))
+
+
+def _uploaded(limits: Limits, path):
+    """A file from an editor's upload button (or dropped on its canvas) -> the editor's picture and a line;
+    it is checked from its header against the studio's limits before it is decoded, and a file that is
+    not a picture (or over the limits) leaves the editor as it was and says why."""
+    try:
+        picture, line = read_upload(path, limits)
+    except UserError as e:
+        text = str(e)
+        return gr.skip(), f"⚠️ {text[:1].upper()}{text[1:]}"
+    return editor_value(picture), f"✓ {line}"
 
 
 def _scale_picked(evt: gr.SelectData):
@@ -709,4 +796,4 @@ def launch(demo: gr.Blocks, studio: Studio, host: str = "127.0.0.1", port: int =
     return demo.launch(server_name=host, server_port=port, show_error=True,
                        allowed_paths=[str(studio.pool.outputs)], max_file_size=studio.limits.max_upload_bytes,
                        app_kwargs=app_kwargs, theme=gr.themes.Default(primary_hue="indigo"),
-                       css=CSS, footer_links=["api"], **kwargs)
+                       css=CSS, js=PAGE_JS, footer_links=["api"], **kwargs)
