@@ -335,5 +335,16 @@ def find_class(label, class_names: Sequence[str]) -> int:
         if name.lower() == key:
             return i
     close = [n for n in class_names if key and key in n.lower()][:5]
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    if not close:
+        import difflib
+
+        close = difflib.get_close_matches(key, [n.lower() for n in class_names], n=5, cutoff=0.6)
+        close = [n for n in class_names if n.lower() in close]
+    if len(class_names) <= 30:  # a small model: every valid name fits in the message
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise UserError(f"unknown class name {text!r}{hint} This model's classes: {', '.join(class_names)} "
+                        f"(or an id 0..{len(class_names) - 1})")
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else (
+        f" (this model has {len(class_names)} classes: type part of a name to see them, or give an id "
+        f"0..{len(class_names) - 1})")
     raise UserError(f"unknown class name {text!r}{hint}")

@@ -4,12 +4,15 @@ Generate (the live preview must change at every scale before the result appears)
 to Edit, paint a mask with the brush, in-paint; send it to Control, preview its edge map, generate
 under that control. Screenshots go to tests/artifacts/.
 """
+import base64
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from test_app import start_app
 from test_worker import TINY_PATCH_NUMS, tiny_bundle  # noqa: F401 (the fixture)
@@ -110,6 +113,14 @@ def test_generate_streams_previews_then_inpaint_a_painted_mask(page, app):
     assert len(list(Path(app.outputs).rglob("*_inpaint_*.png"))) == 1
     page.screenshot(path=ARTIFACTS / "04_inpainted.png", full_page=True)
 
+    # issue 15, item 5: an in-painting re-rolls (inside its mask, pasted back)
+    page.click("#reroll-btn")
+    page.wait_for_function("(t => t.includes('_reroll_') || t.includes('⚠️'))(document.querySelector('#status').innerText)")
+    assert "Done" in page.locator("#status").inner_text(), page.locator("#status").inner_text()
+    from studio.pngmeta import read_png_parameters
+    rerolled = list(Path(app.outputs).rglob("*_reroll_*.png"))
+    assert len(rerolled) == 1 and read_png_parameters(rerolled[0])["rerolled_edit"] == "inpaint"
+
     page.click("#send-control")
     expect(page.locator("#control-editor canvas").first).to_be_visible(timeout=30_000)
     page.wait_for_timeout(500)  # the editor lays out its background
@@ -122,3 +133,188 @@ def test_generate_streams_previews_then_inpaint_a_painted_mask(page, app):
     assert "Done" in status, status
     assert len(list(Path(app.outputs).rglob("*_control_*.png"))) == 1
     page.screenshot(path=ARTIFACTS / "05_control.png", full_page=True)
+    # ... and a control result re-rolls under its control
+    page.click("#reroll-btn")
+    page.wait_for_function("(t => (t.includes('_reroll_') && t.includes('Done')) || t.includes('⚠️'))"
+                           "(document.querySelector('#status').innerText)")
+    assert "Done" in page.locator("#status").inner_text(), page.locator("#status").inner_text()
+    newest = max(Path(app.outputs).rglob("*_reroll_*.png"), key=lambda p: p.stat().st_mtime)
+    assert read_png_parameters(newest)["control_type"] == "canny"
+
+
+# -- issue 15: what the editors send, batches, reuse, queueing, the layout ------------------------------------
+
+JOINS = """() => { window.__joins = [];
+    const send = XMLHttpRequest.prototype.send, fetch0 = window.fetch;
+    window.fetch = function(url, opts) {
+        if (String(url).includes('queue/join') && opts && opts.body) window.__joins.push(JSON.parse(opts.body));
+        return fetch0.apply(this, arguments); };
+}"""
+
+
+def picture_file(tmp_path, name, size, seed):
+    """A noisy picture of a size no editor starts with."""
+    rng = np.random.default_rng(seed)
+    path = tmp_path / name
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def drop(page, selector, path, mime="image/png"):
+    """Drop a file on an element as a person dragging it from the desktop would."""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    page.evaluate("""([sel, b64, name, mime]) => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const dt = new DataTransfer(); dt.items.add(new File([bytes], name, {type: mime}));
+        const el = document.querySelector(sel);
+        for (const t of ['dragenter', 'dragover', 'drop'])
+            el.dispatchEvent(new DragEvent(t, {bubbles: true, cancelable: true, dataTransfer: dt}));
+    }""", [selector, data, Path(path).name, mime])
+
+
+def sent_editor(page, fn_name_check=None):
+    """The editor value of the last run request: (background size, composite size, composite's std, layers)."""
+    page.wait_for_function("window.__joins.length > 0")
+    body = page.evaluate("window.__joins.pop()")
+    value = next(v for v in body["data"] if isinstance(v, dict) and "background" in v)
+    bg = Image.open(value["background"]["path"])
+    comp = Image.open(value["composite"]["path"])
+    layers = [np.asarray(Image.open(layer["path"]).convert("RGBA"))[..., 3] for layer in value.get("layers") or []]
+    return bg.size, comp.size, float(np.asarray(comp.convert("RGB"), np.float32).std()), layers
+
+
+def open_tab(page, name, editor):
+    page.get_by_role("tab", name=name).click()
+    playwright_api.expect(page.locator(f"#{editor} canvas").first).to_be_visible(timeout=30_000)
+    page.wait_for_timeout(300)
+
+
+def test_uploads_and_drops_reach_the_request_and_unreadable_files_say_so(page, app, tmp_path):
+    """Issue 15, items 1 and 4: a picture uploaded or dropped on the Control, Guide or Edit canvas is the
+    picture the request carries (the Control tab used to send its old 128 px layout, so its map was black);
+    a file that is not a picture says so beside the editor and leaves the editor as it was."""
+    expect = playwright_api.expect
+    page.evaluate(JOINS)
+    photo = picture_file(tmp_path, "photo.png", (200, 150), 1)
+    open_tab(page, "Control", "control-editor")
+    with page.expect_file_chooser() as chooser:
+        page.click("#control-editor-upload")
+    chooser.value.set_files(str(photo))
+    expect(page.locator("#control-editor-note")).to_contain_text("photo.png: 200×150")
+    page.click("#map-btn")
+    bg, comp, std, _ = sent_editor(page)
+    assert bg == comp == (200, 150) and std > 30, (bg, comp, std)
+
+    open_tab(page, "Guide", "guide")
+    drop(page, "#guide canvas", picture_file(tmp_path, "layout.png", (90, 70), 2))
+    expect(page.locator("#guide-note")).to_contain_text("layout.png: 90×70")
+    page.keyboard.press("Control+Enter")  # runs the tab in view: Paint from guide
+    bg, comp, std, _ = sent_editor(page)
+    assert bg == comp == (90, 70) and std > 30, (bg, comp, std)
+    for _ in range(20):  # Escape stops it (pressed again if it came before the job was queued)
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(150)
+        if "Stopp" in page.locator("#status").inner_text():
+            break
+    expect(page.locator("#status")).to_contain_text("Stopped", timeout=30_000)
+
+    open_tab(page, "Edit", "editor")
+    drop(page, "#editor canvas", picture_file(tmp_path, "big.png", (300, 240), 3))
+    expect(page.locator("#editor-note")).to_contain_text("big.png: 300×240")
+    expect(page.locator("#area-row")).to_be_visible()  # larger than the model: "only masked area" means something
+    fake = tmp_path / "fake.png"
+    fake.write_text("not a picture")
+    drop(page, "#editor canvas", fake)
+    expect(page.locator("#editor-note")).to_contain_text("fake.png could not be read as a picture")
+    canvas = page.locator("#editor canvas").first
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    page.locator("#editor button[aria-label='Brush']").click()
+    page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.55, steps=6)
+    page.mouse.up()
+    page.click("#inpaint-btn")
+    bg, comp, std, layers = sent_editor(page)
+    assert bg == (300, 240) and std > 30 and layers and layers[0].any(), (bg, std, len(layers))
+    expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)
+    page.screenshot(path=ARTIFACTS / "10_uploads.png", full_page=True)
+
+
+def test_batch_seeds_reuse_settings_and_a_queued_second_click(page, app, tmp_path):
+    """Issue 15, items 2, 3 and 7: image i of a batch has seed + i in its PNG, and that seed alone makes it again;
+    Reuse settings brings the batch back (seed and count), and on a foreign picture it says why and marks no
+    control with an error; a second click during a run says it is queued."""
+    expect = playwright_api.expect
+    seed = page.get_by_label("Seed (-1 = random)")
+    seed.fill("123")
+    seed.press("Tab")
+    count = page.locator("#num-images input[type=number]")
+    count.fill("3")
+    count.press("Tab")
+    page.click("#generate-btn")
+    page.click("#generate-btn")  # during the run: queued, and the page says so
+    expect(page.locator("#queue-note")).to_contain_text("Queued", timeout=30_000)
+    expect(page.locator("#status")).to_contain_text("seeds 123–125", timeout=60_000)
+    expect(page.locator("#queue-note")).to_have_text("", timeout=60_000)  # the second run started
+    expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)
+    pngs = sorted(Path(app.outputs).rglob("*_generate_s124_*.png"))
+    assert len(pngs) == 2, pngs  # both runs made the same image 2
+    second = np.asarray(Image.open(pngs[0]).convert("RGB"), np.int16)
+    assert np.abs(second - np.asarray(Image.open(pngs[1]).convert("RGB"), np.int16)).max() <= 1
+    from studio.pngmeta import read_png_parameters
+    params = read_png_parameters(pngs[0])
+    assert (params["seed"], params["batch_seed"], params["num_images"], params["index_in_batch"]) == (124, 123, 3, 1)
+
+    page.locator("#results .thumbnail-item").nth(1).click()  # image 2 of the batch
+    page.click("#reuse-btn")
+    expect(page.locator("#status")).to_contain_text("this image is number 2, seed 124")
+    assert seed.input_value() == "123" and count.input_value() == "3"
+    seed.fill("124")
+    seed.press("Tab")
+    count.fill("1")
+    count.press("Tab")
+    page.click("#generate-btn")
+    expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)
+    alone = [p for p in Path(app.outputs).rglob("*_generate_s124_*.png") if p not in pngs]
+    assert len(alone) == 1
+    assert np.abs(second - np.asarray(Image.open(alone[0]).convert("RGB"), np.int16)).max() <= 1
+
+    foreign = picture_file(tmp_path, "foreign.png", (64, 64), 4)
+    page.locator("#selected input[type=file]").set_input_files(str(foreign))
+    page.wait_for_timeout(1000)
+    page.click("#reuse-btn")
+    expect(page.locator("#status")).to_contain_text("no studio parameters to reuse")
+    page.wait_for_timeout(500)
+    assert page.locator(".block.error, [data-testid='status-tracker'].error").count() == 0
+    assert seed.input_value() == "124"  # nothing changed
+    page.screenshot(path=ARTIFACTS / "11_reuse.png", full_page=True)
+
+
+@pytest.mark.parametrize("width,height", [(1280, 720), (390, 844)])
+def test_the_run_button_preview_status_and_stop_are_in_view_together(app, chromium, width, height):
+    """Issue 15, item 6: with the Edit tab's run button scrolled into view, the live preview, the status and
+    Stop are on screen too (a laptop, a phone), and the filmstrip shows every scale."""
+    with playwright_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=ARGS)
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.set_default_timeout(60_000)
+        page.goto(app.url)
+        page.wait_for_selector("#generate-btn")
+        page.click("#generate-btn")
+        playwright_api.expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)
+        strip = page.locator("#filmstrip").bounding_box()
+        thumbs = [page.locator("#filmstrip img").nth(i).bounding_box() for i in range(len(TINY_PATCH_NUMS))]
+        assert all(t["x"] >= strip["x"] - 1 and t["x"] + t["width"] <= strip["x"] + strip["width"] + 1 for t in thumbs)
+        page.click("#send-edit")
+        page.locator("#inpaint-btn").scroll_into_view_if_needed()
+        page.wait_for_timeout(300)
+        boxes = {s: page.locator(s).bounding_box() for s in ("#inpaint-btn", "#preview", "#status", "#stop-btn")}
+        dock = page.locator("#dock").bounding_box()
+        for name, b in boxes.items():
+            assert b and b["y"] >= 0 and b["y"] + b["height"] <= height, (name, b)
+        run = boxes["#inpaint-btn"]  # not hidden under the dock
+        assert run["y"] + run["height"] <= dock["y"] or run["y"] >= dock["y"] + dock["height"] or \
+            run["x"] + run["width"] <= dock["x"] or run["x"] >= dock["x"] + dock["width"], (run, dock)
+        page.screenshot(path=ARTIFACTS / f"12_layout_{width}.png")
+        browser.close()

@@ -171,3 +171,9 @@ def test_the_api_docs_state_the_defaults_and_bounds_of_studio_params():
                             (P.InpaintParams, "padding", " px"), (P.ControlParams, "control_strength", "")):
         default, b = P.spec(cls, name)
         assert f"`{name}={default}` ({b.minimum:g}..{b.maximum:g}{unit}" in doc, name
+
+
+def test_an_unknown_class_of_a_small_model_lists_the_valid_names():
+    names = ["alpine day", "alpine dusk", "volcanic"]
+    with pytest.raises(UserError, match=r"This model's classes: alpine day, alpine dusk, volcanic \(or an id 0..2\)"):
+        P.find_class("zebra", names)

@@ -9,6 +9,12 @@ selects the class (--class, a name or an id; default: the page's "(random)"), se
 Generate and, once the k-th scale's preview (--at-scale) is shown in the live preview and in the
 filmstrip, saves a --width x --height viewport screenshot (PNG) to --out. The app is stopped at the
 end, also on Ctrl-C or an error.
+
+    python tools/screenshot.py --tabs docs/screens               # every tab at 1280x720 and 390x844
+
+--tabs FOLDER: after a generation, every tab (Generate with its result, then the result sent to Edit,
+Guide and Control, the control map previewed) at a laptop's 1280x720 and a phone's 390x844, as
+FOLDER/<tab>_<width>.png. Every wait is bounded by --timeout (a loaded machine is slow, not stuck).
 """
 import argparse
 import contextlib
@@ -56,6 +62,8 @@ def parse_args(argv=None):
     ap.add_argument("--port", type=int, default=None, help="port for the app (default: a free one)")
     ap.add_argument("--chromium", default=CHROMIUM, help=f"the browser (default {CHROMIUM})")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the k-th scale")
+    ap.add_argument("--tabs", default=None, metavar="FOLDER",
+                    help="screenshot every tab at 1280x720 and 390x844 into FOLDER instead")
     args = ap.parse_args(argv)
     if args.at_scale < 1:
         ap.error("--at-scale must be at least 1")
@@ -118,6 +126,52 @@ def capture(url: str, args) -> str:
             browser.close()
 
 
+TAB_SIZES = ((1280, 720), (390, 844))
+TABS = (("generate", None, None), ("edit", "#send-edit", "#editor canvas"), ("guide", "#send-guide", "#guide canvas"),
+        ("control", "#send-control", "#control-editor canvas"))
+
+
+def capture_tabs(url: str, args) -> list:
+    """Every tab after a generation, at a laptop's and a phone's size -> the files written."""
+    from playwright.sync_api import sync_playwright
+
+    folder = Path(args.tabs)
+    folder.mkdir(parents=True, exist_ok=True)
+    timeout, written = args.timeout * 1000, []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=args.chromium, args=ARGS)
+        try:
+            for width, height in TAB_SIZES:
+                page = browser.new_page(viewport={"width": width, "height": height},
+                                        device_scale_factor=args.pixel_ratio, color_scheme="light")
+                page.set_default_timeout(timeout)
+                page.goto(url)
+                page.wait_for_selector("#generate-btn", timeout=timeout)
+                if args.seed is not None:
+                    seed = page.get_by_label("Seed (-1 = random)")
+                    seed.fill(str(args.seed))
+                    seed.press("Tab")
+                page.click("#generate-btn")
+                page.wait_for_function(f"({STATUS_JS})().match(/Done|⚠️/)", timeout=timeout)
+                for name, button, ready in TABS:
+                    if button:
+                        page.click(button)
+                        page.wait_for_selector(ready, state="visible", timeout=timeout)
+                        page.wait_for_timeout(800)  # the editor lays out its picture
+                    if name == "control":
+                        page.click("#map-btn")
+                        page.wait_for_selector("#control-map img", state="visible", timeout=timeout)
+                    page.evaluate("() => window.scrollTo(0, 0)")
+                    page.wait_for_timeout(300)
+                    path = folder / f"{name}_{width}.png"
+                    page.screenshot(path=str(path), full_page=False)
+                    written.append(str(path))
+                page.close()
+        finally:
+            browser.close()
+    return written
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     extra = ["--scale-delay", str(args.scale_delay), "--preview", args.preview]
@@ -127,13 +181,19 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     try:
         with terminate_as_exit(), app:
-            status = capture(app.url, args)
+            if args.tabs:
+                written = capture_tabs(app.url, args)
+            else:
+                status = capture(app.url, args)
     except KeyboardInterrupt:
         print("interrupted; the app is stopped", file=sys.stderr)
         return 130
     except Exception as e:  # the app did not start, a timeout in the browser ...
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    if args.tabs:
+        print(f"wrote {len(written)} screenshots in {time.monotonic() - t0:.0f} s: {' '.join(written)}")
+        return 0
     print(f"wrote {args.out} ({args.width}x{args.height}, {time.monotonic() - t0:.0f} s) at: "
           f"{' '.join(status.split())}")
     return 0

@@ -71,10 +71,29 @@ SEG_BRUSH = ["#%02x%02x%02x" % tuple(c) for c in SEG_PALETTE]  # paint a layout 
 
 CSS = """
 #preview img { object-fit: contain; image-rendering: auto; }
+.gradio-container { overflow: visible !important; }  /* (hidden would unstick the dock) */
+/* the outputs column scrolls on its own beside the inputs: its top (the dock) stays in view while the page
+   scrolls to a run button, and a run scrolls it back to the top */
+#outputs { position: sticky; top: 0; align-self: flex-start; max-height: 100vh; overflow-y: auto; }
+#dock { gap: 6px; }
+#queue-note:empty, #queue-note p:empty { display: none; }
+#filmstrip .grid-container { grid-auto-flow: column; grid-auto-columns: minmax(0, 1fr);
+                             grid-template-columns: none !important; }
+@media (max-width: 720px) {
+  #outputs { position: static; max-height: none; overflow: visible; }
+  #dock { position: fixed; top: auto; bottom: 0; left: 0; right: 0; padding: 4px 8px; z-index: 20;
+          background: var(--body-background-fill);
+          box-shadow: 0 -2px 8px #0003; max-height: 40vh; overflow: auto; }
+  #dock #preview { height: 120px !important; }
+  #dock #preview img { max-height: 100px; }
+  #dock #filmstrip { height: 56px !important; }
+  body { padding-bottom: 40vh; }
+  html { scroll-padding-bottom: 41vh; }  /* a run button scrolled into view stays above the dock */
+}
 #status { min-height: 2.2em; }
 #dice { align-self: center; }
 #status p { margin: 0.3em 0; }
-#filmstrip .thumbnail-item { min-width: 56px; }
+#filmstrip .thumbnail-item { min-width: 0; }
 .upload-row { align-items: center; }
 .upload-note p { margin: 0; }
 .seg-legend span.swatch { display: inline-block; width: 0.9em; height: 0.9em; margin: 0 0.25em 0 0.6em;
@@ -105,7 +124,13 @@ PAGE_JS = """
         input.files = dt.files;
         input.dispatchEvent(new Event('change', {bubbles: true}));
     }, true);
-    const RUNS = ['generate-btn', 'inpaint-btn', 'outpaint-btn', 'guide-btn', 'control-btn'];
+    const RUNS = ['generate-btn', 'inpaint-btn', 'outpaint-btn', 'guide-btn', 'control-btn', 'reroll-btn'];
+    document.addEventListener('click', ev => {  // a run starts: the outputs column shows its top (the dock)
+        if (RUNS.some(id => { const b = document.getElementById(id); return b && b.contains(ev.target); })) {
+            const out = document.getElementById('outputs');
+            if (out) out.scrollTo({top: 0});
+        }
+    }, true);
     document.addEventListener('keydown', ev => {
         if (ev.key === 'Enter' && (ev.ctrlKey || ev.metaKey)) {
             const run = RUNS.map(id => document.getElementById(id)).find(b => b && b.offsetParent !== null);
@@ -293,7 +318,7 @@ class Studio:
 
     def stop(self, request: gr.Request) -> str:
         with self._lock:
-            jobs = list(self._sessions.get(_session(request), ()))
+            jobs = [j for j in self._sessions.get(_session(request), ()) if not j.finished]
         for job in jobs:
             job.cancel()
         return "Stopping…" if jobs else gr.skip()
@@ -321,12 +346,23 @@ class Studio:
         session = _session(request)
         job = self._submit(kind, model, p, session)
         with self._lock:
-            self._sessions.setdefault(session, set()).add(job)
+            mine = self._sessions.setdefault(session, set())
+            behind = len(mine)  # this tab's runs already queued or running: this one waits for them
+            mine.add(job)
         folder = self.preview_dir / job.id
         folder.mkdir()
         try:
-            strip_sent, shown = -FILMSTRIP_INTERVAL, None
+            strip_sent, shown, noted = -FILMSTRIP_INTERVAL, None, False
             for view in job.updates():
+                if behind and view.status == "queued":  # the run in view keeps the status line
+                    if not noted:
+                        noted = True
+                        yield {self.w.queue_note: f"⏳ Queued: {behind} run{'s' * (behind > 1)} of yours ahead; this "
+                                                  f"{kind} starts when {'they end' if behind > 1 else 'it ends'}."}
+                    continue
+                if noted:
+                    noted = False
+                    yield {self.w.queue_note: ""}
                 # a stale scale may be skipped, never the last one: it can arrive together with the result
                 if not view.finished or (view.latest is not None and view.latest is not shown):
                     with_strip = time.monotonic() - strip_sent >= FILMSTRIP_INTERVAL
@@ -516,7 +552,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                     _guide_tab(w, info)
                     _control_tab(w, info)
                 _sampling_settings(w, info, studio.pool.preview)
-            with gr.Column(scale=7, min_width=400):  # the outputs
+            with gr.Column(scale=7, min_width=340, elem_id="outputs"):  # the outputs
                 _outputs(w, info)
         _wire_runs(w, studio)
         _wire_helpers(w, studio, info, demo)
@@ -542,14 +578,18 @@ def _edit_tab(w, info: ModelInfo) -> None:
         w.edit_class = gr.Dropdown([NO_CLASS] + info.class_names, value=NO_CLASS, allow_custom_value=True,
                                    label="Class", info="(none): repaint from the surroundings alone")
         with gr.Accordion("In-paint (regenerate the painted area)", open=True):
-            with gr.Row():
+            # "only the masked area" crops around the mask at the model's resolution: on a picture no larger
+            # than the model it is the whole picture, so the choice is shown only for larger pictures
+            with gr.Row(visible=False, elem_id="area-row") as w.area_row:
                 w.inpaint_area = gr.Radio([("Only masked area", "masked"), ("Whole image", "whole")],
-                                          value=P.InpaintParams.inpaint_area, label="In-paint area")
-                w.invert_mask = gr.Checkbox(False, label="Invert mask")
+                                          value=P.InpaintParams.inpaint_area, label="In-paint area",
+                                          info=f"the picture is larger than the model's {info.resolution} px: "
+                                               "'only masked area' works on a crop around the mask at full detail")
+                w.padding = slider(P.InpaintParams, "padding", info="context around the mask, 'only masked area'")
             with gr.Row():
                 w.mask_blur = slider(P.InpaintParams, "mask_blur")
                 w.mask_grow = slider(P.InpaintParams, "mask_grow")
-                w.padding = slider(P.InpaintParams, "padding", info="context around the mask, 'only masked area'")
+                w.invert_mask = gr.Checkbox(False, label="Invert mask")
             with gr.Accordion("Upload a mask instead of painting", open=False):
                 w.mask_upload = gr.Image(None, label="Mask · white = regenerate", type="pil", image_mode=None,
                                          sources=["upload", "clipboard"], height=140)
@@ -574,7 +614,8 @@ def _guide_tab(w, info: ModelInfo) -> None:
         w.guide_editor = gr.ImageEditor(
             value=Image.new("RGB", (info.resolution,) * 2, "#cfd8df"), label="Guide image",
             type="pil", image_mode="RGB", sources=(), transforms=(), layers=False,
-            height=360, brush=gr.Brush(colors=GUIDE_PALETTE, default_size="auto"), elem_id="guide")
+            height=360, brush=gr.Brush(colors=GUIDE_PALETTE, default_size=max(2, info.resolution // 12)),
+            elem_id="guide")
         w.keep_scales = slider(P.GuideParams, "keep_scales", "Keep scales 1..k", maximum=info.num_scales,
                                value=P.GuideParams().kept_scales(info.num_scales),
                                info="more scales: closer to the guide")
@@ -587,11 +628,12 @@ def _control_tab(w, info: ModelInfo) -> None:
     with gr.Tab("Control", id="control"):
         w.control_note = gr.Markdown(controls_note(info))
         w.control_upload, w.control_upload_note = _upload_row("control-editor")
+        # it opens empty with edges selected: upload a picture, or "New segmentation layout" to paint one
         w.control_editor = gr.ImageEditor(
-            value=blank_layout(info.resolution), label="Control image · a picture, or a map",
+            value=None, label="Control image · a picture, or a map",
             type="pil", image_mode="RGB", sources=(), transforms=(),
             layers=False, height=360, elem_id="control-editor",
-            brush=gr.Brush(colors=SEG_BRUSH, default_size="auto", color_mode="fixed"))
+            brush=gr.Brush(colors=SEG_BRUSH, default_size=max(2, info.resolution // 16), color_mode="fixed"))
         gr.HTML(seg_legend(), elem_classes="seg-legend", padding=False)
         default_type = info.controls[0] if info.controls else P.ControlMapParams.control_type
         with gr.Row():
@@ -637,7 +679,7 @@ def _sampling_settings(w, info: ModelInfo, preview: str) -> None:
             _, seed = P.spec(S, "seed")
             w.seed = gr.Number(S.seed, label=seed.words + seed.note, precision=0, scale=4)
             w.dice = gr.Button("Random", scale=1, min_width=70, size="sm", elem_id="dice")
-            w.num_images = slider(S, "num_images", "Images", scale=4)
+            w.num_images = slider(S, "num_images", "Images", scale=4, elem_id="num-images")
         w.guidance = slider(S, "guidance_scale", "Guidance (classifier-free, ramped over the scales)")
         with gr.Row():
             w.top_k = slider(S, "top_k", maximum=info.vocab_size, value=min(S.top_k, info.vocab_size))
@@ -650,13 +692,18 @@ def _sampling_settings(w, info: ModelInfo, preview: str) -> None:
 
 def _outputs(w, info: ModelInfo) -> None:
     S = info.num_scales
-    w.preview = gr.Image(None, label="Live preview", format="jpeg", interactive=False, height=460,
-                         elem_id="preview", buttons=["download", "fullscreen"])
-    with gr.Row(equal_height=True):
-        w.status = gr.Markdown("Ready.", label="Status", elem_id="status")
-        w.stop_btn = gr.Button("Stop", variant="stop", scale=0, min_width=90, elem_id="stop-btn")
-    w.filmstrip = gr.Gallery(label="Scales", columns=S, rows=1, height=120, object_fit="contain",
-                             allow_preview=False, format="jpeg", fit_columns=False, elem_id="filmstrip")
+    # the dock: what a run shows (status, Stop, live preview, every scale) stays in view while the page
+    # scrolls to a run button (sticky beside the inputs; pinned to the bottom of a phone's screen). The
+    # preview is at most twice the model's size: larger only magnifies its blur.
+    with gr.Column(elem_id="dock"):
+        with gr.Row(equal_height=True):
+            w.status = gr.Markdown("Ready.", label="Status", elem_id="status")
+            w.stop_btn = gr.Button("Stop", variant="stop", scale=0, min_width=90, elem_id="stop-btn")
+        w.queue_note = gr.Markdown("", elem_id="queue-note")
+        w.preview = gr.Image(None, label="Live preview", format="jpeg", interactive=False,
+                             height=min(2 * info.resolution, 320), elem_id="preview", buttons=["download", "fullscreen"])
+        w.filmstrip = gr.Gallery(label="Scales", columns=S, rows=1, height=76, object_fit="contain",
+                                 allow_preview=False, format="jpeg", fit_columns=False, elem_id="filmstrip")
     w.results = gr.Gallery(label="Result", format="png", columns=4, height=220, object_fit="contain",
                            fit_columns=False, elem_id="results")
     with gr.Row(equal_height=False):
@@ -670,9 +717,9 @@ def _outputs(w, info: ModelInfo) -> None:
             w.reroll_btn = gr.Button("Re-roll", variant="primary", elem_id="reroll-btn")
             with gr.Row():
                 w.send_edit = gr.Button("Send to Edit", size="sm", elem_id="send-edit")
-                w.send_guide = gr.Button("Send to Guide", size="sm")
+                w.send_guide = gr.Button("Send to Guide", size="sm", elem_id="send-guide")
                 w.send_control = gr.Button("Send to Control", size="sm", elem_id="send-control")
-                w.reuse = gr.Button("Reuse settings", size="sm")
+                w.reuse = gr.Button("Reuse settings", size="sm", elem_id="reuse-btn")
     with gr.Accordion("Parameters stored in the selected PNG", open=False):
         w.params_view = gr.JSON(label="Parameters")
     w.history = gr.Gallery(label="History", columns=8, height=170, object_fit="contain", format="png",
@@ -683,13 +730,15 @@ def _wire_runs(w, studio: Studio) -> None:
     """The run buttons: each a streamed, named API endpoint (docs/api.md)."""
     guard_uploads(studio.limits, image=w.editor, mask=w.mask_upload, guide_image=w.guide_editor,
                   control_image=w.control_editor, selected_image=w.selected)
-    run_outputs = [w.preview, w.status, w.filmstrip, w.results, w.selected, w.history, w.history_state]
+    run_outputs = [w.preview, w.status, w.filmstrip, w.results, w.selected, w.history, w.history_state, w.queue_note]
     sample = [w.seed, w.guidance, w.top_k, w.top_p, w.more_smooth]
     after = [w.preview_mode, w.history_state]
     # no limit of Gradio's own on job events: every job goes straight into the pool's fair queue, whose
     # position the page shows from the first moment (a Gradio queue would hold it without a word);
-    # the pool limits each session's waiting jobs, and demo.queue(max_size) the events at once
-    run = dict(outputs=run_outputs, show_progress="hidden", concurrency_id="jobs", concurrency_limit=None)
+    # the pool limits each session's waiting jobs, and demo.queue(max_size) the events at once.
+    # A second click during a run is queued (and says so), not dropped.
+    run = dict(outputs=run_outputs, show_progress="hidden", concurrency_id="jobs", concurrency_limit=None,
+               trigger_mode="multiple")
     w.generate_btn.click(studio.generate, [w.model, w.gen_class, *sample, w.num_images, *after],
                          api_name="generate", **run)
     w.inpaint_btn.click(studio.inpaint, [w.model, w.editor, w.mask_upload, w.invert_mask, w.mask_blur, w.mask_grow,
@@ -730,12 +779,17 @@ def _wire_helpers(w, studio: Studio, info: ModelInfo, demo: gr.Blocks) -> None:
                   [w.gen_class, w.seed, w.num_images, w.guidance, w.top_k, w.top_p, w.more_smooth, w.status,
                    w.control_class, w.control_type, w.canny_low, w.canny_high, w.control_strength, w.control_start,
                    w.control_end, w.preprocessor, w.canny_row], **private)
-    for button, editor, note in ((w.edit_upload, w.editor, w.edit_note), (w.guide_upload, w.guide_editor, w.guide_note),
+    area = functools.partial(_area_row, info.resolution)
+    w.edit_upload.upload(functools.partial(_uploaded, studio.limits), w.edit_upload, [w.editor, w.edit_note], **private).then(
+        area, w.editor, w.area_row, **private)
+    for button, editor, note in ((w.guide_upload, w.guide_editor, w.guide_note),
                                  (w.control_upload, w.control_editor, w.control_upload_note)):
         button.upload(functools.partial(_uploaded, studio.limits), button, [editor, note], **private)
     for button, editor, tab in ((w.send_edit, w.editor, "edit"), (w.send_guide, w.guide_editor, "guide"),
                                 (w.send_control, w.control_editor, "control")):
-        button.click(_to_editor, w.selected, editor, **private).then(_show_tab(tab), None, w.tabs, **private)
+        sent = button.click(_to_editor, w.selected, editor, **private).then(_show_tab(tab), None, w.tabs, **private)
+        if editor is w.editor:
+            sent.then(area, w.editor, w.area_row, **private)
 
 
 def preprocessor_choices(control_type: str) -> list:
@@ -759,6 +813,12 @@ def _uploaded(limits: Limits, path):
         text = str(e)
         return gr.skip(), f"⚠️ {text[:1].upper()}{text[1:]}"
     return editor_value(picture), f"✓ {line}"
+
+
+def _area_row(resolution: int, value):
+    """The in-paint area choice, shown only when the Edit picture is larger than the model."""
+    size = upload_size(value)  # from the header check: nothing decoded
+    return gr.Row(visible=size is not None and max(size) > resolution)
 
 
 def _scale_picked(evt: gr.SelectData):
