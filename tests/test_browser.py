@@ -185,8 +185,8 @@ def sent_editor(page, fn_name_check=None):
 
 def open_tab(page, name, editor):
     page.get_by_role("tab", name=name).click()
-    playwright_api.expect(page.locator(f"#{editor} canvas").first).to_be_visible(timeout=30_000)
-    page.wait_for_timeout(300)
+    playwright_api.expect(page.locator(f"#{editor}-upload")).to_be_visible(timeout=30_000)
+    page.wait_for_timeout(500)  # the editor lays out
 
 
 def test_uploads_and_drops_reach_the_request_and_unreadable_files_say_so(page, app, tmp_path):
@@ -200,14 +200,14 @@ def test_uploads_and_drops_reach_the_request_and_unreadable_files_say_so(page, a
     with page.expect_file_chooser() as chooser:
         page.click("#control-editor-upload")
     chooser.value.set_files(str(photo))
-    expect(page.locator("#control-editor-note")).to_contain_text("photo.png: 200×150")
+    expect(page.locator("#control-editor-note")).to_contain_text("photo.png: 200×150", timeout=60_000)
     page.click("#map-btn")
     bg, comp, std, _ = sent_editor(page)
     assert bg == comp == (200, 150) and std > 30, (bg, comp, std)
 
     open_tab(page, "Guide", "guide")
-    drop(page, "#guide canvas", picture_file(tmp_path, "layout.png", (90, 70), 2))
-    expect(page.locator("#guide-note")).to_contain_text("layout.png: 90×70")
+    drop(page, "#guide", picture_file(tmp_path, "layout.png", (90, 70), 2))
+    expect(page.locator("#guide-note")).to_contain_text("layout.png: 90×70", timeout=60_000)
     page.keyboard.press("Control+Enter")  # runs the tab in view: Paint from guide
     bg, comp, std, _ = sent_editor(page)
     assert bg == comp == (90, 70) and std > 30, (bg, comp, std)
@@ -219,13 +219,15 @@ def test_uploads_and_drops_reach_the_request_and_unreadable_files_say_so(page, a
     expect(page.locator("#status")).to_contain_text("Stopped", timeout=30_000)
 
     open_tab(page, "Edit", "editor")
-    drop(page, "#editor canvas", picture_file(tmp_path, "big.png", (300, 240), 3))
-    expect(page.locator("#editor-note")).to_contain_text("big.png: 300×240")
+    drop(page, "#editor", picture_file(tmp_path, "big.png", (300, 240), 3))
+    expect(page.locator("#editor-note")).to_contain_text("big.png: 300×240", timeout=60_000)
+    expect(page.locator("#editor canvas").first).to_be_visible(timeout=30_000)
+    page.wait_for_timeout(500)
     expect(page.locator("#area-row")).to_be_visible()  # larger than the model: "only masked area" means something
     fake = tmp_path / "fake.png"
     fake.write_text("not a picture")
-    drop(page, "#editor canvas", fake)
-    expect(page.locator("#editor-note")).to_contain_text("fake.png could not be read as a picture")
+    drop(page, "#editor canvas", fake)  # on the picture now shown
+    expect(page.locator("#editor-note")).to_contain_text("fake.png could not be read as a picture", timeout=60_000)
     canvas = page.locator("#editor canvas").first
     canvas.scroll_into_view_if_needed()
     box = canvas.bounding_box()
@@ -268,7 +270,7 @@ def test_batch_seeds_reuse_settings_and_a_queued_second_click(page, app, tmp_pat
 
     page.locator("#results .thumbnail-item").nth(1).click()  # image 2 of the batch
     page.click("#reuse-btn")
-    expect(page.locator("#status")).to_contain_text("this image is number 2, seed 124")
+    expect(page.locator("#status")).to_contain_text("this image is number 2, seed 124", timeout=30_000)
     assert seed.input_value() == "123" and count.input_value() == "3"
     seed.fill("124")
     seed.press("Tab")
@@ -284,7 +286,7 @@ def test_batch_seeds_reuse_settings_and_a_queued_second_click(page, app, tmp_pat
     page.locator("#selected input[type=file]").set_input_files(str(foreign))
     page.wait_for_timeout(1000)
     page.click("#reuse-btn")
-    expect(page.locator("#status")).to_contain_text("no studio parameters to reuse")
+    expect(page.locator("#status")).to_contain_text("no studio parameters to reuse", timeout=30_000)
     page.wait_for_timeout(500)
     assert page.locator(".block.error, [data-testid='status-tracker'].error").count() == 0
     assert seed.input_value() == "124"  # nothing changed

@@ -96,7 +96,8 @@ def test_generation_streams_every_scale_and_saves_before_the_result(pool):
     for i, path in enumerate(res.paths):
         assert open(path, "rb").read() == res.images[i]
         params = read_png_parameters(path)
-        assert params["seed"] == 7 and params["class_id"] == 3 and params["index_in_batch"] == i
+        assert params["seed"] == 7 + i and params["batch_seed"] == 7 and params["class_id"] == 3  # image i: seed + i
+        assert params["index_in_batch"] == i and params["num_images"] == 2
     assert [t.size for t in res.tokens[0]] == [n * n for n in TINY_PATCH_NUMS]
 
     # re-roll keeping every scale gives the same token pyramid back; keeping fewer changes the fine ones

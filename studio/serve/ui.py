@@ -139,7 +139,7 @@ PAGE_JS = """
             const stop = document.getElementById('stop-btn');
             if (stop) stop.click();
         }
-    });
+    }, true);  // (capture: an editor's canvas keeps its keys to itself)
 }
 """
 
