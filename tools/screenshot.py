@@ -161,7 +161,8 @@ def capture_tabs(url: str, args) -> list:
                     if name == "control":
                         page.click("#map-btn")
                         page.wait_for_selector("#control-map img", state="visible", timeout=timeout)
-                    page.evaluate("() => window.scrollTo(0, 0)")
+                    page.evaluate("() => { window.scrollTo(0, 0); const o = document.getElementById('outputs');"
+                                  " if (o) o.scrollTo(0, 0); }")  # the outputs column scrolls on its own
                     page.wait_for_timeout(300)
                     path = folder / f"{name}_{width}.png"
                     page.screenshot(path=str(path), full_page=False)

@@ -82,7 +82,7 @@ CSS = """
 @media (max-width: 720px) {
   #outputs { position: static; max-height: none; overflow: visible; }
   #dock { position: fixed; top: auto; bottom: 0; left: 0; right: 0; padding: 4px 8px; z-index: 20;
-          background: var(--body-background-fill);
+          background: var(--background-fill-primary, #fff);
           box-shadow: 0 -2px 8px #0003; max-height: 40vh; overflow: auto; }
   #dock #preview { height: 120px !important; }
   #dock #preview img { max-height: 100px; }
@@ -321,7 +321,11 @@ class Studio:
             jobs = [j for j in self._sessions.get(_session(request), ()) if not j.finished]
         for job in jobs:
             job.cancel()
-        return "Stopping…" if jobs else gr.skip()
+        # a queued job (or one at a scale's end) stops at once and its run says "Stopped": this answer, which
+        # can arrive after that, must not put "Stopping…" back over it
+        if not jobs or all(job.wait(1.0) for job in jobs):
+            return gr.skip()
+        return "Stopping…"
 
     # -- following a job ---------------------------------------------------------------------------------
     def _checked(self, kind: str, values: dict, info: ModelInfo, sizes: Optional[dict] = None) -> P.JobParams:
