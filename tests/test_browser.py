@@ -227,7 +227,7 @@ def test_uploads_and_drops_reach_the_request_and_unreadable_files_say_so(page, a
     fake = tmp_path / "fake.png"
     fake.write_text("not a picture")
     drop(page, "#editor canvas", fake)  # on the picture now shown
-    expect(page.locator("#editor-note")).to_contain_text("fake.png could not be read as a picture", timeout=60_000)
+    expect(page.locator("#editor-note")).to_contain_text("fake.png could not be read as an image", timeout=60_000)
     canvas = page.locator("#editor canvas").first
     canvas.scroll_into_view_if_needed()
     box = canvas.bounding_box()

@@ -784,11 +784,12 @@ def _wire_helpers(w, studio: Studio, info: ModelInfo, demo: gr.Blocks) -> None:
                    w.control_class, w.control_type, w.canny_low, w.canny_high, w.control_strength, w.control_start,
                    w.control_end, w.preprocessor, w.canny_row], **private)
     area = functools.partial(_area_row, info.resolution)
-    w.edit_upload.upload(functools.partial(_uploaded, studio.limits), w.edit_upload, [w.editor, w.edit_note], **private).then(
+    uploaded = functools.partial(_uploaded, studio.limits)
+    w.edit_upload.upload(uploaded, w.edit_upload, [w.editor, w.edit_note], **private).then(
         area, w.editor, w.area_row, **private)
     for button, editor, note in ((w.guide_upload, w.guide_editor, w.guide_note),
                                  (w.control_upload, w.control_editor, w.control_upload_note)):
-        button.upload(functools.partial(_uploaded, studio.limits), button, [editor, note], **private)
+        button.upload(uploaded, button, [editor, note], **private)
     for button, editor, tab in ((w.send_edit, w.editor, "edit"), (w.send_guide, w.guide_editor, "guide"),
                                 (w.send_control, w.control_editor, "control")):
         sent = button.click(_to_editor, w.selected, editor, **private).then(_show_tab(tab), None, w.tabs, **private)
