@@ -407,3 +407,23 @@ def test_malformed_studio_pngs_are_user_errors():
         Image.new("RGB", (8, 8)).save(buf, "PNG", pnginfo=info)
         with pytest.raises(UserError, match="re-roll holds"):
             studio_png(buf.getvalue())
+
+
+def test_an_editors_upload_button_is_checked_against_the_limits_before_it_is_decoded(tmp_path):
+    """The editors' own upload button (issue 15) goes through the same header check as every other
+    upload: over the server's pixel limit it is refused with the limit's message and the editor is left
+    as it was; within it, a picture above the working size arrives downscaled, with a line that says so."""
+    import gradio as gr
+    from studio.serve.ui import _uploaded
+    big = tmp_path / "wide.png"
+    Image.new("RGB", (3000, 1000), (10, 20, 30)).save(big)
+    value, note = _uploaded(Limits(max_upload_megapixels=1), str(big))
+    assert value == gr.skip()  # the editor keeps what it had
+    assert "--max-upload-megapixels" in note and "3000x1000" in note
+    value, note = _uploaded(Limits(), str(big))
+    assert value["background"].size == (2048, 683)
+    assert "downscaled to 2048×683" in note
+    fake = tmp_path / "fake.png"
+    fake.write_text("not a picture")
+    value, note = _uploaded(Limits(), str(fake))
+    assert value == gr.skip() and "could not be read as an image" in note
