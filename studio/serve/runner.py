@@ -381,7 +381,9 @@ class RunningJob:
             generators = [torch.Generator(self.pipe.device).manual_seed(p.seed + i) for i in range(count)]
             self.sampling = dict(p.sampling_kwargs(), generator=generators)
             self.record = {"task": kind, "model": model, "model_source": public_source(self.pipe.source), "seed": p.seed,
-                           "batch_seed": p.seed, "num_images": count, **p.sampling_kwargs()}
+                           "batch_seed": p.seed, "num_images": count,
+                           # no class asked for: each image drew its own from its generator (Reuse keeps that)
+                           "random_class": not p.class_name.strip(), **p.sampling_kwargs()}
 
     # -- callbacks ---------------------------------------------------------------------------------
     def on_scale(self, ev, delay: bool = True) -> None:

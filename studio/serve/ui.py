@@ -498,7 +498,9 @@ class Studio:
             gr.Warning(why)
             return {w.status: f"⚠️ {why}"}
         name = params.get("class_name")
-        cls = name if name in self.info(params.get("model")).class_names else RANDOM_CLASS
+        # a class drawn at random was drawn from the image's generator: asking for it by name draws other tokens
+        cls = (name if name in self.info(params.get("model")).class_names and not params.get("random_class")
+               else RANDOM_CLASS)
         S, C = P.Sampling, P.ControlParams
         index = int(params.get("index_in_batch") or 0)
         count = int(params.get("num_images") or 1)
