@@ -305,15 +305,7 @@ class VARPipeline:
             self.vae.quantize, labels, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
             more_smooth=more_smooth, generator=generator, callback=on_scale, known_tokens=known_tokens,
             known_mask=known_mask, use_kv_cache=use_kv_cache, block_hook=block_hook)
-        t_dec = time.perf_counter()
-        images = self.vae.fhat_to_img(res.f_hat)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t_end = time.perf_counter()
-        return VAROutput(
-            images=self.postprocess(images, output_type), tokens=[t.cpu() for t in res.tokens],
-            class_labels=labels.tolist(), stopped_early=res.stopped_early,
-            timings={"per_scale": per_scale, "decode": t_end - t_dec, "total": t_end - t_start})
+        return self._decoded(res.f_hat, res.tokens, labels, res.stopped_early, per_scale, t_start, output_type)
 
     def _controlvar_call(self, class_labels, guidance_scale, type_guidance_scale, control_guidance_scale, top_k, top_p,
                          more_smooth, generator, num_images_per_label, callback_on_scale_end, output_type, known_tokens,
@@ -367,16 +359,9 @@ class VARPipeline:
         res = self.var.sample(self.vae.quantize, labels, type_B, control_tokens, weights, top_k=top_k, top_p=top_p,
                               more_smooth=more_smooth, generator=generator, callback=on_scale,
                               known_tokens=known_tokens, known_mask=known_mask)
-        t_dec = time.perf_counter()
-        images = self.vae.fhat_to_img(res.f_hat)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t_end = time.perf_counter()
-        return VAROutput(
-            images=self.postprocess(images, output_type), tokens=[t.cpu() for t in res.tokens],
-            class_labels=labels.tolist(), stopped_early=res.stopped_early,
-            timings={"per_scale": per_scale, "decode": t_end - t_dec, "total": t_end - t_start},
-            control_tokens=[t.cpu() for t in res.control_tokens])
+        out = self._decoded(res.f_hat, res.tokens, labels, res.stopped_early, per_scale, t_start, output_type)
+        out.control_tokens = [t.cpu() for t in res.control_tokens]
+        return out
 
     @torch.no_grad()
     def control_preview(self, control_image, control_type: str) -> np.ndarray:
@@ -427,19 +412,25 @@ class VARPipeline:
         res = self.var.sample(self.vae.quantize, torch.cat(labels), generator=None, callback=on_scale, rows=groups)
         outs, r0 = [], 0
         for lab, g in zip(labels, groups):
-            t_dec = time.perf_counter()
-            f_hat = res.group_f_hat[len(outs)] if res.group_f_hat else res.f_hat
-            images = self.vae.fhat_to_img(f_hat)  # per request: the same decode as alone
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            t_end = time.perf_counter()
-            outs.append(VAROutput(
-                images=self.postprocess(images, output_type), tokens=[t[r0:r0 + g.size].cpu() for t in res.tokens],
-                class_labels=lab.tolist(), stopped_early=res.stopped_early,
-                timings={"per_scale": per_scale, "decode": t_end - t_dec, "total": t_end - t_start,
-                         "batch_images": len(torch.cat(labels))}))
+            f_hat = res.group_f_hat[len(outs)] if res.group_f_hat else res.f_hat  # per request: the decode as alone
+            out = self._decoded(f_hat, [t[r0:r0 + g.size] for t in res.tokens], lab, res.stopped_early, per_scale,
+                                t_start, output_type)
+            out.timings["batch_images"] = len(torch.cat(labels))
+            outs.append(out)
             r0 += g.size
         return outs
+
+    def _decoded(self, f_hat, tokens, labels, stopped_early, per_scale, t_start, output_type) -> VAROutput:
+        """A sampled f_hat decoded into a VAROutput (tokens on the CPU, the decode timed on its own)."""
+        t_dec = time.perf_counter()
+        images = self.vae.fhat_to_img(f_hat)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t_end = time.perf_counter()
+        return VAROutput(
+            images=self.postprocess(images, output_type), tokens=[t.cpu() for t in tokens],
+            class_labels=labels.tolist(), stopped_early=stopped_early,
+            timings={"per_scale": per_scale, "decode": t_end - t_dec, "total": t_end - t_start})
 
     def _check_sampling_args(self, guidance_scale, top_k, top_p):
         """The bounds of studio.params.Sampling, but for guidance's maximum: the studio's slider
