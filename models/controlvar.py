@@ -28,7 +28,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .var import (AdaLNBeforeHead, AdaLNBlock, KVCache, ScaleEvent, SharedAdaLin, VARConfig, filter_top_k_top_p_,
+from .var import (AdaLNBeforeHead, AdaLNBlock, AdaLNTrunk, KVCache, ScaleEvent, SharedAdaLin, VARConfig, filter_top_k_top_p_,
                   gumbel_soft_codes, sample_tokens)
 from .vqvae import MultiScaleQuantizer
 
@@ -76,7 +76,7 @@ class ControlSampleResult:
     soft_codes: List[Optional[torch.Tensor]] = field(default_factory=list)
 
 
-class ControlVAR(nn.Module):
+class ControlVAR(AdaLNTrunk, nn.Module):
     def __init__(self, cfg: ControlVARConfig):
         super().__init__()
         self.cfg = cfg
@@ -103,17 +103,6 @@ class ControlVAR(nn.Module):
         self.head_nm = AdaLNBeforeHead(cfg)
         self.head = nn.Linear(C, cfg.vocab_size)
         self.cond_embed = nn.Embedding(cfg.num_type_ids, C)
-
-    @property
-    def dtype(self):
-        return self.word_embed.weight.dtype
-
-    def get_logits(self, h_BLC, cond_BD):
-        return self.head(self.head_nm(h_BLC, cond_BD)).float()
-
-    def block_modulations(self, cond_BD) -> List[torch.Tensor]:
-        shared = self.shared_ada_lin(cond_BD)
-        return [blk.modulation(shared) for blk in self.blocks]
 
     def guidance_per_scale(self, guidance: Sequence[float]) -> List[Tuple[float, float, float]]:
         """(t1, t2, t3) per scale: the official ramp g_i * (si / (SN-1)), in that order of operations."""

@@ -308,7 +308,24 @@ def scale_levels_and_mask(patch_nums: Sequence[int]):
     return lvl_1L, mask.contiguous()
 
 
-class VAR(nn.Module):
+class AdaLNTrunk:
+    """What every transformer of the VAR family built from these blocks shares (VAR, ControlVAR): its
+    dtype, the blocks' AdaLN modulations of a condition and the head's logits."""
+
+    @property
+    def dtype(self):
+        return self.word_embed.weight.dtype
+
+    def get_logits(self, h_BLC, cond_BD):
+        """Final AdaLN + head, with logits in fp32."""
+        return self.head(self.head_nm(h_BLC, cond_BD)).float()
+
+    def block_modulations(self, cond_BD) -> List[torch.Tensor]:
+        shared = self.shared_ada_lin(cond_BD)
+        return [blk.modulation(shared) for blk in self.blocks]
+
+
+class VAR(AdaLNTrunk, nn.Module):
     def __init__(self, cfg: VARConfig):
         super().__init__()
         self.cfg = cfg
@@ -368,18 +385,6 @@ class VAR(nn.Module):
             else:
                 blk.ada_gss.data[:, :, 2:].mul_(init_adaln)
                 blk.ada_gss.data[:, :, :2].mul_(init_adaln_gamma)
-
-    @property
-    def dtype(self):
-        return self.word_embed.weight.dtype
-
-    def get_logits(self, h_BLC, cond_BD):
-        """Final AdaLN + head, with logits in fp32."""
-        return self.head(self.head_nm(h_BLC, cond_BD)).float()
-
-    def block_modulations(self, cond_BD) -> List[torch.Tensor]:
-        shared = self.shared_ada_lin(cond_BD)
-        return [blk.modulation(shared) for blk in self.blocks]
 
     # -- teacher-forced full sequence ---------------------------------------------------------------
     def forward(self, label_B, x_BLCv_wo_first_l, cond_drop_rate: Optional[float] = None,
