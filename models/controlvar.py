@@ -28,8 +28,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .var import (AdaLNBeforeHead, AdaLNBlock, AdaLNTrunk, KVCache, ScaleEvent, SharedAdaLin, VARConfig, filter_top_k_top_p_,
-                  gumbel_soft_codes, sample_tokens)
+from .var import (AdaLNBeforeHead, AdaLNBlock, AdaLNTrunk, KVCache, ScaleEvent, SharedAdaLin, VARConfig,
+                  filter_top_k_top_p_, gumbel_soft_codes, sample_tokens)
 from .vqvae import MultiScaleQuantizer
 
 # the released condition ids (ControlVAR's datasets/imagenetC.py); 4 is "no condition type", used
