@@ -319,6 +319,17 @@ def test_segmentation_adapter_reads_the_world_labels(trained_var, tmp_path):
     with pytest.raises(ValueError, match="ids"):
         pipe(class_labels=[0], control_image=torch.full((1, 32, 32), 5), control_type="segmentation")
 
+    # --init: a new run starts from the exported adapter (its weights, its architecture), not from zero
+    again = tmp_path / "seg_again"
+    train.main(control_args(again, "render:32", base, "segmentation", 1, "--lr", "0", "--widths", "4,4",
+                            "--init", str(out / "bundle")))
+    ck2 = torch.load(again / "checkpoint.pt", weights_only=True)
+    assert ck2["config"] == ck["config"]  # the flags' other widths were ignored
+    for k, v in pipe.controls["segmentation"].state_dict().items():
+        assert torch.equal(ck2["model"][k].half(), v.half()), k
+    with pytest.raises(SystemExit, match="no canny adapter"):
+        train.main(control_args(tmp_path / "c", "render:32", base, "canny", 1, "--init", str(out / "bundle")))
+
 
 def test_control_needs_a_base(tmp_path, shards):
     with pytest.raises(SystemExit, match="--base"):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import lab.train.data as data
 from lab.train.artifacts import image_grid
-from lab.train.config import add_config_flags, config_from_args
+from lab.train.config import add_config_flags, config_from_args, note_ignored_config
 from lab.train.data import to_resolution
 from lab.train.task import Task, TrainError, register
 from lab.train.var import teacher_forcing
@@ -45,6 +45,9 @@ class ControlTask(Task):
         p.add_argument("--base", help="the frozen model: a bundle folder (e.g. a `var --export`); needed for a fresh "
                                       "run, a resumed run uses the copy in its checkpoint")
         p.add_argument("--control-type", choices=CONTROL_TYPES, default="canny")
+        p.add_argument("--init", help="start the adapter from this bundle's control_<type> adapter (e.g. to fine-tune "
+                                      "adapters trained on an earlier transformer for a new --base); its architecture "
+                                      "is kept, so the adapter config flags are ignored")
         add_config_flags(p, ControlConfig, DEFAULT_CONTROL, skip=CONTROL_DERIVED)
         g = p.add_argument_group("control maps, loss and samples")
         g.add_argument("--canny-low", type=float, default=100.0, help="canny maps: low threshold")
@@ -85,18 +88,49 @@ class ControlTask(Task):
                 raise TrainError(f"--base {self.args.base}: {e}") from e
             self.vae, self.var, self.names = loaded.vae.float(), loaded.var.float(), list(loaded.class_names)
             self.base = str(loaded.source)
-            over = config_from_args(ControlConfig, self.args, DEFAULT_CONTROL, skip=CONTROL_DERIVED)
-            n_seg = len(data.load_world().SEG_CLASSES) if self.args.control_type == "segmentation" else None
-            cfg = ControlConfig.for_var(self.var.cfg, self.args.control_type, num_classes=n_seg,
-                                        map_size=self.vae.cfg.resolution, **over)
+            init = self._init_adapter() if self.args.init else None
+            if init is not None:
+                cfg = init.cfg
+            else:
+                over = config_from_args(ControlConfig, self.args, DEFAULT_CONTROL, skip=CONTROL_DERIVED)
+                n_seg = len(data.load_world().SEG_CLASSES) if self.args.control_type == "segmentation" else None
+                cfg = ControlConfig.for_var(self.var.cfg, self.args.control_type, num_classes=n_seg,
+                                            map_size=self.vae.cfg.resolution, **over)
         self.control_type = cfg.control_type
         for m in (self.vae, self.var):
             m.eval().requires_grad_(False).to(self.device)
         self.adapter = ControlAdapter(cfg)
         if ckpt is not None:
             self.adapter.load_state_dict(ckpt["model"])
+        elif init is not None:
+            self.adapter.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
+            print(f"[train] {cfg.control_type} adapter initialised from {self.args.init}", file=sys.stderr)
         self.module = self.Module(self.adapter, self.var)
         return self.module
+
+    def _init_adapter(self):
+        """The --init bundle's adapter of --control-type, checked against the --base transformer's shape."""
+        from studio import checkpoints
+        from studio.pipeline import VARPipeline
+
+        try:
+            other = VARPipeline.from_pretrained(self.args.init)
+        except (checkpoints.CheckpointError, OSError, ValueError) as e:
+            raise TrainError(f"--init {self.args.init}: {e}") from e
+        ctype = self.args.control_type
+        if ctype not in other.controls:
+            have = ", ".join(sorted(other.controls)) or "none"
+            raise TrainError(f"--init {self.args.init} has no {ctype} adapter (it has: {have})")
+        adapter = other.controls[ctype]
+        c, v = adapter.cfg, self.var.cfg
+        if (c.embed_dim, c.depth, tuple(c.patch_nums)) != (v.embed_dim, v.depth, tuple(v.patch_nums)):
+            raise TrainError(f"--init {self.args.init}: its {ctype} adapter is for a transformer of width {c.embed_dim}, "
+                             f"depth {c.depth}; --base has width {v.embed_dim}, depth {v.depth}")
+        from models.control import ControlConfig
+
+        note_ignored_config(ControlConfig, self.args, c.to_dict(), skip=CONTROL_DERIVED,
+                            source=f"--init {self.args.init}")
+        return adapter
 
     class Module(nn.Module):
         """adapter + frozen VAR: the teacher-forced loss as one forward (under autocast and DDP)."""
