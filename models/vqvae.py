@@ -34,12 +34,22 @@ class VQVAEConfig:
     quant_resi: float = 0.5  # Phi(x) = (1 - r) x + r conv(x)
     beta: float = 0.25  # commitment weight (training only)
     patch_nums: Sequence[int] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    # our own addition (0 in every official tokenizer): the finest `decoder_fixed_norm` decoder levels and
+    # its norm_out normalise with fixed, learned per-channel statistics (FixedNorm) instead of each image's
+    # own. Per-image GroupNorm there lets the decoder carry global information in one channel that spikes
+    # at a fixed place, which shows as a saturated blob (StyleGAN's "droplet"; StyleGAN2's remedy is the
+    # same: no per-image statistics in the synthesis path).
+    decoder_fixed_norm: int = 0
 
     def __post_init__(self):
         self.ch_mult = tuple(int(c) for c in self.ch_mult)
         self.patch_nums = tuple(int(p) for p in self.patch_nums)
         if any(self.ch * m % self.norm_groups for m in self.ch_mult):
             raise ValueError(f"every stage width ch*mult must be divisible by norm_groups={self.norm_groups}")
+        if not 0 <= int(self.decoder_fixed_norm) <= len(self.ch_mult):
+            raise ValueError(f"decoder_fixed_norm must be 0..{len(self.ch_mult)} (decoder levels), "
+                             f"got {self.decoder_fixed_norm}")
+        self.decoder_fixed_norm = int(self.decoder_fixed_norm)
         if list(self.patch_nums) != sorted(set(self.patch_nums)):
             raise ValueError(f"patch_nums must be strictly increasing, got {self.patch_nums}")
 
@@ -57,16 +67,29 @@ class VQVAEConfig:
         return d
 
 
-def _norm(cfg: VQVAEConfig, c: int) -> nn.GroupNorm:
-    return nn.GroupNorm(cfg.norm_groups, c, eps=1e-6, affine=True)
+class FixedNorm(nn.Module):
+    """A per-channel affine map `x * weight + bias` in the place of a GroupNorm: the same parameter names
+    and shapes, but no statistics of the image itself (see VQVAEConfig.decoder_fixed_norm)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):
+        return torch.addcmul(self.bias.view(1, -1, 1, 1).to(x.dtype), x, self.weight.view(1, -1, 1, 1).to(x.dtype))
+
+
+def _norm(cfg: VQVAEConfig, c: int, fixed: bool = False) -> nn.Module:
+    return FixedNorm(c) if fixed else nn.GroupNorm(cfg.norm_groups, c, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, cfg: VQVAEConfig, c_in: int, c_out: int):
+    def __init__(self, cfg: VQVAEConfig, c_in: int, c_out: int, fixed_norm: bool = False):
         super().__init__()
-        self.norm1 = _norm(cfg, c_in)
+        self.norm1 = _norm(cfg, c_in, fixed_norm)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
-        self.norm2 = _norm(cfg, c_out)
+        self.norm2 = _norm(cfg, c_out, fixed_norm)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -188,13 +211,13 @@ class Decoder(nn.Module):
             c_out = cfg.ch * cfg.ch_mult[i]
             blocks, attns = [], []
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResnetBlock(cfg, c_in, c_out))
+                blocks.append(ResnetBlock(cfg, c_in, c_out, fixed_norm=i < cfg.decoder_fixed_norm))
                 c_in = c_out
                 if i == n - 1 and cfg.using_sa:
                     attns.append(AttnBlock(cfg, c_out))
             levels[i] = _Level(blocks, attns, "upsample" if i else None, Upsample2x(c_out) if i else None)
         self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(cfg, c_in)
+        self.norm_out = _norm(cfg, c_in, fixed=cfg.decoder_fixed_norm > 0)
         self.conv_out = nn.Conv2d(c_in, 3, 3, 1, 1)
 
     def forward(self, z):

@@ -145,3 +145,46 @@ def test_decoder_needs_a_base(tmp_path):
     shards = write_standin_shards(tmp_path / "shards", range(8), 32)
     with pytest.raises((ValueError, SystemExit), match="--base"):
         train.main(["decoder", "--out", str(tmp_path / "d"), "--data", str(shards), "--steps", "1", *COMMON])
+
+
+def test_fixed_norm_decoder_starts_where_groupnorm_was_and_trains_into_a_bundle(tmp_path):
+    """--fixed-norm-levels: the finest decoder levels lose each image's own statistics (the blob's remedy).
+    Calibrated on one image, the fixed decoder decodes that image exactly as the GroupNorm one did; a run
+    trains it, the tokens stay, and the export loads (config and modules) into the studio and the assembly."""
+    from models.vqvae import FixedNorm
+    from studio.pipeline import VARPipeline
+
+    shards = write_standin_shards(tmp_path / "shards", range(8), 32)
+    vq = tmp_path / "vqvae"
+    train.main(vqvae_args(vq, shards, 4))
+    base = train.load_vqvae(str(vq)).eval()
+    x = decoder.calibration_images(base, 2)
+    fixed = decoder.with_fixed_norms(base, 2, x[:1]).eval()
+    names = {n for n, m in fixed.decoder.named_modules() if isinstance(m, FixedNorm)}
+    assert "norm_out" in names and all(n.startswith(("up.0.", "up.1.", "norm_out")) for n in names)
+    assert not any(isinstance(m, FixedNorm) for m in base.decoder.modules())
+    with torch.no_grad():
+        f = base.quantize.tokens_to_fhat(base.img_to_tokens(x))
+        same, other = fixed.fhat_to_img(f[:1]), fixed.fhat_to_img(f[1:])
+        assert (same - base.fhat_to_img(f[:1])).abs().max() < 1e-4  # its own statistics: the old decode
+        assert (other - base.fhat_to_img(f[1:])).abs().max() > 1e-3  # another image's: no longer its own
+
+    out = tmp_path / "dec"
+    train.main(["decoder", "--base", str(vq), "--out", str(out), "--data", str(shards), "--steps", "3",
+                "--batch-size", "4", "--perceptual-weight", "0", "--disc-start", "100", "--fixed-norm-levels", "2",
+                "--metrics-every", "1", "--log-every", "100", "--no-hflip", "--export", str(tmp_path / "exp"),
+                *COMMON])
+    after = train.load_vqvae(str(tmp_path / "exp"))
+    assert after.cfg.decoder_fixed_norm == 2 and isinstance(after.decoder.norm_out, FixedNorm)
+    assert all(torch.equal(a, b) for a, b in zip(base.img_to_tokens(x), after.img_to_tokens(x)))
+    from models.var import VAR, VARConfig
+
+    pipe = VARPipeline(base, VAR(VARConfig(vocab_size=64, z_channels=8, num_classes=4, depth=1, embed_dim=32,
+                                           num_heads=2, patch_nums=base.cfg.patch_nums)), ["a", "b", "c", "d"])
+    load_assemble_tool().swap_tokenizer(pipe, str(tmp_path / "exp"))
+    assert isinstance(pipe.vae.decoder.norm_out, FixedNorm)
+    pipe.save_pretrained(tmp_path / "bundle")
+    again = VARPipeline.from_pretrained(tmp_path / "bundle")
+    assert again.vae.cfg.decoder_fixed_norm == 2 and isinstance(again.vae.decoder.up[0].block[0].norm1, FixedNorm)
+    img = again(class_labels=[1], generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert img.shape == (1, 32, 32, 3) and np.isfinite(img).all()

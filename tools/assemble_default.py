@@ -35,7 +35,11 @@ def swap_tokenizer(pipe, folder) -> None:
     if changed:
         raise SystemExit(f"--vae {folder}: its encoder/codebook differ from --var's ({', '.join(changed[:4])} ...); "
                          "the transformer would read other tokens")
-    pipe.vae.load_state_dict({k: v.to(mine[k].dtype) for k, v in theirs.items()})
+    if new.cfg != pipe.vae.cfg:  # another decoder layout (e.g. fixed norms): same keys, other modules
+        ref = pipe.vae.quant_conv.weight
+        pipe.vae = new.to(ref.device, ref.dtype).eval()
+    else:
+        pipe.vae.load_state_dict({k: v.to(mine[k].dtype) for k, v in theirs.items()})
 
 
 def main(argv=None):

@@ -16,17 +16,20 @@ decoder, which `spike_penalty` works against.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import lab.train.data as data
 from lab import metrics
 from lab.perceptual import PatchDiscriminator, VGG16Features, adaptive_weight, hinge_d_loss, perceptual_distance
 from lab.train.artifacts import vqvae_for
 from lab.train.task import TrainError, psnr, register
 from lab.train.vqvae import TokenizerTask
-from models.vqvae import VQVAE, VQVAEConfig
+from models.vqvae import VQVAE, FixedNorm, VQVAEConfig
 from studio.images import tensor_to_images
 
 
@@ -60,6 +63,59 @@ def peak_error(rec_B3HW: torch.Tensor, x_B3HW: torch.Tensor, share: float = 0.00
     return err.topk(k, dim=1).values.mean()
 
 
+def calibration_images(vae: VQVAE, n: int) -> torch.Tensor:
+    """n training renders (seeds 0..n-1) at the tokenizer's resolution, in [-1, 1]."""
+    images, *_ = data.load_world().render_batch(list(range(n)), size=vae.cfg.resolution)
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+@torch.no_grad()
+def with_fixed_norms(vae: VQVAE, levels: int, images: torch.Tensor) -> VQVAE:
+    """A copy of `vae` whose `levels` finest decoder levels (and norm_out) use FixedNorm, each set to the
+    GroupNorm it replaces at the calibration images' average statistics: gamma * (x - mean) / std + beta with
+    mean and std the per-image group statistics averaged over `images`, so that the decoder starts out close
+    to the old one and the fine-tune only has to learn to do without each image's own statistics."""
+    cfg = VQVAEConfig(**{**vae.cfg.to_dict(), "decoder_fixed_norm": int(levels)})
+    if vae.cfg.decoder_fixed_norm:
+        raise TrainError(f"--base already has {vae.cfg.decoder_fixed_norm} fixed-norm decoder levels; "
+                         "--fixed-norm-levels converts a GroupNorm decoder")
+    new = VQVAE(cfg)
+    new.load_state_dict(vae.state_dict())  # same keys and shapes: FixedNorm keeps GroupNorm's weight/bias
+    old_mods, new_mods = dict(vae.decoder.named_modules()), dict(new.decoder.named_modules())
+    targets = [n for n, m in new_mods.items() if isinstance(m, FixedNorm)]
+    sums = {n: [0.0, 0.0] for n in targets}
+
+    def keep(name):
+        def hook(mod, inp, out):
+            x = inp[0].float()
+            B, C = x.shape[:2]
+            g = x.reshape(B, mod.num_groups, -1)
+            mean = g.mean(-1).repeat_interleave(C // mod.num_groups, dim=1)  # (B, C)
+            std = (g.var(-1, unbiased=False) + mod.eps).sqrt().repeat_interleave(C // mod.num_groups, dim=1)
+            sums[name][0] = sums[name][0] + mean.sum(0)
+            sums[name][1] = sums[name][1] + std.sum(0)
+        return hook
+
+    handles = [old_mods[n].register_forward_hook(keep(n)) for n in targets]
+    was_training = vae.training
+    vae.eval()
+    try:
+        for i in range(0, len(images), 8):
+            vae.fhat_to_img(vae.quantize.tokens_to_fhat(vae.img_to_tokens(images[i:i + 8])))
+    finally:
+        for h in handles:
+            h.remove()
+        vae.train(was_training)
+    for n in targets:
+        mean, std = (t / len(images) for t in sums[n])
+        gn, fx = old_mods[n], new_mods[n]
+        fx.weight.copy_(gn.weight / std)
+        fx.bias.copy_(gn.bias - gn.weight * mean / std)
+    print(f"[train] decoder: {len(targets)} GroupNorms of the {levels} finest levels fixed at the statistics of "
+          f"{len(images)} renders", file=sys.stderr)
+    return new
+
+
 @register
 class DecoderTask(TokenizerTask):
     name = "decoder"
@@ -90,6 +146,10 @@ class DecoderTask(TokenizerTask):
                        help="weight of the penalty on activation spikes inside the decoder (the blob's cause)")
         g.add_argument("--spike-ratio", type=float, default=8.0,
                        help="a GroupNorm input whose max |x| exceeds this many times its RMS is a spike")
+        g.add_argument("--fixed-norm-levels", type=int, default=0,
+                       help="a fresh run turns the GroupNorms of this many finest decoder levels (and norm_out) into "
+                            "fixed per-channel affine maps calibrated on 32 training renders, so that no image's "
+                            "own statistics reach the picture there (the blob's remedy; 0: keep the --base decoder)")
         g.add_argument("--peak-weight", type=float, default=0.1,
                        help="weight of the mean of each image's worst 0.5%% pixel errors (localised blobs)")
 
@@ -110,6 +170,8 @@ class DecoderTask(TokenizerTask):
             if not a.base:
                 raise TrainError("decoder: --base is required (the tokenizer to fine-tune) for a fresh run")
             self.vae = vqvae_for(a.base, "--base")
+            if a.fixed_norm_levels:
+                self.vae = with_fixed_norms(self.vae, a.fixed_norm_levels, calibration_images(self.vae, 32))
         self.vae.to(self.device)
         self.vae.requires_grad_(False)
         self.vae.decoder.requires_grad_(True)
@@ -130,7 +192,7 @@ class DecoderTask(TokenizerTask):
                     self._norm_inputs.append(inp[0])
 
             for mod in self.vae.decoder.modules():
-                if isinstance(mod, nn.GroupNorm):
+                if isinstance(mod, (nn.GroupNorm, FixedNorm)):
                     mod.register_forward_hook(keep_input)
         if ckpt is not None and "disc" in ckpt:
             self.disc.load_state_dict(ckpt["disc"])
