@@ -28,7 +28,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .var import (AdaLNBeforeHead, AdaLNBlock, AdaLNTrunk, KVCache, ScaleEvent, SharedAdaLin, VARConfig,
+from .var import (AdaLNBeforeHead, AdaLNBlock, AdaLNTrunk, Generators, KVCache, ScaleEvent, SharedAdaLin, VARConfig,
                   filter_top_k_top_p_, gumbel_soft_codes, sample_tokens)
 from .vqvae import MultiScaleQuantizer
 
@@ -120,7 +120,7 @@ class ControlVAR(AdaLNTrunk, nn.Module):
         top_k: int = 0,
         top_p: float = 0.0,
         more_smooth: bool = False,
-        generator: Optional[torch.Generator] = None,
+        generator: Generators = None,
         callback: Optional[Callable[[ScaleEvent], Optional[bool]]] = None,
         known_tokens: Optional[Sequence[Optional[torch.Tensor]]] = None,
         known_mask: Optional[Sequence[Optional[torch.Tensor]]] = None,
@@ -133,8 +133,15 @@ class ControlVAR(AdaLNTrunk, nn.Module):
         map's tokens forced into the control half of the first three branches. Our additions:
         known_tokens/known_mask force image tokens (True = keep) in every branch (in-painting);
         with more_smooth the map's codes are forced too (the official sampler feeds soft codes
-        everywhere there, so its map is lost after tokenisation)."""
+        everywhere there, so its map is lost after tokenisation).
+
+        generator: one for the whole batch (the official order: one draw over all 4B rows), or a
+        list with one per image: image b's four guidance rows (b, B+b, 2B+b, 3B+b) then draw from
+        generator[b] in the order a batch of that image alone draws them, so image b is the image
+        its generator makes alone."""
         B = label_B.shape[0]
+        if isinstance(generator, (list, tuple)) and len(generator) != B:
+            raise ValueError(f"got {len(generator)} generators for {B} images: give one, or one per image")
         R = 4 * B
         dev = label_B.device
         if len(control_tokens) != self.num_scales or any(t.shape != (B, pn * pn) for t, pn in
@@ -171,7 +178,7 @@ class ControlVAR(AdaLNTrunk, nn.Module):
             logits = (1 + t1) * lg[:B] + (t2 - t1) * lg[B:2 * B] + (t3 - t2) * lg[2 * B:3 * B] - t3 * lg[3 * B:]
             logits = logits.repeat(4, 1, 1)
             filter_top_k_top_p_(logits, top_k, top_p)
-            idx = sample_tokens(logits, generator)  # (4B, 2l): one draw for every row and position
+            idx = _per_image(sample_tokens, logits, generator, B)  # (4B, 2l): one draw per row and position
             ctrl = control_tokens[si].to(dev)
             idx[:3 * B, :l] = ctrl.repeat(3, 1)
             keep = None
@@ -181,7 +188,8 @@ class ControlVAR(AdaLNTrunk, nn.Module):
             soft = None
             if more_smooth:
                 tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-                h = gumbel_soft_codes(logits.mul(1 + ratio), tau, generator) @ E.unsqueeze(0)  # (4B, 2l, Cvae)
+                h = _per_image(lambda lg, g: gumbel_soft_codes(lg, tau, g), logits.mul(1 + ratio), generator,
+                               B) @ E.unsqueeze(0)  # (4B, 2l, Cvae)
                 h[:3 * B, :l] = quantizer.embedding(ctrl).repeat(3, 1, 1).to(h.dtype)
                 if keep is not None:
                     h[:, l:] = torch.where(keep.unsqueeze(-1), quantizer.embedding(idx[:, l:]).to(h.dtype), h[:, l:])
@@ -208,3 +216,19 @@ class ControlVAR(AdaLNTrunk, nn.Module):
                     result.stopped_early = True
                     break
         return result
+
+
+def _per_image(draw, logits_RlV: torch.Tensor, generator: Generators, B: int) -> torch.Tensor:
+    """draw(logits, generator) over the 4B guidance rows: at once for one generator, or per image
+    for a list (image b's rows b, B+b, 2B+b, 3B+b, in that order, from generator[b]: what a batch of
+    that image alone draws), the results put back in the batch's row order."""
+    if not isinstance(generator, (list, tuple)):
+        return draw(logits_RlV, generator)
+    out = None
+    for b, g in enumerate(generator):
+        rows = torch.arange(b, 4 * B, B, device=logits_RlV.device)
+        got = draw(logits_RlV[rows], g)
+        if out is None:
+            out = got.new_empty((4 * B, *got.shape[1:]))
+        out[rows] = got
+    return out

@@ -330,10 +330,6 @@ class VARPipeline:
         self._check_sampling_args(weights[0], top_k, top_p)
         im.check_output_type(output_type)
         t_start = time.perf_counter()
-        if isinstance(generator, (list, tuple)):  # the ControlVAR sampler draws its guidance branches together
-            if len(generator) != 1:
-                raise UserError("a ControlVAR model draws a batch from one generator, not one per image")
-            generator = generator[0]
         labels = self._labels(class_labels, num_images_per_label, generator)
         B = labels.shape[0]
         known_tokens, known_mask = self._check_known(known_tokens, known_mask, B)

@@ -323,3 +323,29 @@ def test_a_painted_layout_becomes_entities_coloured_by_where_they_are():
     assert np.array_equal(np.asarray(controlvar_segmentation(ids, size=512).preview), out)  # an uploaded mask
     small = controlvar_segmentation(layout)  # 256 px for the model
     assert small.map.shape == (1, 3, 256, 256) and small.preview.size == (256, 256)
+
+
+# ---------------------------------------------------------------------------------------------
+# one generator per image (the studio seeds image i with seed + i)
+
+
+@pytest.mark.parametrize("more_smooth", [False, True])
+def test_each_image_of_a_batch_is_the_image_its_generator_makes_alone(pipe, more_smooth):
+    """With a list of generators, image i of a batch is the image generator i makes alone, for each
+    image's own class and map (so the studio's seed + i can be made again by itself)."""
+    pics = _pictures()
+    kw = dict(control_type="canny", top_k=50, top_p=0.9, more_smooth=more_smooth, output_type="pt")
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    batch = pipe(class_labels=[7, 437, 3], control_image=[pics[0], pics[2], pics[0]], generator=gens(10, 11, 12), **kw)
+    for i, (label, pic) in enumerate(((7, pics[0]), (437, pics[2]), (3, pics[0]))):
+        alone = pipe(class_labels=[label], control_image=pic, generator=gens(10 + i), **kw)
+        assert _same([t[i:i + 1] for t in batch.tokens], alone.tokens), f"image {i} differs from its seed alone"
+        assert (batch.images[i] - alone.images[0]).abs().max().item() < 1e-4
+    # a random class per image is drawn from that image's generator too
+    rand = pipe(class_labels=None, num_images_per_label=2, control_image=pics[0], generator=gens(5, 6), **kw)
+    second = pipe(class_labels=None, control_image=pics[0], generator=gens(6), **kw)
+    assert rand.class_labels[1] == second.class_labels[0]
+    assert _same([t[1:2] for t in rand.tokens], second.tokens)
+    # one generator for the batch keeps the official draws (the faithfulness runs above), and a wrong count is refused
+    with pytest.raises(ValueError, match="2 generators for 3 images"):
+        pipe(class_labels=[1, 2, 3], control_image=pics[0], generator=gens(1, 2), **kw)
