@@ -29,6 +29,24 @@ from typing import Dict, Optional, Sequence, Tuple, Type
 # the preprocessors of each control type, the first being the default (studio.preprocess runs them)
 PREPROCESSORS: Dict[str, Tuple[str, ...]] = {"canny": ("canny", "none"), "depth": ("world", "transformers", "none"),
                                              "segmentation": ("world", "transformers", "none")}
+# the same for the published control weights (CAR adapters, ControlVAR models), which read a condition
+# picture (studio.preprocess.picture_map): the authors' annotators, ControlVAR's entity layouts, or the
+# picture as it is ("none")
+PICTURE_PREPROCESSORS: Dict[str, Tuple[str, ...]] = {
+    "canny": ("canny", "none"), "hed": ("hed", "none"), "sketch": ("sketch", "none"), "normal": ("normal", "none"),
+    "depth": ("transformers", "none"), "segmentation": ("entities", "none")}
+CONTROL_TYPES: Tuple[str, ...] = ("canny", "depth", "segmentation", "hed", "sketch", "normal")  # every family's
+
+
+def control_preprocessors(control_type: str, pictures: bool = False) -> Tuple[str, ...]:
+    """The preprocessors of a control type: an adapter's of ours (PREPROCESSORS), or, for a model
+    whose controls read pictures (CAR, ControlVAR), PICTURE_PREPROCESSORS; the first is the default."""
+    table = PICTURE_PREPROCESSORS if pictures or control_type not in PREPROCESSORS else PREPROCESSORS
+    return table.get(control_type, ())
+
+
+def _any_preprocessors() -> Dict[str, Tuple[str, ...]]:
+    return {t: tuple(dict.fromkeys(PREPROCESSORS.get(t, ()) + PICTURE_PREPROCESSORS.get(t, ()))) for t in CONTROL_TYPES}
 PREVIEW_MODES = ("full", "fast", "none")  # "none": no picture per scale (status only)
 INPAINT_AREAS = ("masked", "whole")
 MAX_SEED = 2 ** 63 - 1
@@ -140,17 +158,17 @@ class ControlMapParams(JobParams):
     """A control map from the user's picture: the "preprocess" job (the map alone), and part of "control"."""
 
     image: Optional[bytes] = None
-    control_type: str = _choice("canny", PREPROCESSORS, "Control type")
-    preprocessor: Optional[str] = None  # None: the first of the control type's PREPROCESSORS
+    control_type: str = _choice("canny", CONTROL_TYPES, "Control type")
+    preprocessor: Optional[str] = None  # None: the model's default for the type (control_preprocessors)
     canny_low: float = _number(100.0, 0.0, 500.0, "Canny low threshold", step=1)
     canny_high: float = _number(200.0, 0.0, 500.0, "Canny high threshold", step=1)
 
     def check(self) -> "ControlMapParams":
-        if self.control_type not in PREPROCESSORS:
+        if self.control_type not in CONTROL_TYPES:
             raise UserError(f"unknown control type {self.control_type!r} (control_type): one of "
-                            f"{', '.join(PREPROCESSORS)}")
+                            f"{', '.join(CONTROL_TYPES)}")
         super().check()
-        options = PREPROCESSORS[self.control_type]
+        options = _any_preprocessors()[self.control_type]  # the worker checks them against its model's family
         if self.preprocessor is not None and self.preprocessor not in options:
             raise UserError(f"the {self.control_type} control has preprocessors {', '.join(options)}, "
                             f"not {self.preprocessor!r} (preprocessor)")
@@ -161,7 +179,7 @@ class ControlMapParams(JobParams):
 
     @property
     def preprocessor_or_default(self) -> str:
-        return self.preprocessor or PREPROCESSORS[self.control_type][0]
+        return self.preprocessor or control_preprocessors(self.control_type)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +250,9 @@ class ControlParams(Sampling, ControlMapParams):
     control_strength: float = _number(1.0, 0.0, 2.0, "Control strength", step=0.05)
     control_guidance_start: float = _number(0.0, 0.0, 1.0, "Control from", step=0.05)
     control_guidance_end: float = _number(1.0, 0.0, 1.0, "Control until", step=0.05)
+    # ControlVAR's second and third guidance weights (condition type, map); None: guidance_scale, as published
+    type_guidance_scale: Optional[float] = _number(None, 0.0, 10.0, "Type guidance", step=0.25)
+    control_guidance_scale: Optional[float] = _number(None, 0.0, 10.0, "Map guidance", step=0.25)
 
     def check(self) -> "ControlParams":
         super().check()

