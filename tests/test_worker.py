@@ -273,7 +273,8 @@ def test_bad_control_requests_fail_the_job_and_keep_the_worker(pool):
     pid = pool.worker_pids()[0]
     photo = png(Image.new("RGB", (64, 64), "gray"))
     cases = {
-        "unknown control type 'hed'": ("control", {"image": photo, "control_type": "hed"}),
+        "unknown control type 'bogus'": ("control", {"image": photo, "control_type": "bogus"}),
+        "has no hed control (it has: canny, segmentation)": ("control", {"image": photo, "control_type": "hed"}),
         "has no depth control adapter (it has: canny, segmentation)": ("control", {"image": photo,
                                                                                    "control_type": "depth"}),
         "segmentation image could not be read": ("control", {"image": b"\x89PNG garbage",

@@ -16,7 +16,7 @@ tuples whose first item says what they are:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -41,7 +41,9 @@ class ModelInfo:
     resolution: int
     patch_nums: List[int]
     vocab_size: int
-    controls: List[str] = ()  # the control types the model has adapters for
+    controls: List[str] = ()  # the control types the model can be steered by (adapters, CAR files, ControlVAR's)
+    control_family: str = ""  # "adapters" (ours), "car", "controlvar", or "" (no controls)
+    control_preprocessors: Optional[Dict[str, List[str]]] = None  # control type -> its preprocessors, default first
 
     @property
     def num_scales(self) -> int:

