@@ -6,7 +6,9 @@
     python -m lab.bench --reference /tmp/varref  # adds the published code (fp32) on the same shapes
     python -m lab.bench --car --dtypes fp32 --batch 1 --repeat 1 --no-baseline   # CAR beside plain VAR
     python -m lab.bench --infinity 125m --dtypes fp32 --repeat 2 --no-baseline     # Infinity beside VAR d16
-    python -m lab.bench --controlvar --dtypes fp32 --batch 1 --repeat 1 --no-baseline   # ControlVAR beside VAR
+    python -m lab.bench --controlvar --dtypes fp32 --batch 1 --repeat 1 --no-baseline   # ControlVAR beside VAR:
+        # small shapes by default (depth 6, a 32-channel VQVAE: minutes on a CPU); --full-shapes --model d16 (..d30)
+        # for the released ones
     python -m lab.bench --model default --under-load 1   # torch's threads vs the studio's, with and
                                                          # without 1 competing busy process
 
@@ -38,7 +40,7 @@ def build_pipeline(model: str, device: str, dtype_name: str, controlvar: bool = 
     from studio.pipeline import VARPipeline
 
     dtype = getattr(torch, DTYPES[dtype_name])
-    m = __import__("re").fullmatch(r"d(\d+)", model)
+    m = __import__("re").fullmatch(r"d(\d+)(-small)?", model)
     if m is None:
         src = None if model == "default" else model
         return VARPipeline.from_pretrained(src, device=device, dtype=dtype)
@@ -51,7 +53,9 @@ def build_pipeline(model: str, device: str, dtype_name: str, controlvar: bool = 
     depth = int(m.group(1))
     torch.manual_seed(0)
     with torch.device("meta"):
-        vae = VQVAE(VQVAEConfig(patch_nums=VARConfig.official(depth, shared_aln=depth == 36).patch_nums))
+        # "-small": a 32-channel VQVAE (the released codebook and scales) so that a CPU run takes minutes
+        small = dict(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1) if m.group(2) else {}
+        vae = VQVAE(VQVAEConfig(patch_nums=VARConfig.official(depth, shared_aln=depth == 36).patch_nums, **small))
         # ControlVAR: the released shape at this depth ([control; image] per scale, 4 guidance branches)
         var = ControlVAR(ControlVARConfig.official(depth)) if controlvar else VAR(VARConfig.official(depth, shared_aln=depth == 36))
     vae, var = vae.to_empty(device="cpu"), var.to_empty(device="cpu")
@@ -92,6 +96,9 @@ def edge_picture(size: int):
     a = np.zeros((size, size, 3), np.uint8)
     a[::32], a[:, ::24] = 255, 255
     return Image.fromarray(a)
+
+
+SMALL_CONTROLVAR_MODEL = "d6-small"
 
 
 def peak_memory_mb(device: str) -> float:
@@ -346,6 +353,9 @@ def main(argv=None):
                     help="add a ControlVAR row per dtype (a random model of the released shape at --model's depth, "
                          "[control; image] per scale, four guidance branches, a canny-like map) and a "
                          "ControlVAR-vs-plain table per image")
+    ap.add_argument("--full-shapes", action="store_true",
+                    help="--controlvar on the released shapes of --model (d16..d30); without it both rows use a "
+                         "small model (depth 6, width 384, a 32-channel VQVAE, the released scales and codebook)")
     ap.add_argument("--as-controlvar", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--with-car", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
@@ -353,6 +363,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.child:
         return child_main(args)
+    if args.controlvar and not args.full_shapes:  # minutes on a CPU; the ratio is what the table is for
+        args.model = SMALL_CONTROLVAR_MODEL
+        print(f"--controlvar on small shapes ({args.model}: depth 6, a 32-channel VQVAE); --full-shapes --model d16 "
+              "for the released ones")
 
     base = ["--model", args.model, "--device", args.device, "--batch", str(args.batch), "--repeat", str(args.repeat),
             "--guidance", str(args.guidance), "--top-k", str(args.top_k), "--top-p", str(args.top_p),
@@ -384,7 +398,7 @@ def main(argv=None):
                   f"{b['peak_mb']:9.0f}")
         return
     car_pairs, cv_pairs = [], []
-    if args.controlvar and not re.fullmatch(r"d\d+", args.model):
+    if args.controlvar and not re.fullmatch(r"d\d+(-small)?", args.model):
         ap.error("--controlvar needs an official shape (--model d16 ...)")
     for d in dtypes:
         if not args.no_baseline:

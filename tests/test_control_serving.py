@@ -1,5 +1,5 @@
-"""Published control weights in the studio's worker: a tiny random ControlVAR model (released
-format, tests/tiny_controlvar.py) served by the worker pool. The model info lists its four types,
+"""Published control weights in the studio's worker: a tiny random ControlVAR model and a CAR file
+(released formats, tests/tiny_controlvar.py) served by the worker pool. The model info lists its four types,
 the Control job streams and stores its control in the PNG, image i of a batch is seed + i alone, a
 re-roll steers with the stored map again, and a map that cannot be made here says what can."""
 import io
@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_controlvar import write_tiny_controlvar
+from tiny_controlvar import write_tiny_car, write_tiny_controlvar
 
 from studio.pngmeta import decode_picture, read_png_extras, read_png_parameters
 from studio.serve.pool import ModelSpec, WorkerPool
@@ -91,3 +91,32 @@ def test_preview_maps_and_what_cannot_be_made_here(pool):
     wrong = pool.submit("control", {"image": photo(), "control_type": "hed"})
     assert wrong.wait(120) and wrong.status == "failed" and "has no hed control" in wrong.error
     assert pool.worker_pids()[0] == pid
+
+
+def test_a_car_file_in_the_worker(tmp_path):
+    """`app.py --model car_hed_d2.pth`: the worker lists the file's type with its preprocessors; a control run
+    with the adapters' strength and range stores them and the condition picture; a re-roll steers with it again."""
+    (tmp_path / "weights").mkdir()
+    car = write_tiny_car(tmp_path / "weights", "hed")
+    with WorkerPool([ModelSpec("car", str(car))], devices=["cpu"], outputs=tmp_path / "out", torch_threads=1) as pool:
+        info = pool.models["car"]
+        assert (info.controls, info.control_family, info.control_preprocessors) == (["hed"], "car",
+                                                                                     {"hed": ["hed", "none"]})
+        edges = Image.new("RGB", (64, 64), "black")
+        edges.paste((255, 255, 255), (10, 10, 50, 14))
+        res = done(pool.submit("control", {"image": png(edges), "control_type": "hed", "preprocessor": "none",
+                                           "seed": 3, "control_strength": 0.75, "control_guidance_end": 0.8}))
+        params = read_png_parameters(res.paths[0])
+        steer = (params["control_type"], params["control_strength"], params["control_guidance_end"])
+        assert steer == ("hed", 0.75, 0.8)
+        extras = read_png_extras(open(res.paths[0], "rb").read())["control"]
+        assert np.array_equal(np.asarray(decode_picture(extras["picture"])), np.asarray(edges))
+        plain = done(pool.submit("control", {"image": png(edges), "control_type": "hed", "preprocessor": "none",
+                                             "seed": 3, "control_strength": 0.0}))
+        assert not all(np.array_equal(a, b) for a, b in zip(res.tokens[0], plain.tokens[0]))  # the map steers
+        again = done(pool.submit("reroll", {"source_png": open(res.paths[0], "rb").read(), "keep_scales": 4,
+                                            "seed": 3}))
+        assert all(np.array_equal(a, b) for a, b in zip(again.tokens[0], res.tokens[0]))  # all kept: the same image
+        assert read_png_parameters(again.paths[0])["control_strength"] == 0.75
+        wrong = pool.submit("control", {"image": png(edges), "control_type": "canny"})
+        assert wrong.wait(120) and wrong.status == "failed" and "has no canny control; it has: hed" in wrong.error

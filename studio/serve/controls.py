@@ -36,12 +36,14 @@ def reads_pictures(info: ModelInfo) -> bool:
 
 
 def control_types(info: ModelInfo) -> List[str]:
-    """The types the model has; a model with none still previews our adapters' maps."""
-    return list(info.controls) or list(P.PREPROCESSORS)
+    """The types of a CAR or ControlVAR model; for ours, the adapters' types (those it lacks still
+    preview their maps, and generating with them says which adapter is missing)."""
+    return list(info.controls) if reads_pictures(info) else list(P.PREPROCESSORS)
 
 
 def type_choices(info: ModelInfo) -> list:
-    return [(TYPE_LABELS.get(t, t), t) for t in control_types(info)]
+    return [(TYPE_LABELS.get(t, t) + ("" if t in info.controls else " (preview only)"), t)
+            for t in control_types(info)]
 
 
 def preprocessors(info: ModelInfo, control_type: str) -> List[str]:

@@ -325,8 +325,8 @@ class Runner:
     def control_map(self, model: str, pipe, p: P.ControlMapParams, need_adapter: bool = False):
         """The job's control map at the model's resolution (studio.preprocess) and the parameters
         that made it, for the PNG. need_adapter: fail before any work when the model lacks the adapter."""
-        if reads_pictures(pipe, p.control_type):
-            return self._control_picture(model, pipe, p)
+        if reads_pictures(pipe, p.control_type) or (pipe.car_controls and p.control_type not in pipe.controls):
+            return self._control_picture(model, pipe, p)  # (a type a CAR model lacks: said there)
         ctype, choice = p.control_type, p.preprocessor_or_default
         if ctype not in P.PREPROCESSORS:
             raise UserError(f"the model {model!r} has no {ctype} control (it has: "
