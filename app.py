@@ -95,12 +95,13 @@ def model_specs(sources: Optional[List[str]]) -> List[ModelSpec]:
     return specs
 
 
-def create_pool(args: argparse.Namespace) -> WorkerPool:
+def create_pool(args: argparse.Namespace, limits: Optional[Limits] = None) -> WorkerPool:
+    """The worker pool of the flags; its workers hold every job to the same --max-* limits as the page."""
     return WorkerPool(model_specs(args.model), devices=args.device or ["auto"], outputs=args.outputs,
                       preview=args.preview, scale_delay=args.scale_delay, torch_threads=args.threads,
                       batching=args.batching, max_batch_images=args.max_batch, max_queued_per_session=args.max_queued,
                       job_timeout=args.job_timeout, heartbeat_timeout=args.heartbeat_timeout,
-                      stop_timeout=args.stop_timeout)
+                      stop_timeout=args.stop_timeout, limits=limits or Limits.from_args(args))
 
 
 def _interrupt(signum, frame):
@@ -129,7 +130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if args.insecure_no_auth and auth is None and not is_loopback(args.host):
         print(f"warning: serving {args.host} without a login (--insecure-no-auth)", file=sys.stderr)
-    pool = create_pool(args)
+    pool = create_pool(args, limits)
     print(f"loading {', '.join(s.name for s in pool.model_specs)} on {', '.join(pool.devices)} ...", flush=True)
     pool.start(wait=False)
     from studio.serve import ui  # Gradio loads while the workers load the models

@@ -9,8 +9,10 @@ windows), how many heavy jobs run at once; and memory handed back after a big on
         ...
     release_memory()                                      # after a big job: free()d pages go back
 
-Plain Python (numpy and PIL, no torch): the web process imports it; the worker checks the job cost
-again with the same function (a program can call the pool directly).
+Plain Python (numpy and PIL, no torch): the web process imports it; the worker process gets the
+same limits from the pool (WorkerPool(limits=...), from the same flags) and checks every job as it
+arrives with `check_arrived` (its pictures' bytes and pixels from their headers, its cost), so a
+program that reaches the worker by another path than the page is refused by name too.
 """
 from __future__ import annotations
 
@@ -83,6 +85,33 @@ class Limits:
             raise UserError(f"the {what} is a {size / 1e6:.1f} MB file; the limit is {self.max_upload_mb:g} MB "
                             f"(the server's {self.FLAGS['max_upload_mb']})")
 
+    @property
+    def max_picture_bytes(self) -> int:
+        """The most bytes a picture may have when it reaches the worker: the upload limit, or (when
+        larger) an uncompressed RGBA PNG of the pixel limit, since the web process sends the pictures
+        it decoded as PNGs (a 5 MB JPEG can become a 40 MB PNG)."""
+        return max(self.max_upload_bytes, 4 * self.max_upload_pixels + 1_000_000)
+
+    def check_arrived(self, kind: str, p) -> dict:
+        """The worker's check of a job's parsed parameters (studio.params) as it arrives: each picture
+        it carries (image, mask, the PNG to re-roll) by bytes and by pixels from its header, nothing
+        decoded; then the job's cost (check_job). UserError naming the limit and its flag."""
+        sizes = {}
+        for field, what in PICTURES.items():
+            data = getattr(p, field, None)
+            if not isinstance(data, (bytes, bytearray)) or not data:
+                continue
+            if field == "image" and getattr(p, "control_type", None):
+                what = f"{p.control_type} image"
+            if len(data) > self.max_picture_bytes:
+                raise UserError(f"the {what} is a {len(data) / 1e6:.1f} MB file; the limit is "
+                                f"{self.max_picture_bytes / 1e6:g} MB (from the server's {self.FLAGS['max_upload_mb']} "
+                                f"and {self.FLAGS['max_upload_megapixels']})")
+            w, h, _ = image_header(bytes(data), what)
+            check_image_size(w, h, what, self.max_upload_pixels, setting=self.FLAGS["max_upload_megapixels"])
+            sizes[field] = (w, h)
+        return self.check_job(kind, p, sizes)
+
     # -- a job's cost --------------------------------------------------------------------------------
     def check_job(self, kind: str, p, sizes: Dict[str, Tuple[int, int]]) -> dict:
         """Refuse a job that would cost more than the limits, before it is queued; `sizes` holds the
@@ -134,6 +163,8 @@ class Limits:
             self._heavy.release()
             release_memory()
 
+
+PICTURES = {"image": "image", "mask": "mask", "source_png": "image to re-roll"}  # a job's picture fields
 
 _libc = None
 

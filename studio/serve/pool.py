@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 from studio.params import JOBS, PREVIEW_MODES, JobParams, UserError
+from studio.serve.limits import Limits
 from studio.serve.protocol import FINISHED, JobResult, JobView, ModelInfo, ModelSpec, ScaleUpdate, WorkerError
 
 __all__ = ["Job", "WorkerPool", "WorkerError", "QueueFull", "ModelSpec", "ModelInfo", "JobView"]
@@ -154,13 +155,15 @@ class WorkerPool:
     job_timeout: seconds a job (or a batch) may run; heartbeat_timeout: seconds a worker may go
         without a heartbeat; stop_timeout: seconds a stopped job may take to reach its next scale.
         Past any of them the worker is killed and restarted and the queue goes on.
+    limits: studio.serve.limits.Limits (app.py's --max-* flags; None: the defaults). The worker
+        checks every job against them as it arrives (Limits.check_arrived), whoever submitted it.
     """
 
     def __init__(self, models: Sequence[ModelSpec], devices: Sequence[str] = ("auto",), outputs="outputs",
                  preview: str = "full", preview_size: int = 384, scale_delay: float = 0.0,
                  torch_threads: Optional[int] = None, start_timeout: float = 900.0, batching: bool = True,
                  max_batch_images: int = 16, max_queued_per_session: int = 8, job_timeout: float = 600.0,
-                 heartbeat_timeout: float = 30.0, stop_timeout: float = 30.0):
+                 heartbeat_timeout: float = 30.0, stop_timeout: float = 30.0, limits: Optional[Limits] = None):
         if not models:
             raise ValueError("give at least one model")
         names = [m.name for m in models]
@@ -176,6 +179,7 @@ class WorkerPool:
         self.batching, self.max_batch_images = bool(batching), min(MAX_BATCH, max(1, int(max_batch_images)))
         self.max_queued_per_session = max(1, int(max_queued_per_session))
         self.job_timeout, self.heartbeat_timeout, self.stop_timeout = job_timeout, heartbeat_timeout, stop_timeout
+        self.limits = limits if limits is not None else Limits()
         self.models: Dict[str, ModelInfo] = {}  # filled by the first worker that is ready
         self._ctx = mp.get_context("spawn")
         self._lock = threading.Condition()
@@ -478,7 +482,7 @@ class _Slot:
         config = dict(device=self.device, models=[(m.name, m.source) for m in p.model_specs],
                       outputs=str(p.outputs), preview=p.preview, preview_size=p.preview_size,
                       scale_delay=p.scale_delay, torch_threads=p.torch_threads, worker_index=self.index,
-                      cpu_workers=cpu_workers)
+                      cpu_workers=cpu_workers, limits=p.limits.as_dict())
         proc = p._ctx.Process(target=_child_main, args=(config, child_conn, cell, heartbeat), daemon=True,
                               name=f"var-worker-{self.index}")
         proc.start()

@@ -34,6 +34,7 @@ from studio import editing
 from studio.pngmeta import (decode_array, decode_picture, encode_array, encode_picture, encode_png, read_png_extras,
                             read_png_info)
 from studio.serve import outputs as saving
+from studio.serve.limits import Limits
 from studio.serve.protocol import JobResult, ScaleUpdate
 from studio.uploads import check_image_size, image_header, mask_levels
 from studio.windows import MAX_WINDOWS, MIN_SIDE, count_windows
@@ -223,6 +224,8 @@ class Runner:
         self.config, self.conn, self.cancel_cell = config, conn, cancel_cell
         self.pipes, self.previewers, self.device = pipes, previewers, device
         self.outputs = Path(config["outputs"])
+        # the web process's limits, from the same flags: a job that reached the worker another way is held to them
+        self.limits = Limits(**config["limits"]) if config.get("limits") else Limits()
         self.domain_nets: Dict[str, dict] = {}  # model -> its bundle's world nets, loaded on first use
         self.hf_models: Dict[tuple, object] = {}  # (control type, device) -> a transformers preprocessor
         self.annotators: Dict[str, object] = {}  # control type -> the authors' annotator (controlnet_aux), or None
@@ -252,6 +255,7 @@ class Runner:
         if model not in self.pipes:
             raise UserError(f"unknown model {model!r}; loaded: {', '.join(self.pipes)}")
         p = P.parse(kind, params)
+        self.limits.check_arrived(kind, p)
         handler = HANDLERS[kind]
         job = RunningJob(self, seq, job_id, kind, model, p, handler.last_scale_is_result)
         return handler.run(job, job.p)
@@ -277,8 +281,9 @@ class Runner:
                     raise ValueError(f"{kind} jobs are not batched")
                 if model not in self.pipes:
                     raise UserError(f"unknown model {model!r}; loaded: {', '.join(self.pipes)}")
-                jobs.append(RunningJob(self, seq, job_id, kind, model, P.parse(kind, params),
-                                       HANDLERS[kind].last_scale_is_result))
+                p = P.parse(kind, params)
+                self.limits.check_arrived(kind, p)
+                jobs.append(RunningJob(self, seq, job_id, kind, model, p, HANDLERS[kind].last_scale_is_result))
             except Exception as e:
                 self.conn.send(self.ending(job_id, kind, model, _raiser(e)))
         if not jobs:
