@@ -2,6 +2,7 @@
 
     python -m lab.bench_load                              # 1, 4 and 16 clients, batching off and on
     python -m lab.bench_load --clients 1,8 --jobs 4 --model my_bundle/
+    python -m lab.bench_load --soak 500                   # memory over 500 small jobs (and one big one)
 
 Starts `app.py` twice on loopback (lab.bench_client.AppProcess), one with --no-batching and one
 with --batching, and runs rounds of N concurrent gradio_client clients against each in turn (the
@@ -16,6 +17,12 @@ seeds in both runs) and the app's default preview. Bounded: every round ends aft
 - x off: jobs/min relative to the same number of clients without batching;
 - RSS: the app and its workers' resident memory after the round.
 
+--soak N runs one app (batching on) instead: --soak-clients clients share N small generations
+(one image, no preview, fixed seeds) and the web process's and the workers' resident memory is
+printed at the start (after a warm-up job), after a big out-painting (--soak-big, on by default: a
+256x256 picture out-painted by 128 px on every side, many windows), every --soak-every jobs and at
+the end, each beside the start's (the baseline), so a leak shows as a growing column.
+
 This process never imports torch.
 """
 from __future__ import annotations
@@ -27,7 +34,8 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
 
 from lab.bench_client import AppProcess, close_client, terminate_as_exit, time_generation
 
@@ -105,6 +113,115 @@ def run_round(app: AppProcess, batching: bool, clients: int, jobs: int, class_na
                  tree_rss_mb(app.proc.pid) if app.proc else None)
 
 
+def app_rss_mb(pid: int) -> Tuple[Optional[float], Optional[float]]:
+    """(the web process's RSS, its workers' RSS summed), MB; the worker processes are the app's
+    multiprocessing children other than its resource tracker."""
+    try:
+        import psutil
+        root = psutil.Process(pid)
+        workers = [c for c in root.children(recursive=True)
+                   if "resource_tracker" not in " ".join(c.cmdline())]
+        return root.memory_info().rss / 2 ** 20, sum(c.memory_info().rss for c in workers) / 2 ** 20
+    except Exception:
+        return None, None
+
+
+@dataclass
+class Sample:
+    label: str
+    jobs: int
+    seconds: float
+    web_mb: Optional[float]
+    worker_mb: Optional[float]
+
+
+def big_outpaint(client, folder: Path) -> float:
+    """One large out-painting through the page's API: a 256x256 picture by 128 px on every side."""
+    from gradio_client import handle_file
+    from PIL import Image
+
+    path = folder / "soak_picture.png"
+    Image.new("RGB", (256, 256), "seagreen").save(path)
+    t0 = time.perf_counter()
+    out = client.predict(api_name="/outpaint", image={"background": handle_file(str(path)), "layers": [],
+                                                      "composite": None},
+                         left=128, right=128, top=128, bottom=128, seed=7, preview="none")
+    if not str(out[1]).startswith("✓ Done"):
+        raise RuntimeError(f"the big out-painting did not finish: {out[1]!r}")
+    return time.perf_counter() - t0
+
+
+def soak(app: AppProcess, jobs: int, clients: int, every: int, class_name: str, big: bool, timeout: float,
+         log=print) -> List[Sample]:
+    """`jobs` small generations from `clients` sessions; memory sampled at the start, after the big
+    job, every `every` jobs and at the end."""
+    from gradio_client import Client
+
+    made = [Client(app.url, verbose=False, download_files=False) for _ in range(clients)]
+    samples: List[Sample] = []
+    t_start = time.perf_counter()
+
+    def sample(label: str, done: int):
+        web, workers = app_rss_mb(app.proc.pid)
+        samples.append(Sample(label, done, time.perf_counter() - t_start, web, workers))
+        log(f"  {label}: {done} jobs, web {web or 0:.0f} MB, workers {workers or 0:.0f} MB")
+
+    time_generation(made[0], "none", seed=0, class_name=class_name)  # warm-up: the page, the queue, one job
+    sample("start", 0)
+    if big:
+        seconds = big_outpaint(made[0], Path(app.outputs))
+        sample(f"after a big out-painting ({seconds:.0f} s)", 0)
+    counter, done, failed, lock = iter(range(jobs)), [0], [0], threading.Lock()
+    deadline = time.monotonic() + timeout
+    submitted: List[list] = [[] for _ in range(clients)]
+
+    def user(i: int):
+        while time.monotonic() < deadline:
+            with lock:
+                k = next(counter, None)
+            if k is None:
+                return
+            try:
+                time_generation(made[i], "none", seed=10_000 + k, class_name=class_name, jobs=submitted[i])
+            except Exception as e:
+                with lock:
+                    failed[0] += 1
+                log(f"  client {i} job {k} failed: {e}")
+                continue
+            with lock:
+                done[0] += 1
+                if done[0] % every == 0 and done[0] < jobs:
+                    sample(f"after {done[0]} jobs", done[0])
+            submitted[i].clear()
+
+    threads = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(1.0, deadline - time.monotonic() + 30))
+    sample(f"end ({failed[0]} failed)", done[0])
+    for c, js in zip(made, submitted):
+        close_client(c, js[-1:])
+    return samples
+
+
+def format_soak(samples: Sequence[Sample]) -> str:
+    base = samples[0]
+
+    def mb(v):
+        return "-" if v is None else f"{v:.0f}"
+
+    def delta(v, b):
+        return "-" if v is None or b is None else f"{v - b:+.0f}"
+
+    head = ["when", "jobs", "s", "web MB", "web vs start", "workers MB", "workers vs start"]
+    rows = [head] + [[s.label, str(s.jobs), f"{s.seconds:.0f}", mb(s.web_mb), delta(s.web_mb, base.web_mb),
+                      mb(s.worker_mb), delta(s.worker_mb, base.worker_mb)] for s in samples]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in rows)
+
+
 def format_table(rounds: Sequence[Round]) -> str:
     base = {r.clients: r.jobs_per_min for r in rounds if not r.batching}
     head = ["batching", "clients", "jobs", "failed", "jobs/min", "p50 s", "p95 s", "1st preview p50 s", "x off",
@@ -133,6 +250,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default=None, help="app.py --device")
     ap.add_argument("--max-batch", type=int, default=16, help="app.py --max-batch")
     ap.add_argument("--start-timeout", type=float, default=900.0)
+    ap.add_argument("--soak", type=int, default=0, metavar="N",
+                    help="instead of the rounds: N small jobs on one app, memory printed along the way")
+    ap.add_argument("--soak-clients", type=int, default=4, help="concurrent clients of the soak (default 4)")
+    ap.add_argument("--soak-every", type=int, default=100, help="print memory every this many jobs (default 100)")
+    ap.add_argument("--soak-big", action=argparse.BooleanOptionalAction, default=True,
+                    help="one big out-painting after the start's sample (default: on)")
     return ap.parse_args(argv)
 
 
@@ -147,6 +270,20 @@ def main(argv=None) -> int:
         ["--device", args.device] if args.device else []) + ["--max-batch", str(args.max_batch),
                                                               "--max-queued", str(max(8, args.jobs))]
     rounds: List[Round] = []
+    if args.soak:
+        try:
+            with terminate_as_exit(), AppProcess(args.model, extra=common + ["--batching"],
+                                                 start_timeout=args.start_timeout, log=log) as app:
+                samples = soak(app, args.soak, args.soak_clients, args.soak_every, args.class_name, args.soak_big,
+                               args.round_timeout * max(1, args.soak // 50), log)
+        except KeyboardInterrupt:
+            print("interrupted; the app is stopped", file=sys.stderr)
+            return 130
+        print()
+        print(f"VAR Studio soak · model {args.model} · {args.soak} small jobs from {args.soak_clients} clients · "
+              "resident memory (RSS), the start's row is the baseline")
+        print(format_soak(samples))
+        return 0
     try:
         with terminate_as_exit(), contextlib.ExitStack() as stack:
             apps = {batching: stack.enter_context(AppProcess(

@@ -62,3 +62,27 @@ def test_the_worker_refuses_jobs_over_the_servers_limits_by_name(pool):
     assert ok.status == "done", ok.error
     assert run(pool, "outpaint", dict(image=small, left=32, seed=1)).status == "done"
     assert pool.worker_pids()[0] == pid  # refusals are answers, not crashes
+
+
+def test_a_big_out_painting_gives_its_memory_back_and_small_jobs_skip_it(pool):
+    small = png(Image.new("RGB", (64, 64), "teal"))
+    big = run(pool, "outpaint", dict(image=small, left=32, right=32, seed=2))  # two windows: a big job
+    assert big.status == "done", big.error
+    assert big.result.timings.get("released_memory") is True
+    plain = run(pool, "generate", dict(seed=3))
+    assert plain.status == "done" and "released_memory" not in plain.result.timings
+
+
+def test_the_pool_keeps_no_record_of_finished_jobs(pool):
+    """A long-running server's memory must not grow with the jobs it has served: once a job has
+    ended and its consumer lets it go, nothing in the pool holds it (queues, slots, batches)."""
+    jobs = [pool.submit("generate", dict(seed=s, num_images=1), session=f"user{s % 3}") for s in range(12)]
+    gone = pool.submit("generate", dict(seed=99), session="user0")
+    gone.cancel()  # stopped while queued
+    assert all(j.wait(60) for j in jobs) and all(j.status == "done" for j in jobs)
+    refs = [weakref.ref(j) for j in jobs + [gone]]
+    del jobs, gone
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)
+    assert pool.queue_length == 0 and not pool._queues and not pool._order
+    assert all(not s.jobs for s in pool._slots)

@@ -468,7 +468,9 @@ class _Slot:
                 batch = self.pool._next_batch(self)
                 if batch is None:
                     return
-                if batch is _DIED or not self._serve(batch):
+                served = batch is not _DIED and self._serve(batch)
+                batch = None  # while it waits for the next batch, the thread holds no finished job
+                if not served:
                     break  # the process died or was killed: restart it
             self._reap()
             self.restarts += 1
