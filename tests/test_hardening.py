@@ -218,12 +218,23 @@ def test_a_foreign_host_header_is_refused_on_loopback(studios):
 
 def test_a_studio_serves_its_own_images_and_nothing_else(studios):
     a, b = studios
-    out = generate(b.client(), seed=5)
+    alice, bob = b.client(), b.client()  # two browser sessions of one studio (each its own cookie)
+    out = generate(alice, seed=5)
     url = out[3][0]["image"]["url"]  # the result as the page shows it (a copy in b's temp folder)
-    own = requests.get(url)
+    own = requests.get(url, cookies=alice.cookies)
     assert own.status_code == 200 and own.headers["content-type"] == "image/png"
     assert own.headers["x-content-type-options"] == "nosniff"
-    assert requests.get(url.replace(b.url, a.url)).status_code == 403  # another instance's file
+    assert requests.get(url, cookies=bob.cookies).status_code == 403  # another session that knows the path
+    assert requests.get(url).status_code == 403  # no session at all
+    assert requests.get(url.replace(b.url, a.url), cookies=alice.cookies).status_code == 403  # another instance
+    # nor can bob have alice's result sent back to him by naming it as a job's input (a re-roll of it)
+    config = requests.get(b.url + "config", cookies=bob.cookies).json()
+    reroll = next(i for i, d in enumerate(config["dependencies"]) if d.get("api_name") == "reroll")
+    path = out[3][0]["image"]["path"]
+    join = dict(data=[None, {"path": path, "meta": {"_type": "gradio.FileData"}}], fn_index=reroll,
+                session_hash="bobsession", event_data=None, trigger_id=None)
+    r = requests.post(b.url + "gradio_api/queue/join", json=join, cookies=bob.cookies)
+    assert r.status_code == 403 and "not yours" in r.text
     saved = next(b.outputs.rglob("*.png"))
     html = b.outputs / "page.html"
     html.write_text("<script>alert(1)</script>")

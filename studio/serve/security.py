@@ -10,7 +10,12 @@
 - FileGuard: the file route (/gradio_api/file=...) serves only PNG, JPEG and WebP files under this
   instance's private temp folder (uploads, previews, and the copies Gradio makes of the results it
   shows), always with nosniff; anything else (another instance's files, the outputs folder, HTML,
-  a URL to fetch) gets 403.
+  a URL to fetch) gets 403. And only to the browser session the file was sent to or came from
+  (or, with --auth, to the same user): every browser gets a session cookie (var-studio-session,
+  HttpOnly), the guard notes the temp files named in what the server sends each session (results,
+  previews, uploads: FileOwners), and refuses a file to anyone else, also as a job's input (a
+  session cannot have another's result sent back to it by passing its path). Files named in the
+  page's config are everyone's.
 - private_temp_dir: each studio process has its own Gradio temp folder (uploads, previews, result
   copies), removed when the process exits.
 
@@ -19,12 +24,18 @@ Plain Python (Starlette's ASGI interface, no torch).
 from __future__ import annotations
 
 import atexit
+import collections
 import ipaddress
+import json
 import os
+import re
+import secrets
 import shutil
 import tempfile
+import threading
+from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
-from typing import Collection, Iterable, List, Optional, Sequence, Tuple
+from typing import Collection, Iterable, List, Optional, Sequence, Set, Tuple
 from urllib.parse import unquote, urlsplit
 
 IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
@@ -99,12 +110,84 @@ class HostCheck:
         await self.app(scope, receive, send)
 
 
+SESSION_COOKIE = "var-studio-session"
+_SESSION_VALUE = re.compile(r"^[A-Za-z0-9_-]{20,64}$")
+PUBLIC = "*"  # the owner of files named in the page's config: everyone's
+
+
+class FileOwners:
+    """Which sessions (and signed-in users) may read each file of the temp folder: a bounded map
+    (the oldest entries go first past `limit`; a file forgotten so is refused, not leaked)."""
+
+    def __init__(self, roots: Iterable[Path], limit: int = 200_000):
+        self.roots = [Path(r).resolve() for r in roots]
+        self.limit = int(limit)
+        self._owners: "collections.OrderedDict[str, Set[str]]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def key(self, raw: str) -> Optional[str]:
+        """A path as the map keys it (resolved), or None when it is not in the temp folder."""
+        try:
+            path = Path(unquote(raw)).resolve()
+        except (OSError, RuntimeError, ValueError):
+            return None
+        return str(path) if any(path.is_relative_to(r) for r in self.roots) else None
+
+    def add(self, raw: str, owners: Iterable[str]) -> None:
+        key = self.key(raw)
+        if key is None:
+            return
+        with self._lock:
+            mine = self._owners.setdefault(key, set())
+            mine.update(owners)
+            self._owners.move_to_end(key)
+            while len(self._owners) > self.limit:
+                self._owners.popitem(last=False)
+
+    def may_read(self, raw: str, owners: Iterable[str]) -> bool:
+        key = self.key(raw)
+        if key is None:
+            return False
+        with self._lock:
+            mine = self._owners.get(key, ())
+            return PUBLIC in mine or any(o in mine for o in owners)
+
+    def __len__(self) -> int:
+        return len(self._owners)
+
+
+def file_paths(value) -> Iterable[str]:
+    """The file paths a JSON value names: a "path" of a file's record, and the path in a file URL
+    (also inside Gradio's streamed diffs, which carry the same records)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            path = v.get("path")
+            if isinstance(path, str):
+                yield path
+            stack.extend(x for k, x in v.items() if k != "path")
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, str):
+            for route in FILE_ROUTES:
+                if route in v:
+                    yield unquote(v.split(route, 1)[1])
+                    break
+
+
 class FileGuard:
-    """ASGI middleware in front of Gradio's file route: only images this instance made or holds."""
+    """ASGI middleware in front of Gradio's file route: only images this instance made or holds,
+    and only for the session (or user) they were made for or uploaded by."""
+
+    # requests whose bodies name files as a job's inputs: each must be the asking session's own
+    INPUT_ROUTES = ("/gradio_api/queue/join", "/gradio_api/call/", "/gradio_api/run/", "/gradio_api/api/")
+    MAX_INPUT_BODY = 4 * 1024 * 1024  # a job's request (its files are uploaded apart): JSON of a few kB
 
     def __init__(self, app, roots: Iterable[Path]):
         self.app = app
         self.roots = [Path(r).resolve() for r in roots]
+        self.owners = FileOwners(self.roots)
 
     def allowed(self, raw: str) -> bool:
         text = unquote(raw)
@@ -119,23 +202,144 @@ class FileGuard:
         return any(path.is_relative_to(r) for r in self.roots)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            path = scope.get("path", "")
-            route = next((r for r in FILE_ROUTES if r in path), None)
-            if route is not None:
-                if not self.allowed(path.split(route, 1)[1]):
-                    await _refuse(scope, send, 403, "File not allowed.")
-                    return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope, new_session = _with_session(scope)
+        owners = _owners_of(scope)
+        path = scope.get("path", "")
 
-                async def send_nosniff(message):
-                    if message["type"] == "http.response.start":
-                        message = dict(message, headers=[*message.get("headers", []),
-                                                         (b"x-content-type-options", b"nosniff")])
-                    await send(message)
+        async def send_with_cookie(message):
+            if new_session and message["type"] == "http.response.start":
+                cookie = f"{SESSION_COOKIE}={new_session}; Path=/; HttpOnly; SameSite=Lax".encode()
+                message = dict(message, headers=[*message.get("headers", []), (b"set-cookie", cookie)])
+            await send(message)
 
-                await self.app(scope, receive, send_nosniff)
+        route = next((r for r in FILE_ROUTES if r in path), None)
+        if route is not None:
+            raw = path.split(route, 1)[1]
+            if not self.allowed(raw) or not self.owners.may_read(raw, owners):
+                await _refuse(scope, send_with_cookie, 403, "File not allowed.")
                 return
-        await self.app(scope, receive, send)
+
+            async def send_nosniff(message):
+                if message["type"] == "http.response.start":
+                    message = dict(message, headers=[*message.get("headers", []),
+                                                     (b"x-content-type-options", b"nosniff")])
+                await send_with_cookie(message)
+
+            await self.app(scope, receive, send_nosniff)
+            return
+        if scope.get("method") == "POST" and any(path.startswith(r) or r in path for r in self.INPUT_ROUTES):
+            body = b""
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":  # the client went away
+                    return
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > self.MAX_INPUT_BODY:
+                    await _refuse(scope, send_with_cookie, 413, "Request too large.")
+                    return
+            foreign = [p for p in _json_paths(body) if self.owners.key(p) and not self.owners.may_read(p, owners)]
+            if foreign:
+                await _refuse(scope, send_with_cookie, 403, "A file in this request is not yours.")
+                return
+            receive = _replay(body)
+        public = path.rstrip("/").endswith("/config")
+        await self.app(scope, receive, _Recorder(send_with_cookie, self.owners, {PUBLIC} if public else owners))
+
+
+class _Recorder:
+    """The response's sender: the temp files named in a JSON answer or in each event of a stream
+    become readable by the session (or user) it goes to, before the part naming them is sent."""
+
+    def __init__(self, send, owners: FileOwners, to: Set[str]):
+        self.send, self.owners, self.to = send, owners, to
+        self.kind = None  # "json" | "stream" | None (not looked at)
+        self.buffer = b""
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            ctype = dict(message.get("headers") or []).get(b"content-type", b"").decode("latin-1")
+            self.kind = "stream" if "event-stream" in ctype else "json" if "json" in ctype else None
+        elif message["type"] == "http.response.body" and self.kind is not None:
+            self.buffer += message.get("body", b"")
+            if self.kind == "stream":
+                *events, self.buffer = self.buffer.split(b"\n\n")
+                for event in events:
+                    for line in event.split(b"\n"):
+                        if line.startswith(b"data:"):
+                            self._note(line[5:])
+            elif not message.get("more_body", False):
+                self._note(self.buffer)
+                self.buffer = b""
+        await self.send(message)
+
+    def _note(self, data: bytes) -> None:
+        for path in _json_paths(data):
+            self.owners.add(path, self.to)
+
+
+def _json_paths(data: bytes) -> List[str]:
+    try:
+        return list(file_paths(json.loads(data)))
+    except (ValueError, RecursionError):
+        return []
+
+
+def _replay(body: bytes):
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+def _cookies(scope) -> SimpleCookie:
+    jar = SimpleCookie()
+    for name, value in scope.get("headers") or []:
+        if name == b"cookie":
+            try:
+                jar.load(value.decode("latin-1"))
+            except CookieError:
+                pass
+    return jar
+
+
+def _with_session(scope) -> Tuple[dict, Optional[str]]:
+    """The request with a session cookie: its own, or a new one (returned too, to be set on the
+    answer), added to the request's headers so the app sees the same session on this first request."""
+    jar = _cookies(scope)
+    if SESSION_COOKIE in jar and _SESSION_VALUE.match(jar[SESSION_COOKIE].value):
+        return scope, None
+    sid = secrets.token_urlsafe(24)
+    headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"cookie"]
+    others = "; ".join(f"{k}={m.value}" for k, m in jar.items() if k != SESSION_COOKIE)
+    headers.append((b"cookie", (f"{others}; " if others else "").encode("latin-1") +
+                    f"{SESSION_COOKIE}={sid}".encode()))
+    return dict(scope, headers=headers), sid
+
+
+def _owners_of(scope) -> Set[str]:
+    """Who asks: "s:" + the browser session, and "u:" + the signed-in user under Gradio's --auth."""
+    jar = _cookies(scope)
+    owners = {f"s:{jar[SESSION_COOKIE].value}"} if SESSION_COOKIE in jar else set()
+    app = scope.get("app")
+    tokens, cookie_id = getattr(app, "tokens", None), getattr(app, "cookie_id", None)
+    if tokens and cookie_id:
+        for name in (f"access-token-{cookie_id}", f"access-token-unsecure-{cookie_id}"):
+            user = tokens.get(jar[name].value) if name in jar else None
+            if user:
+                owners.add(f"u:{user}")
+                break
+    return owners
 
 
 def middleware(host: str, temp_dir: Path) -> list:
