@@ -42,6 +42,11 @@ class VAROutput:
     edit: Optional[editing.InpaintPlan] = None  # an edit's geometry: where its tokens' picture went (re-roll)
 
 
+# the __call__ arguments a request of generate_batch may hold
+BATCHABLE = frozenset({"class_labels", "num_images_per_label", "guidance_scale", "top_k", "top_p", "more_smooth",
+                       "generator", "known_tokens"})
+
+
 class VARPipeline:
     def __init__(self, vae: VQVAE, var: VAR, class_names: Sequence[str], device="cpu", dtype=torch.float32,
                  source: str = "", extras: Optional[dict] = None):
@@ -382,16 +387,21 @@ class VARPipeline:
         """Several plain generations in one batch, each exactly as __call__ alone would make it.
 
         requests: dicts of __call__'s arguments class_labels, num_images_per_label, guidance_scale,
-        top_k, top_p, more_smooth and generator (one generator per request: its labels and tokens are
-        drawn from it in the order __call__ draws them). The callback sees the whole batch: request
-        i owns the rows `VAROutput.rows` of its output (also known before: the requests' image counts
-        in order). Returns one VAROutput per request."""
+        top_k, top_p, more_smooth, generator (one generator per request: its labels and tokens are
+        drawn from it in the order __call__ draws them) and known_tokens (a prefix of scales kept:
+        variations_request and reroll_request make such requests; the other requests' rows keep
+        nothing). The callback sees the whole batch: request i owns the rows `VAROutput.rows` of its
+        output (also known before: the requests' image counts in order). Returns one VAROutput per
+        request."""
         if self.is_controlvar:  # as __call__ says it
             raise UserError("a ControlVAR model draws an image under a control map: give control_image and "
                             "control_type")
         im.check_output_type(output_type)
         t_start = time.perf_counter()
-        labels, groups = [], []
+        for r in requests:
+            if set(r) - BATCHABLE:
+                raise ValueError(f"generate_batch takes {', '.join(sorted(BATCHABLE))}; got {', '.join(sorted(set(r) - BATCHABLE))}")
+        labels, groups, knowns = [], [], []
         for r in requests:
             g, k, p = (r.get("guidance_scale", Sampling.guidance_scale), r.get("top_k", Sampling.top_k),
                        r.get("top_p", Sampling.top_p))
@@ -399,13 +409,16 @@ class VARPipeline:
             lab = self._labels(r.get("class_labels"), r.get("num_images_per_label", 1), r.get("generator"))
             labels.append(lab)
             groups.append(RowGroup(lab.shape[0], r.get("generator"), g, k, p, r.get("more_smooth", Sampling.more_smooth)))
+            knowns.append(self._check_known(r.get("known_tokens"), None, lab.shape[0])[0])
+        known_tokens, known_mask = self._batch_known(knowns, [g.size for g in groups])
         per_scale = []
 
         def on_scale(ev: ScaleEvent):
             per_scale.append(ev.seconds)
             return callback_on_scale_end(ev) if callback_on_scale_end is not None else None
 
-        res = self.var.sample(self.vae.quantize, torch.cat(labels), generator=None, callback=on_scale, rows=groups)
+        res = self.var.sample(self.vae.quantize, torch.cat(labels), generator=None, callback=on_scale, rows=groups,
+                              known_tokens=known_tokens, known_mask=known_mask)
         outs, r0 = [], 0
         for lab, g in zip(labels, groups):
             f_hat = res.group_f_hat[len(outs)] if res.group_f_hat else res.f_hat  # per request: the decode as alone
@@ -415,6 +428,30 @@ class VARPipeline:
             outs.append(out)
             r0 += g.size
         return outs
+
+    def _batch_known(self, knowns, sizes):
+        """Per-request known tokens (each None, or per scale None or (n, pn*pn)) -> the batch's known
+        tokens and masks per scale (rows of a request that keeps nothing there: masked out), or
+        (None, None) when no request keeps anything."""
+        if all(k is None for k in knowns):
+            return None, None
+        toks, masks = [], []
+        for si, pn in enumerate(self.patch_nums):
+            if all(k is None or k[si] is None for k in knowns):
+                toks.append(None)
+                masks.append(None)
+                continue
+            t_parts, m_parts = [], []
+            for k, n in zip(knowns, sizes):
+                if k is None or k[si] is None:
+                    t_parts.append(torch.zeros(n, pn * pn, dtype=torch.long, device=self.device))
+                    m_parts.append(torch.zeros(n, pn * pn, dtype=torch.bool, device=self.device))
+                else:
+                    t_parts.append(k[si])
+                    m_parts.append(torch.ones(n, pn * pn, dtype=torch.bool, device=self.device))
+            toks.append(torch.cat(t_parts))
+            masks.append(torch.cat(m_parts))
+        return toks, masks
 
     def _decoded(self, f_hat, tokens, labels, stopped_early, per_scale, t_start, output_type) -> VAROutput:
         """A sampled f_hat decoded into a VAROutput (tokens on the CPU, the decode timed on its own)."""
@@ -570,6 +607,13 @@ class VARPipeline:
                    **kwargs) -> VAROutput:
         """Image-to-image: keep the first `keep_scales` scales of the image's token pyramid and sample
         the rest (0: a fresh sample; all scales: the image's reconstruction)."""
+        return self(**self.variations_request(image, keep_scales, class_labels, num_images, **kwargs))
+
+    @torch.no_grad()
+    def variations_request(self, image, keep_scales: int, class_labels: Optional[ClassLabel] = None,
+                           num_images: int = 1, **kwargs) -> dict:
+        """variations' call to __call__, as a dict (the image encoded): run it alone, or as one request
+        of generate_batch, which then makes the same images."""
         if not 0 <= keep_scales <= self.num_scales:
             raise ValueError(f"keep_scales must be in 0..{self.num_scales}, got {keep_scales}")
         known = self.encode(image)[:keep_scales] if keep_scales else None
@@ -578,7 +622,7 @@ class VARPipeline:
         labels = -1 if class_labels is None else class_labels
         if class_labels is None:
             kwargs.setdefault("guidance_scale", 0.0)
-        return self(class_labels=labels, num_images_per_label=num_images, known_tokens=known, **kwargs)
+        return dict(class_labels=labels, num_images_per_label=num_images, known_tokens=known, **kwargs)
 
     @torch.no_grad()
     def reroll(self, tokens: Sequence[torch.Tensor], from_scale: int, class_labels=None,
@@ -590,16 +634,15 @@ class VARPipeline:
         edited picture): all its tokens are kept up to from_scale, after it only those outside the
         edited area, and the model's picture is pasted back over the edited picture (outside the
         edit the pixels stay exactly as they are)."""
+        if edit is None:
+            return self(**self.reroll_request(tokens, from_scale, class_labels, **kwargs))
         if not 0 <= from_scale <= self.num_scales:
             raise ValueError(f"from_scale must be in 0..{self.num_scales}, got {from_scale}")
-        self._check_tokens(tokens[:max(from_scale, 1)] if edit is None else tokens, allow_prefix=edit is None)
+        self._check_tokens(tokens, allow_prefix=False)
         B = tokens[0].shape[0]
         if class_labels is None:
             class_labels = -1
         labels = class_labels if isinstance(class_labels, (list, tuple)) else [class_labels] * B
-        if edit is None:
-            known = list(tokens[:from_scale]) if from_scale else None
-            return self(class_labels=labels, known_tokens=known, **kwargs)
         output_type = kwargs.pop("output_type", "pil")
         if all(int(c) < 0 for c in labels):  # an edit without a class: no guidance (both halves are the null class)
             kwargs["guidance_scale"] = 0.0
@@ -609,6 +652,19 @@ class VARPipeline:
         out.images = im.float_to_output(np.stack([edit.paste(gen) for gen in out.images]), output_type)
         out.edit = edit
         return out
+
+    def reroll_request(self, tokens: Sequence[torch.Tensor], from_scale: int, class_labels=None, **kwargs) -> dict:
+        """reroll's call to __call__ for a result that is not an edit, as a dict: run it alone, or as
+        one request of generate_batch, which then makes the same images."""
+        if not 0 <= from_scale <= self.num_scales:
+            raise ValueError(f"from_scale must be in 0..{self.num_scales}, got {from_scale}")
+        self._check_tokens(tokens[:max(from_scale, 1)], allow_prefix=True)
+        B = tokens[0].shape[0]
+        if class_labels is None:
+            class_labels = -1
+        labels = class_labels if isinstance(class_labels, (list, tuple)) else [class_labels] * B
+        known = list(tokens[:from_scale]) if from_scale else None
+        return dict(class_labels=labels, known_tokens=known, **kwargs)
 
     # -- control adapters -------------------------------------------------------------------------
     def load_control(self, path: Union[str, Path], control_type: Optional[str] = None) -> None:

@@ -86,3 +86,37 @@ def test_the_pool_keeps_no_record_of_finished_jobs(pool):
     assert [r() for r in refs] == [None] * len(refs)
     assert pool.queue_length == 0 and not pool._queues and not pool._order
     assert all(not s.jobs for s in pool._slots)
+
+
+def test_variations_and_re_rolls_batch_with_generations_each_as_it_is_alone(pool):
+    source = run(pool, "generate", dict(seed=5, class_name="class 3"))
+    picture = png(Image.fromarray(pixels(source.result.images[0])))
+    edited = run(pool, "inpaint", dict(image=picture, mask=png(Image.new("L", (64, 64), 255)), seed=6))
+    assert source.status == edited.status == "done", (source.error, edited.error)
+    asks = [("guide", dict(image=picture, keep_scales=3, seed=21)),  # no class: unguided
+            ("guide", dict(image=picture, keep_scales=2, seed=22, class_name="class 2", num_images=2)),
+            ("reroll", dict(source_png=source.result.images[0], keep_scales=3, seed=23)),
+            ("reroll", dict(source_png=source.result.images[0], keep_scales=0, seed=24, guidance_scale=1.5, top_k=7)),
+            ("generate", dict(seed=25, top_p=0.6)),
+            ("reroll", dict(source_png=edited.result.images[0], keep_scales=2, seed=26))]  # an edit's: alone
+    blocker = pool.submit("generate", dict(seed=100), session="blocker")
+    for view in blocker.updates(poll=0.05):  # it runs: what comes next waits and batches
+        if view.status != "queued":
+            break
+    jobs = [pool.submit(kind, a, session=f"user{i}") for i, (kind, a) in enumerate(asks)]
+    assert blocker.wait(60) and all(j.wait(60) for j in jobs)
+    assert all(j.status == "done" for j in jobs), [j.error for j in jobs]
+    batched = sum(a.get("num_images", 1) for _, a in asks[:-1])
+    assert [j.result.timings["batch_images"] for j in jobs] == [batched] * 5 + [1]
+    for (kind, a), together in zip(asks, jobs):
+        single = run(pool, kind, a)  # the same ask by itself: a batch of one
+        assert single.status == "done" and single.result.timings["batch_images"] == a.get("num_images", 1)
+        assert len(together.result.images) == len(single.result.images) == a.get("num_images", 1)
+        for x, y in zip(together.result.images, single.result.images):
+            assert np.array_equal(pixels(x), pixels(y)), (kind, a)
+        for tx, ty in zip(together.result.tokens, single.result.tokens):
+            assert all(np.array_equal(u, v) for u, v in zip(tx, ty)), (kind, a)
+        assert together.result.params[0]["seed"] == a["seed"]
+        assert together.result.params[0].get("keep_scales") == single.result.params[0].get("keep_scales")
+    # a batched re-roll keeps the source's first scales
+    assert all(np.array_equal(u, v) for u, v in zip(jobs[2].result.tokens[0][:3], source.result.tokens[0][:3]))

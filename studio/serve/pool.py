@@ -10,8 +10,8 @@ process itself is studio.serve.runner, imported only in the spawned child.
     job.result.paths                               # the PNGs, saved before anyone saw them
 
 Pieces and why:
-- one thread per worker process in the parent sends it one job, or one batch of plain generations
-  of one model, at a time and reads its events; jobs wait in the pool's queue until a worker is
+- one thread per worker process in the parent sends it one job, or one batch of generations,
+  variations and re-rolls of one model, at a time and reads its events; jobs wait in the pool's queue until a worker is
   free, so a worker that dies takes only the jobs it was running with it (they fail with a clear
   message, the worker is restarted, the queue goes on);
 - the queue is fair: one queue per session, sessions take turns, each may have only so many jobs
@@ -149,8 +149,8 @@ class WorkerPool:
     scale_delay: seconds to sleep after every scale (demos and tests of streaming on tiny models).
     torch_threads: intra-op threads per worker; None: chosen by the worker before every job from
         the free cores (studio.serve.runner.ThreadPolicy).
-    batching / max_batch_images: waiting plain generations of one model run as one batch of up to
-        this many images (each job keeps its own seed, previews, stop and result).
+    batching / max_batch_images: waiting generations, variations and re-rolls of one model run as one
+        batch of up to this many images (each job keeps its own seed, previews, stop and result).
     max_queued_per_session: jobs one session may have waiting; sessions are served round-robin.
     job_timeout: seconds a job (or a batch) may run; heartbeat_timeout: seconds a worker may go
         without a heartbeat; stop_timeout: seconds a stopped job may take to reach its next scale.
@@ -307,8 +307,11 @@ class WorkerPool:
         return [slot.pid for slot in self._slots]
 
     def _batchable(self, job: Job) -> bool:
-        """Plain generations batch, except more_smooth: its soft codes carry the batch's rounding."""
-        if not self.batching or job.kind != "generate":
+        """Plain generations, variations (guide) and re-rolls of one model batch together (each keeps its
+        own scales: VARPipeline.generate_batch), except more_smooth: its soft codes carry the batch's
+        rounding. (A re-roll of an edit or of a control result is found out by the worker, which runs
+        it alone after the batch.)"""
+        if not self.batching or job.kind not in BATCH_KINDS:
             return False
         p = job.params
         return not (p.get("more_smooth") if isinstance(p, dict) else getattr(p, "more_smooth", False))
@@ -406,6 +409,7 @@ class WorkerPool:
 
 
 MAX_BATCH = 64  # cells of a worker's cancel array: the most jobs one batch may hold
+BATCH_KINDS = ("generate", "guide", "reroll")  # the job kinds that share batches (runner: Handler.prepare)
 
 
 class _Slot:

@@ -212,11 +212,22 @@ def _free_device_memory():
 # the runner and its table of job kinds
 
 
+class Prepared(NamedTuple):
+    """A job made ready to sample: its call of the pipeline as one request of generate_batch (the
+    same call runs it alone), and what turns the pipeline's output into the job's result."""
+
+    request: dict
+    finish: Callable[[object], JobResult]
+
+
 class Handler(NamedTuple):
     run: Callable[["RunningJob", P.JobParams], JobResult]
     # the full preview of the last scale is the final image: taken from the result, not decoded twice
     # (not for the edits: their results are pasted back into the user's picture)
     last_scale_is_result: bool = False
+    # kinds that can share a batch with plain generations: (job, params) -> Prepared, or None when
+    # this job cannot (a re-roll of an edit or of a control result); it then runs alone
+    prepare: Optional[Callable[["RunningJob", P.JobParams], Optional[Prepared]]] = None
 
 
 class Runner:
@@ -281,30 +292,46 @@ class Runner:
         return seq in self.cancel_cell[:]
 
     def run_batch(self, items: Sequence[tuple]) -> None:
-        """Plain generations (seq, job_id, kind, model, params) of one model as one batch: one
+        """Jobs (seq, job_id, kind, model, params) of one model as one batch: plain generations,
+        variations (guide) and re-rolls, each keeping its own scales and sampling the rest; one
         transformer pass per scale for all, each job with its own seed, sampling settings, previews,
         stop and result (exactly the images it gets alone: VARPipeline.generate_batch). A job whose
-        parameters are wrong fails alone; the others run."""
+        parameters are wrong fails alone; one that cannot batch (a re-roll of an edit or of a control
+        result) runs alone after the batch; the others run."""
         if any(not hasattr(self.pipes.get(item[3]), "generate_batch") for item in items):
             for seq, job_id, kind, model, params in items:  # a pipeline that cannot batch: one at a time
                 self.conn.send(("started", job_id))
                 self.conn.send(self.answer(seq, job_id, kind, model, params))
             return
         jobs: List[RunningJob] = []
-        for seq, job_id, kind, model, params in items:
+        prepared: List[Prepared] = []
+        alone: List[tuple] = []
+        for item in items:
+            seq, job_id, kind, model, params = item
             self.conn.send(("started", job_id))
             try:
-                if kind != "generate":
+                prepare = HANDLERS[kind].prepare if kind in HANDLERS else None
+                if prepare is None:
                     raise ValueError(f"{kind} jobs are not batched")
                 if model not in self.pipes:
                     raise UserError(f"unknown model {model!r}; loaded: {', '.join(self.pipes)}")
                 p = P.parse(kind, params)
                 self.limits.check_arrived(kind, p)
-                jobs.append(RunningJob(self, seq, job_id, kind, model, p, HANDLERS[kind].last_scale_is_result))
+                job = RunningJob(self, seq, job_id, kind, model, p, HANDLERS[kind].last_scale_is_result)
+                ready = prepare(job, job.p)
+                if ready is None:
+                    alone.append(item)
+                    continue
+                jobs.append(job)
+                prepared.append(ready)
             except Exception as e:
                 self.conn.send(self.ending(job_id, kind, model, _raiser(e)))
-        if not jobs:
-            return
+        if jobs:
+            self._sample_batch(jobs, prepared)
+        for seq, job_id, kind, model, params in alone:
+            self.conn.send(self.answer(seq, job_id, kind, model, params))
+
+    def _sample_batch(self, jobs: List["RunningJob"], prepared: List[Prepared]) -> None:
         if len({j.model for j in jobs}) != 1:
             raise ValueError("a batch holds jobs of one model")
         pipe, ended = jobs[0].pipe, {}  # job id -> the message that ended it early
@@ -332,17 +359,16 @@ class Runner:
                         self.conn.send(ended[j.id])
             return len(ended) == len(jobs)  # every job stopped: the batch stops
 
-        requests = [dict(class_labels=j.label, num_images_per_label=j.p.num_images, **j.sampling) for j in jobs]
         try:
-            outs = pipe.generate_batch(requests, callback_on_scale_end=on_scale)
+            outs = pipe.generate_batch([ready.request for ready in prepared], callback_on_scale_end=on_scale)
         except Exception as e:  # the whole batch failed (out of memory ...): every job that was still running
             for j in jobs:
                 if j.id not in ended:
                     self.conn.send(self.ending(j.id, j.kind, j.model, _raiser(e)))
             return
-        for j, out in zip(jobs, outs):
+        for j, ready, out in zip(jobs, prepared, outs):
             if j.id not in ended:
-                self.conn.send(self.ending(j.id, j.kind, j.model, lambda j=j, out=out: j.finish(out)))
+                self.conn.send(self.ending(j.id, j.kind, j.model, lambda ready=ready, out=out: ready.finish(out)))
 
     def control_map(self, model: str, pipe, p: P.ControlMapParams, need_adapter: bool = False):
         """The job's control map at the model's resolution (studio.preprocess) and the parameters
@@ -578,10 +604,19 @@ def _raiser(error: Exception) -> Callable[[], JobResult]:
 # -- the handlers: one per job kind, each (RunningJob, its params) -> JobResult ---------------------
 
 
-def _generate(job: RunningJob, p: P.GenerateParams) -> JobResult:
-    out = job.pipe(class_labels=job.label, num_images_per_label=p.num_images, callback_on_scale_end=job.on_scale,
-                   **job.sampling)
-    return job.finish(out)
+def _alone(prepare):
+    """A handler that runs its prepared call of the pipeline by itself."""
+    def run(job: RunningJob, p) -> JobResult:
+        ready = prepare(job, p)
+        return ready.finish(job.pipe(**ready.request, callback_on_scale_end=job.on_scale))
+    return run
+
+
+def _generate_prepared(job: RunningJob, p: P.GenerateParams) -> Prepared:
+    return Prepared(dict(class_labels=job.label, num_images_per_label=p.num_images, **job.sampling), job.finish)
+
+
+_generate = _alone(_generate_prepared)
 
 
 def _inpaint(job: RunningJob, p: P.InpaintParams) -> JobResult:
@@ -615,12 +650,15 @@ def _outpaint(job: RunningJob, p: P.OutpaintParams) -> JobResult:
     return job.finish(out, dict(p.sides, mask_blur=p.mask_blur, image_size=list(image.size)))
 
 
-def _guide(job: RunningJob, p: P.GuideParams) -> JobResult:
+def _guide_prepared(job: RunningJob, p: P.GuideParams) -> Prepared:
     image = open_image(p.image, "guide image")
     keep = p.kept_scales(job.pipe.num_scales)
-    out = job.pipe.variations(image, keep_scales=keep, class_labels=job.label, num_images=p.num_images,
-                              callback_on_scale_end=job.on_scale, **job.sampling)
-    return job.finish(out, dict(keep_scales=keep))
+    request = job.pipe.variations_request(image, keep_scales=keep, class_labels=job.label, num_images=p.num_images,
+                                          **job.sampling)  # pipe.variations' own call
+    return Prepared(request, lambda out: job.finish(out, dict(keep_scales=keep)))
+
+
+_guide = _alone(_guide_prepared)
 
 
 def _control(job: RunningJob, p: P.ControlParams) -> JobResult:
@@ -655,7 +693,8 @@ def read_stored_map(control: dict):
     return torch.from_numpy(decode_array(control["map"]))
 
 
-def _reroll(job: RunningJob, p: P.RerollParams) -> JobResult:
+def _reroll_parts(job: RunningJob, p: P.RerollParams):
+    """A re-roll's source read: (tokens, kept scales, control keywords, record, control, edit)."""
     pipe = job.pipe
     src_params, src_tokens = studio_png(p.source_png)
     if src_tokens is None:
@@ -697,9 +736,23 @@ def _reroll(job: RunningJob, p: P.RerollParams) -> JobResult:
         except (KeyError, ValueError) as e:
             raise UserError(f"the edit stored with this image cannot be read ({e})") from e
         record.update(rerolled_edit=src_params.get("task"))
-    out = pipe.reroll(tokens, from_scale=keep, class_labels=job.label, edit=edit, callback_on_scale_end=job.on_scale,
-                      **kw, **job.sampling)
+    return tokens, keep, kw, record, control, edit
+
+
+def _reroll(job: RunningJob, p: P.RerollParams) -> JobResult:
+    tokens, keep, kw, record, control, edit = _reroll_parts(job, p)
+    out = job.pipe.reroll(tokens, from_scale=keep, class_labels=job.label, edit=edit,
+                          callback_on_scale_end=job.on_scale, **kw, **job.sampling)
     return job.finish(out, record, extras={"control": control} if control else None)
+
+
+def _reroll_prepared(job: RunningJob, p: P.RerollParams) -> Optional[Prepared]:
+    """A plain result's re-roll batches (pipe.reroll's own call); an edit's or a control result's runs alone."""
+    tokens, keep, kw, record, control, edit = _reroll_parts(job, p)
+    if control or edit is not None:
+        return None
+    request = job.pipe.reroll_request(tokens, from_scale=keep, class_labels=job.label, **job.sampling)
+    return Prepared(request, lambda out: job.finish(out, record))
 
 
 def _preprocess(job: RunningJob, p: P.ControlMapParams) -> JobResult:
@@ -710,11 +763,12 @@ def _preprocess(job: RunningJob, p: P.ControlMapParams) -> JobResult:
 
 
 HANDLERS: Dict[str, Handler] = {
-    "generate": Handler(_generate, last_scale_is_result=True),
+    "generate": Handler(_generate, last_scale_is_result=True, prepare=_generate_prepared),
     "inpaint": Handler(_inpaint),
     "outpaint": Handler(_outpaint),
-    "guide": Handler(_guide, last_scale_is_result=True),
-    "reroll": Handler(_reroll),  # an edit's re-roll is pasted back: not the last scale's picture
+    "guide": Handler(_guide, last_scale_is_result=True, prepare=_guide_prepared),
+    # an edit's re-roll is pasted back: not the last scale's picture (and it runs alone)
+    "reroll": Handler(_reroll, prepare=_reroll_prepared),
     "control": Handler(_control, last_scale_is_result=True),
     "preprocess": Handler(_preprocess),
 }

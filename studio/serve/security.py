@@ -248,15 +248,17 @@ class FileGuard:
                 return
             receive = _replay(body)
         public = path.rstrip("/").endswith("/config")
-        await self.app(scope, receive, _Recorder(send_with_cookie, self.owners, {PUBLIC} if public else owners))
+        upload = path.rstrip("/").endswith("/upload")  # answers a bare list of the stored files' paths
+        await self.app(scope, receive, _Recorder(send_with_cookie, self.owners, {PUBLIC} if public else owners,
+                                                 bare_paths=upload))
 
 
 class _Recorder:
     """The response's sender: the temp files named in a JSON answer or in each event of a stream
     become readable by the session (or user) it goes to, before the part naming them is sent."""
 
-    def __init__(self, send, owners: FileOwners, to: Set[str]):
-        self.send, self.owners, self.to = send, owners, to
+    def __init__(self, send, owners: FileOwners, to: Set[str], bare_paths: bool = False):
+        self.send, self.owners, self.to, self.bare_paths = send, owners, to, bare_paths
         self.kind = None  # "json" | "stream" | None (not looked at)
         self.buffer = b""
 
@@ -278,15 +280,19 @@ class _Recorder:
         await self.send(message)
 
     def _note(self, data: bytes) -> None:
-        for path in _json_paths(data):
+        for path in _json_paths(data, self.bare_paths):
             self.owners.add(path, self.to)
 
 
-def _json_paths(data: bytes) -> List[str]:
+def _json_paths(data: bytes, bare: bool = False) -> List[str]:
+    """The file paths named in a JSON text (bare: it is a list of paths, the upload route's answer)."""
     try:
-        return list(file_paths(json.loads(data)))
+        value = json.loads(data)
     except (ValueError, RecursionError):
         return []
+    if bare and isinstance(value, list):
+        return [v for v in value if isinstance(v, str)]
+    return list(file_paths(value))
 
 
 def _replay(body: bytes):
