@@ -152,7 +152,7 @@ def big_outpaint(client, folder: Path) -> float:
 
 
 def soak(app: AppProcess, jobs: int, clients: int, every: int, class_name: str, big: bool, timeout: float,
-         log=print) -> List[Sample]:
+         log=print, stall: float = 120.0) -> List[Sample]:
     """`jobs` small generations from `clients` sessions; memory sampled at the start, after the big
     job, every `every` jobs and at the end."""
     from gradio_client import Client
@@ -197,11 +197,26 @@ def soak(app: AppProcess, jobs: int, clients: int, every: int, class_name: str, 
     threads = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(max(1.0, deadline - time.monotonic() + 30))
-    sample(f"end ({failed[0]} failed)", done[0])
-    for c, js in zip(made, submitted):
-        close_client(c, js[-1:])
+    # the end: every job answered, or none for `stall` seconds (a client whose stream never ends:
+    # the app is not waited for, it is sampled as it is and the stuck clients are counted)
+    last, seen = time.monotonic(), 0
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        with lock:
+            now_done = done[0] + failed[0]
+        if now_done != seen:
+            last, seen = time.monotonic(), now_done
+        elif time.monotonic() - last > stall:
+            log(f"  no job answered for {stall:.0f} s: {sum(t.is_alive() for t in threads)} client(s) still waiting")
+            break
+    stuck = sum(t.is_alive() for t in threads)
+    sample(f"end ({failed[0]} failed{f', {stuck} clients stuck' if stuck else ''})", done[0])
+    closers = [threading.Thread(target=close_client, args=(c, js[-1:]), daemon=True)
+               for c, js in zip(made, submitted)]
+    for t in closers:
+        t.start()
+    for t in closers:
+        t.join(10)
     return samples
 
 

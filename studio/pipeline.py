@@ -399,8 +399,9 @@ class VARPipeline:
         im.check_output_type(output_type)
         t_start = time.perf_counter()
         for r in requests:
-            if set(r) - BATCHABLE:
-                raise ValueError(f"generate_batch takes {', '.join(sorted(BATCHABLE))}; got {', '.join(sorted(set(r) - BATCHABLE))}")
+            extra = set(r) - BATCHABLE
+            if extra:
+                raise ValueError(f"generate_batch takes {', '.join(sorted(BATCHABLE))}; got {', '.join(sorted(extra))}")
         labels, groups, knowns = [], [], []
         for r in requests:
             g, k, p = (r.get("guidance_scale", Sampling.guidance_scale), r.get("top_k", Sampling.top_k),

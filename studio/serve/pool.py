@@ -11,9 +11,9 @@ process itself is studio.serve.runner, imported only in the spawned child.
 
 Pieces and why:
 - one thread per worker process in the parent sends it one job, or one batch of generations,
-  variations and re-rolls of one model, at a time and reads its events; jobs wait in the pool's queue until a worker is
-  free, so a worker that dies takes only the jobs it was running with it (they fail with a clear
-  message, the worker is restarted, the queue goes on);
+  variations and re-rolls of one model, at a time and reads its events; jobs wait in the pool's
+  queue until a worker is free, so a worker that dies takes only the jobs it was running with it
+  (they fail with a clear message, the worker is restarted, the queue goes on);
 - the queue is fair: one queue per session, sessions take turns, each may have only so many jobs
   waiting; `position` counts the turns before a job, `wait_estimate` turns it into seconds;
 - each worker process has a shared cancel array: the parent writes a running job's number into

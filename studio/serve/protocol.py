@@ -5,7 +5,7 @@ A job's parameters are the typed dataclasses of studio.params (one per job kind)
 tuples whose first item says what they are:
 
     parent -> worker   ("job", seq, job_id, kind, model, params)   None: exit
-                       ("batch", [(seq, job_id, kind, model, params), ...])   generations, variations, re-rolls of one model
+                       ("batch", [(seq, job_id, kind, model, params), ...])   generate / guide / reroll, one model
     worker -> parent   ("ready", {"pid", "device", "models": {name: ModelInfo fields}})
                        ("fatal", message)                          the models could not be loaded
                        ("started", job_id)                         (per job of a batch)
