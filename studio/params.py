@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import random
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple, Type
@@ -51,6 +52,12 @@ PREVIEW_MODES = ("full", "fast", "none")  # "none": no picture per scale (status
 INPAINT_AREAS = ("masked", "whole")
 MAX_SEED = 2 ** 63 - 1
 MAX_PIXELS = 64_000_000  # the largest image (or out-painted canvas) a job may make or read
+MAX_PROMPT = 2000  # characters; T5 reads at most 512 tokens of it
+_ASPECT = re.compile(r"^\d+(\.\d+)?:\d+(\.\d+)?$")
+# the aspect ratios of Infinity's official size table, as width:height (studio.infinity.RATIO_SCALES)
+ASPECT_RATIOS = ("1:1", "5:4", "4:5", "4:3", "3:4", "3:2", "2:3", "7:4", "4:7", "2:1", "1:2", "5:2", "2:5",
+                 "3:1", "1:3")
+FAMILIES = ("var", "infinity")  # class-conditional next-scale models, text-to-image ones
 
 
 class UserError(ValueError):
@@ -142,6 +149,13 @@ class Sampling(JobParams):
     # a class name or id; "": no class (Generate and Control: a random class per image; the edits:
     # unconditional, from the surroundings; Re-roll: the class stored in the PNG)
     class_name: str = ""
+    # text-to-image models (Infinity): the prompt, a negative prompt, the picture's shape (width:height,
+    # snapped to the nearest size of the official table; "": the model's square size) and the temperature
+    # (None: the model's own). A class-conditional model refuses a prompt, Infinity refuses a class.
+    prompt: str = ""
+    negative_prompt: str = ""
+    aspect_ratio: str = ""
+    tau: Optional[float] = _number(None, 0.01, 5.0, "Temperature (tau)", step=0.05, note=" (empty = the model's)")
 
     def with_seed(self) -> "Sampling":
         """A copy with a concrete seed (-1 draws one), so the PNG can say which seed made it."""
@@ -151,6 +165,18 @@ class Sampling(JobParams):
         """The pipeline's sampling arguments (the generator is the caller's: it needs torch)."""
         return dict(guidance_scale=self.guidance_scale, top_k=self.top_k, top_p=self.top_p,
                     more_smooth=self.more_smooth)
+
+    def check(self) -> "Sampling":
+        super().check()
+        if self.aspect_ratio and not _ASPECT.match(self.aspect_ratio.strip()):
+            raise UserError(f"Aspect ratio (aspect_ratio) is width:height, e.g. 16:9 or 1:1, not {self.aspect_ratio!r}")
+        if len(self.prompt) > MAX_PROMPT or len(self.negative_prompt) > MAX_PROMPT:
+            raise UserError(f"a prompt (prompt, negative_prompt) may have at most {MAX_PROMPT} characters")
+        return self
+
+    def text_kwargs(self) -> dict:
+        """A text-to-image pipeline's arguments (InfinityPipeline): prompt, negative prompt, temperature."""
+        return dict(prompt=self.prompt, negative_prompt=self.negative_prompt or None, tau=self.tau)
 
 
 @dataclass(frozen=True)
@@ -369,3 +395,21 @@ def find_class(label, class_names: Sequence[str]) -> int:
         f" (this model has {len(class_names)} classes: type part of a name to see them, or give an id "
         f"0..{len(class_names) - 1})")
     raise UserError(f"unknown class name {text!r}{hint}")
+
+
+def check_conditioning(p: JobParams, family: str, class_name: str = "") -> None:
+    """A prompt goes to a text-to-image model, a class to a class-conditional one: anything else is
+    refused in words (the UI before queueing, the worker again for programs that call the pool)."""
+    if not isinstance(p, Sampling):
+        return
+    cls = (class_name if class_name else p.class_name).strip()
+    text = bool(p.prompt.strip() or p.negative_prompt.strip() or p.aspect_ratio.strip() or p.tau is not None)
+    if family == "infinity":
+        if cls:
+            raise UserError(f"this model is text-to-image (Infinity): it has no classes; describe the picture in "
+                            f"a prompt (prompt) instead of a class ({cls!r})")
+    elif text:
+        given = [n for n in ("prompt", "negative_prompt", "aspect_ratio", "tau") if
+                 (getattr(p, n) is not None if n == "tau" else getattr(p, n).strip())]
+        raise UserError(f"this model is class-conditional (no text encoder): it takes a class (class_name), not "
+                        f"{', '.join(given)}; load an Infinity model for prompts")

@@ -16,7 +16,7 @@ tuples whose first item says what they are:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -44,6 +44,11 @@ class ModelInfo:
     controls: List[str] = ()  # the control types the model can be steered by (adapters, CAR files, ControlVAR's)
     control_family: str = ""  # "adapters" (ours), "car", "controlvar", or "" (no controls)
     control_preprocessors: Optional[Dict[str, List[str]]] = None  # control type -> its preprocessors, default first
+    # "var" (class-conditional) or "infinity" (text-to-image: prompts, aspect ratios; no classes). For
+    # Infinity, resolution and patch_nums describe its square size (the scales' widths).
+    family: str = "var"
+    aspect_ratios: List[str] = ()  # width:height choices of a text-to-image model
+    defaults: Optional[dict] = None  # the model's own sampling defaults (guidance_scale, tau, top_k, top_p)
 
     @property
     def num_scales(self) -> int:
@@ -63,6 +68,7 @@ class ScaleUpdate:
     preview_seconds: float  # time spent making the preview
     elapsed: float  # since the job started on the worker
     window: int = 0  # out-painting: which window (1-based); 0 otherwise
+    grid: Tuple[int, ...] = ()  # (h, w) of a non-square scale (Infinity); () = patch_num x patch_num
 
 
 @dataclass(frozen=True)

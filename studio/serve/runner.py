@@ -29,6 +29,7 @@ from studio import preprocess as pp
 from studio import preview
 from studio.domainnets import load_domain_nets
 from studio.params import UserError
+from studio.infinity import InfinityPipeline, is_infinity_folder, pack_bits, schedule_for, unpack_bits
 from studio.pipeline import VARPipeline
 from studio import editing
 from studio.pngmeta import (decode_array, decode_picture, encode_array, encode_picture, encode_png, read_png_extras,
@@ -66,17 +67,23 @@ def worker_main(config: dict, conn, cancel_cell, heartbeat=None) -> None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         pipes, previewers = {}, {}
         for name, source in config["models"]:
+            text_to_image = bool(source) and is_infinity_folder(source)  # the family, from the folder's files
             try:
-                pipes[name] = VARPipeline.from_pretrained(source, device=device)
+                if text_to_image:
+                    pipes[name] = InfinityPipeline.from_pretrained(source, device=device)
+                else:
+                    pipes[name] = VARPipeline.from_pretrained(source, device=device)
             except Exception as e:
                 conn.send(("fatal", f"could not load model {name!r} ({source or 'embedded default'}) on {device}: {e}"))
                 return
-            previewers[name] = Previewer(pipes[name], int(config["preview_size"]))
+            previewers[name] = (InfinityPreviewer if text_to_image else Previewer)(pipes[name],
+                                                                                   int(config["preview_size"]))
             if config["preview"] == "fast":
                 previewers[name].prepare()
-        infos = {name: dict(name=name, source=str(p.source), class_names=list(p.class_names),
-                            resolution=p.resolution, patch_nums=list(p.patch_nums),
-                            vocab_size=p.var.cfg.vocab_size, **control_info(p))
+        infos = {name: infinity_info(name, p) if isinstance(p, InfinityPipeline) else
+                 dict(name=name, source=str(p.source), class_names=list(p.class_names),
+                      resolution=p.resolution, patch_nums=list(p.patch_nums),
+                      vocab_size=p.var.cfg.vocab_size, **control_info(p))
                  for name, p in pipes.items()}
         conn.send(("ready", {"pid": os.getpid(), "device": device, "models": infos}))
     except Exception as e:  # a device problem
@@ -267,8 +274,12 @@ class Runner:
             raise UserError(f"unknown model {model!r}; loaded: {', '.join(self.pipes)}")
         p = P.parse(kind, params)
         cost = self.limits.check_arrived(kind, p)
-        handler = HANDLERS[kind]
-        job = RunningJob(self, seq, job_id, kind, model, p, handler.last_scale_is_result)
+        if isinstance(self.pipes[model], InfinityPipeline):  # text-to-image: its own jobs (end of this file)
+            handler = INFINITY_HANDLERS[kind]
+            job = InfinityJob(self, seq, job_id, kind, model, p, handler.last_scale_is_result)
+        else:
+            handler = HANDLERS[kind]
+            job = RunningJob(self, seq, job_id, kind, model, p, handler.last_scale_is_result)
         try:
             result = handler.run(job, job.p)
         finally:
@@ -504,6 +515,7 @@ class RunningJob:
         self.mode, self.defer_last = runner.config["preview"], False
         p.check_model(self.pipe.num_scales)
         if isinstance(p, P.Sampling):
+            P.check_conditioning(p, "var")  # a prompt sent to a class-conditional model is refused in words
             self.p = p = p.with_seed()
             self.mode = p.preview or runner.config["preview"]
             self.defer_last = last_scale_is_result and self.mode == "full"
@@ -918,3 +930,270 @@ def jpeg(image: Image.Image, quality: int = 85) -> bytes:
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Infinity (text-to-image): its jobs, previews and model description. The page and the API send the
+# same job kinds and parameters as for VAR, with a prompt instead of a class (studio.params.Sampling);
+# Runner.run hands a job for an InfinityPipeline to INFINITY_HANDLERS. Bits, not token ids: a
+# result's PNG keeps its bit pyramid packed 8 to a byte (studio.infinity.pack_bits, as the CLI does).
+
+
+def infinity_info(name: str, pipe: InfinityPipeline) -> dict:
+    """The web process's ModelInfo of an Infinity model: its square size and scales, no classes,
+    the official aspect ratios and sampling defaults (top-k has two choices per bit: 0 off, 1 greedy)."""
+    sched = pipe.schedule()
+    defaults = dict(pipe.default_sampling())
+    defaults["top_k"] = min(int(defaults["top_k"]), 2)  # >= 2 keeps both choices of a bit: the same as 900
+    return dict(name=name, source=str(pipe.source), class_names=[], resolution=sched.width,
+                patch_nums=[w for _, w in sched.scales], vocab_size=2, controls=[], family="infinity",
+                aspect_ratios=list(P.ASPECT_RATIOS), defaults=defaults)
+
+
+def aspect_label(height: int, width: int) -> str:
+    """The table's aspect ratio of a size, as width:height (P.ASPECT_RATIOS)."""
+    def ratio(label):
+        w, h = (float(v) for v in label.split(":"))
+        return h / w
+    return min(P.ASPECT_RATIOS, key=lambda a: abs(ratio(a) - height / width))
+
+
+class InfinityPreviewer:
+    """An Infinity job's running latent (summed codes, (B, d, 1, H, W)) -> a small RGB picture that
+    keeps the image's aspect ratio: a full VAE decode, or a fast linear bits-to-colour map fitted
+    (once, on first use) by least squares between random smooth colour pictures' latents at three
+    depths of their pyramid and their decodes pooled to the latent grid (at 256 px, any model)."""
+
+    def __init__(self, pipe: InfinityPipeline, size: int):
+        self.pipe, self.size = pipe, int(size)
+        self.fast_map = None  # (W (d + 1, 3)): colour = [codes, 1] @ W
+
+    def prepare(self):
+        if self.fast_map is None:
+            self.fast_map = self.fit_linear_on_patches()
+        return self.fast_map
+
+    @torch.no_grad()
+    def fit_linear_on_patches(self, num_images: int = 4, seed: int = 0) -> torch.Tensor:
+        from models.bsq_vae import bits_to_codes, upsample_codes
+
+        pipe = self.pipe
+        sched = schedule_for(1.0, "0.06M")
+        sizes = pipe.vae_scales(sched)
+        g = torch.Generator().manual_seed(seed)
+        base = torch.rand(num_images, 3, 4, 4, generator=g) * 2 - 1
+        imgs = F.interpolate(base, size=(sched.height, sched.width), mode="bicubic", align_corners=False).clamp(-1, 1)
+        bits = pipe.encode(imgs, sched)
+        S, full = len(bits), sizes[-1]
+        xs, ys = [], []
+        for k in sorted({max(1, S // 3), max(1, (2 * S) // 3), S}):
+            codes = sum(upsample_codes(bits_to_codes(b.to(pipe.device)), full) for b in bits[:k])  # (N, d, 1, H, W)
+            target = F.adaptive_avg_pool2d(pipe.vae.decode_latent(codes), full)  # (N, 3, H, W)
+            xs.append(codes[:, :, 0].permute(0, 2, 3, 1).reshape(-1, codes.shape[1]))
+            ys.append(target.permute(0, 2, 3, 1).reshape(-1, 3))
+        X = torch.cat(xs).double().cpu()
+        X = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype)], 1)
+        Y = torch.cat(ys).double().cpu()
+        ridge = 1e-3 * torch.eye(X.shape[1], dtype=X.dtype) * X.pow(2).mean()
+        return torch.linalg.solve(X.T @ X + ridge, X.T @ Y).float()
+
+    def _side(self, H: int, W: int) -> tuple:
+        s = min(1.0, self.size / max(H, W))
+        return max(1, round(H * s)), max(1, round(W * s))
+
+    @torch.no_grad()
+    def __call__(self, summed_codes: torch.Tensor, mode: str) -> Image.Image:
+        codes = summed_codes[:, :, 0] if summed_codes.ndim == 5 else summed_codes  # (B, d, h, w)
+        if mode == "fast":
+            W = self.prepare().to(codes.device)
+            rgb = torch.einsum("bdhw,dc->bchw", codes.float(), W[:-1]) + W[-1].view(1, 3, 1, 1)
+            f = self.pipe.vae.cfg.patch_size
+            out = self._side(codes.shape[-2] * f, codes.shape[-1] * f)
+            rgb = F.interpolate(rgb, size=out, mode="bilinear", align_corners=False)
+        else:
+            rgb = self.pipe.vae.decode_latent(codes).float()
+            rgb = F.interpolate(rgb, size=self._side(*rgb.shape[-2:]), mode="area")
+        arr = rgb.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return tile(list(arr))
+
+    def from_images(self, images: Sequence[Image.Image]) -> Image.Image:
+        h, w = self._side(images[0].height, images[0].width)
+        return tile([np.asarray(im.convert("RGB").resize((w, h), Image.Resampling.BOX)) for im in images])
+
+
+class InfinityJob(RunningJob):
+    """A job on an Infinity model: the prompt instead of a class, one generator for the batch (the
+    official RNG protocol: image i of a batch is not the image of seed + i alone, so every image of a
+    batch records the batch's seed), the bit pyramid in each PNG."""
+
+    def __init__(self, runner: Runner, seq: int, job_id: str, kind: str, model: str, p: P.JobParams,
+                 last_scale_is_result: bool):
+        self.runner, self.seq, self.id, self.kind, self.model = runner, seq, job_id, kind, model
+        self.pipe: InfinityPipeline = runner.pipes[model]
+        self.previewer = runner.previewers[model]
+        self.t0 = time.perf_counter()
+        self.window, self.deferred = 0, []
+        self.p, self.label, self.record, self.sampling = p, None, {}, {}
+        self.mode, self.defer_last = runner.config["preview"], False
+        self.num_scales = len(self.pipe.schedule().scales)  # the same for every aspect ratio of its size
+        p.check_model(self.num_scales)
+        if not isinstance(p, P.Sampling):
+            return
+        P.check_conditioning(p, "infinity")
+        self.p = p = p.with_seed()
+        self.mode = p.preview or runner.config["preview"]
+        self.defer_last = last_scale_is_result and self.mode == "full"
+        count = 1 if kind == "outpaint" else p.num_images
+        tau = p.tau if p.tau is not None else self.pipe.default_sampling()["tau"]
+        self.sampling = dict(guidance_scale=p.guidance_scale, tau=tau, top_k=p.top_k, top_p=p.top_p,
+                             num_images_per_prompt=count,
+                             generator=torch.Generator(self.pipe.device).manual_seed(p.seed))
+        self.record = {"task": kind, "model": model, "model_source": public_source(self.pipe.source),
+                       "family": "infinity", "seed": p.seed, "num_images": count, "prompt": p.prompt,
+                       "negative_prompt": p.negative_prompt, "guidance_scale": p.guidance_scale, "tau": tau,
+                       "top_k": p.top_k, "top_p": p.top_p}
+
+    def text(self, prompt: Optional[str] = None, negative: Optional[str] = None) -> dict:
+        """The pipeline's prompt arguments; a job that makes a picture needs a prompt."""
+        prompt = self.p.prompt if prompt is None else prompt
+        negative = self.p.negative_prompt if negative is None else negative
+        if not prompt.strip():
+            raise UserError("write a prompt (prompt): this model (Infinity) makes pictures from text")
+        return dict(prompt=prompt, negative_prompt=negative or None)
+
+    def on_scale(self, ev, delay: bool = True) -> None:
+        t = time.perf_counter()
+        if self.defer_last and ev.scale_index == ev.num_scales - 1:
+            self.deferred.append(ev)
+        else:
+            self._send_scale(ev, self.previewer(ev.summed_codes, self.mode) if self.mode != "none" else None, t)
+        delay = float(self.runner.config.get("scale_delay") or 0.0)
+        if delay:
+            time.sleep(delay)
+        if self.runner.cancelled(self.seq):
+            raise Cancelled(f"stopped at scale {ev.scale_index + 1}/{ev.num_scales}")
+
+    def _send_scale(self, ev, picture: Optional[Image.Image], t: float) -> None:
+        data = jpeg(picture) if picture is not None else b""
+        now = time.perf_counter()
+        h, w = ev.size
+        self.runner.conn.send(("scale", ScaleUpdate(self.id, ev.scale_index, ev.num_scales, w, data, ev.seconds,
+                                                    now - t, now - self.t0, self.window, grid=(h, w))))
+
+    def finish(self, out, record: Optional[dict] = None, keep_tokens: bool = True,
+               extras: Optional[dict] = None) -> JobResult:
+        """The deferred last preview, then every image saved with its parameters and its packed bits."""
+        if self.runner.cancelled(self.seq):
+            raise Cancelled("stopped")
+        for ev in self.deferred:
+            self._send_scale(ev, self.previewer.from_images(out.images), time.perf_counter())
+        seconds = time.perf_counter() - self.t0
+        sched = self.pipe.schedule(out.height, out.width)
+        record = dict(self.record, **(record or {}), height=out.height, width=out.width, pn=sched.pn,
+                      aspect_ratio=aspect_label(out.height, out.width),
+                      bit_scales=[list(b.shape[1:3]) for b in out.tokens], bits_per_position=self.pipe.bits_per_position)
+        folder = self.runner.outputs / time.strftime("%Y-%m-%d")
+        stamp = time.strftime("%H%M%S")
+        save_error, images, paths, all_params, all_bits = None, [], [], [], []
+        for i, picture in enumerate(out.images):
+            params = dict(record, index_in_batch=i, seconds=round(seconds, 3))
+            if out.prompts and i < len(out.prompts):
+                params["prompt"] = out.prompts[i]
+            packed = pack_bits([b[i] for b in out.tokens])
+            data = encode_png(picture, params, packed, extras)
+            path = ""
+            if save_error is None:
+                try:
+                    path = str(saving.save_png(folder, f"{stamp}_{self.kind}_s{params['seed']}_{self.id[:6]}_{i}", data))
+                except saving.SaveError as e:
+                    save_error = str(e)
+                    log.error("job %s: %s (%s)", self.id, e, e.__cause__)
+            images.append(data)
+            paths.append(path)
+            all_params.append(params)
+            all_bits.append(packed)
+        timings = dict(out.timings, total_job=seconds, batch_images=len(out.images))
+        return JobResult(self.id, images, paths, all_params, all_bits if keep_tokens else None, timings, save_error)
+
+
+def _infinity_generate(job: InfinityJob, p: P.GenerateParams) -> JobResult:
+    out = job.pipe(aspect_ratio=p.aspect_ratio or None, callback_on_scale_end=job.on_scale, **job.text(),
+                   **job.sampling)
+    return job.finish(out)
+
+
+def _infinity_inpaint(job: InfinityJob, p: P.InpaintParams) -> JobResult:
+    """Regenerate the painted part with the prompt: the picture at the official size nearest its aspect
+    ratio, every scale's bits outside the mask forced to the picture's (studio.infinity.inpaint)."""
+    text = job.text()
+    image, mask = open_image(p.image, "image"), open_image(p.mask, "mask")
+    if mask.size != image.size:
+        raise UserError(f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; "
+                        "they must be the same size")
+    if not (mask_levels(mask) > 0.5).any():
+        raise UserError("the mask is empty: paint (white) the part of the image to regenerate")
+    from studio import images as im
+
+    regen = im.grow_mask(im.mask_to_array(mask, image.size), int(p.mask_grow))
+    out = job.pipe.inpaint(image.convert("RGB"), regen, mask_blur=p.mask_blur, callback_on_scale_end=job.on_scale,
+                           **text, **job.sampling)
+    return job.finish(out, dict(mask_blur=p.mask_blur, mask_grow=p.mask_grow, image_size=list(image.size)))
+
+
+def _infinity_outpaint(job: InfinityJob, p: P.OutpaintParams) -> JobResult:
+    """Extend the picture: one canvas, in-painted where it is new, at the official size nearest its shape."""
+    text = job.text()
+    image = open_image(p.image, "image")
+    width, height = image.width + p.left + p.right, image.height + p.top + p.bottom
+    if width * height > P.MAX_PIXELS:
+        raise UserError(f"the out-painted image would be {width}x{height}; at most {P.MAX_PIXELS // 10**6} megapixels")
+    out = job.pipe.outpaint(image.convert("RGB"), mask_blur=p.mask_blur, callback_on_scale_end=job.on_scale,
+                            **p.sides, **text, **job.sampling)
+    return job.finish(out, dict(p.sides, mask_blur=p.mask_blur, image_size=list(image.size)))
+
+
+def _infinity_guide(job: InfinityJob, p: P.GuideParams) -> JobResult:
+    image = open_image(p.image, "guide image")
+    keep = p.kept_scales(job.num_scales)
+    out = job.pipe.variations(image.convert("RGB"), keep_scales=keep, callback_on_scale_end=job.on_scale,
+                              **job.text(), **job.sampling)
+    return job.finish(out, dict(keep_scales=keep))
+
+
+def _infinity_reroll(job: InfinityJob, p: P.RerollParams) -> JobResult:
+    """Keep the first k scales of a studio PNG's bits and resample the rest, with the PNG's prompt
+    (and negative prompt and temperature) unless the job gives its own."""
+    src, packed = studio_png(p.source_png)
+    if src.get("family") != "infinity" or packed is None or "bit_scales" not in src:
+        raise UserError("this image holds no Infinity bit pyramid: only pictures a text-to-image model of the studio "
+                        "made can be re-rolled with this model")
+    try:
+        bits = unpack_bits(packed, src["bit_scales"], int(src["bits_per_position"]))
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f"the bit pyramid stored with this image cannot be read ({e})") from e
+    if int(src["bits_per_position"]) != job.pipe.bits_per_position:
+        raise UserError(f"this image was made by a model with {src['bits_per_position']} bits per position "
+                        f"({src.get('model', '?')}); select that model to re-roll it")
+    keep = p.kept_scales(len(bits))
+    text = job.text(p.prompt or str(src.get("prompt") or ""), p.negative_prompt or str(src.get("negative_prompt") or ""))
+    if p.tau is None and isinstance(src.get("tau"), (int, float)):
+        job.sampling["tau"] = job.record["tau"] = float(src["tau"])
+    job.record.update(prompt=text["prompt"], negative_prompt=text["negative_prompt"] or "")
+    out = job.pipe.reroll(bits, from_scale=keep, callback_on_scale_end=job.on_scale, **text, **job.sampling)
+    return job.finish(out, dict(keep_scales=keep, rerolled_from_seed=src.get("seed")))
+
+
+def _no_control(job: InfinityJob, p) -> JobResult:
+    raise UserError(f"the model {job.model!r} is text-to-image (Infinity) and has no control adapters; steer it "
+                    "with a prompt, or in-paint")
+
+
+INFINITY_HANDLERS: Dict[str, Handler] = {
+    "generate": Handler(_infinity_generate, last_scale_is_result=True),
+    "inpaint": Handler(_infinity_inpaint),
+    "outpaint": Handler(_infinity_outpaint),
+    "guide": Handler(_infinity_guide, last_scale_is_result=True),
+    "reroll": Handler(_infinity_reroll, last_scale_is_result=True),
+    "control": Handler(_no_control),
+    "preprocess": Handler(_no_control),
+}

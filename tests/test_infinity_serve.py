@@ -1,0 +1,129 @@
+"""Infinity in the studio's serving path: the worker loads an Infinity folder (the family is read from
+its files), tells the web process the model kind, streams every scale of a prompt's image, stores the
+prompt, its settings and the bit pyramid in the PNG, re-rolls and in-paints with a prompt, and refuses
+a class sent to Infinity or a prompt sent to a class-conditional model in words.
+
+`infinity_folder` (shared with test_browser_infinity.py): the tiny random Infinity of test_infinity
+(7 scales, 256 px) in the released layout, with a tiny random T5 (tokenizer built offline) inside."""
+import io
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from studio import params as P
+from studio.params import UserError
+from studio.pngmeta import read_png_info
+from studio.serve.pool import ModelSpec, WorkerPool
+from test_infinity import FIXTURE, _tiny_t5, write_tiny_folder
+
+SQUARE_SCALES = [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16)]  # 1:1 at 0.06M
+
+
+def make_infinity_folder(folder):
+    write_tiny_folder(torch.load(FIXTURE, weights_only=False), folder, "p16")
+    _tiny_t5(folder / "flan-t5-tiny")  # a T5 folder inside the weights folder is the model's text encoder
+    return folder
+
+
+@pytest.fixture(scope="session")
+def infinity_folder(tmp_path_factory):
+    return make_infinity_folder(tmp_path_factory.mktemp("infinity_model"))
+
+
+@pytest.fixture(scope="module")
+def pool(infinity_folder, tmp_path_factory):
+    p = WorkerPool([ModelSpec("infinity", str(infinity_folder))], devices=["cpu"],
+                   outputs=tmp_path_factory.mktemp("outputs"), preview="full", torch_threads=1)
+    with p:
+        yield p
+
+
+def _done(job):
+    for _ in job.updates():
+        pass
+    view = job.view()
+    assert view.status == "done", view.error
+    return view
+
+
+def test_the_worker_reports_a_text_to_image_model(pool):
+    info = pool.models["infinity"]
+    assert info.family == "infinity" and info.class_names == []
+    assert info.resolution == 256 and info.num_scales == 7
+    assert "16:9" not in info.aspect_ratios and "2:1" in info.aspect_ratios  # the official table's ratios
+    assert info.defaults["guidance_scale"] == 3.0 and info.defaults["tau"] == 0.5
+
+
+def test_a_prompt_streams_every_scale_and_the_png_holds_it(pool):
+    job = pool.submit("generate", {"prompt": "a red fox in the snow", "negative_prompt": "blue sky",
+                                   "aspect_ratio": "2:1", "seed": 5, "guidance_scale": 3.0, "top_p": 0.97})
+    view = _done(job)
+    grids = [u.grid for u in view.scales]
+    assert grids == [(1, 1), (2, 2), (2, 4), (3, 6), (5, 10), (8, 16), (11, 22)]  # 2:1 at 0.06M, width last
+    assert all(u.preview for u in view.scales)
+    assert Image.open(io.BytesIO(view.scales[3].preview)).size == (352 // 2 * 2, 176)  # full size: 352x176
+    params, packed = read_png_info(view.result.images[0])
+    assert params["prompt"] == "a red fox in the snow" and params["negative_prompt"] == "blue sky"
+    assert params["family"] == "infinity" and params["aspect_ratio"] == "2:1"
+    assert (params["height"], params["width"], params["seed"], params["tau"]) == (176, 352, 5, 0.5)
+    assert Image.open(io.BytesIO(view.result.images[0])).size == (352, 176)
+    # the packed pyramid is the pipeline's: the same seed and prompt through InfinityPipeline directly
+    from studio.infinity import InfinityPipeline, unpack_bits
+    bits = unpack_bits(packed, params["bit_scales"], params["bits_per_position"])
+    pipe = InfinityPipeline.from_pretrained(pool.model_specs[0].source)
+    ref = pipe(prompt="a red fox in the snow", negative_prompt="blue sky", aspect_ratio="2:1", guidance_scale=3.0,
+               top_p=0.97, top_k=900, generator=torch.Generator().manual_seed(5), output_type="pt")
+    assert all(torch.equal(a, b) for a, b in zip(bits, ref.tokens))
+
+    # re-roll from scale 3: the stored prompt, the coarse bits kept
+    again = _done(pool.submit("reroll", {"source_png": view.result.images[0], "keep_scales": 3, "seed": 9}))
+    p2, packed2 = read_png_info(again.result.images[0])
+    assert p2["prompt"] == "a red fox in the snow" and p2["keep_scales"] == 3 and p2["rerolled_from_seed"] == 5
+    bits2 = unpack_bits(packed2, p2["bit_scales"], p2["bits_per_position"])
+    assert all(torch.equal(a, b) for a, b in zip(bits2[:3], bits[:3]))
+    assert not torch.equal(bits2[-1], bits[-1])
+
+
+def test_inpainting_with_a_prompt_keeps_the_outside(pool):
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray((rng.random((4, 4, 3)) * 255).astype(np.uint8)).resize((256, 256), Image.BICUBIC)
+    mask = np.zeros((256, 256), np.uint8)
+    mask[96:160, 96:160] = 255
+    buf, mbuf = io.BytesIO(), io.BytesIO()
+    picture.save(buf, format="PNG")
+    Image.fromarray(mask).save(mbuf, format="PNG")
+    view = _done(pool.submit("inpaint", {"image": buf.getvalue(), "mask": mbuf.getvalue(), "mask_blur": 0,
+                                         "prompt": "green hills", "seed": 1}))
+    out = np.asarray(Image.open(io.BytesIO(view.result.images[0])).convert("RGB")).astype(int)
+    src = np.asarray(picture).astype(int)
+    inside = mask > 0
+    assert (out[~inside] == src[~inside]).all()  # outside the mask: the picture's pixels
+    assert np.abs(out[inside] - src[inside]).mean() > 5  # inside: regenerated
+    params, _ = read_png_info(view.result.images[0])
+    assert params["task"] == "inpaint" and params["prompt"] == "green hills"
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"class_name": "volcano", "prompt": "a fox"}, "text-to-image .* no classes"),
+    ({"prompt": ""}, "write a prompt"),
+    ({"prompt": "a fox", "aspect_ratio": "wide"}, "width:height"),
+])
+def test_bad_text_requests_fail_in_words_and_the_worker_serves_on(pool, values, words):
+    job = pool.submit("generate", dict(values, preview="none"))
+    for _ in job.updates():
+        pass
+    view = job.view()
+    assert view.status == "failed" and re.search(words, view.error), view.error
+    _done(pool.submit("generate", {"prompt": "a dog", "seed": 1, "preview": "none"}))  # the worker serves on
+
+
+def test_a_prompt_to_a_class_conditional_model_is_refused():
+    p = P.parse("generate", {"prompt": "a red fox"})
+    with pytest.raises(UserError, match="class-conditional .* not prompt"):
+        P.check_conditioning(p, "var")
+    P.check_conditioning(P.parse("generate", {"class_name": "volcano"}), "var")  # a class is fine
+    with pytest.raises(UserError, match="no classes"):
+        P.check_conditioning(P.parse("generate", {"class_name": "volcano"}), "infinity")
