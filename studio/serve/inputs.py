@@ -29,6 +29,8 @@ def class_label(name, info: ModelInfo) -> str:
     """The dropdown's value -> a class name for the worker ('' = no class); ids are accepted too."""
     if name is None or str(name).strip() in ("", RANDOM_CLASS, NO_CLASS):
         return ""
+    if getattr(info, "family", "var") == "infinity":  # text-to-image: the worker's words for a class sent to it
+        return str(name).strip()
     return info.class_names[P.find_class(str(name), info.class_names)]
 
 

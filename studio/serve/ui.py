@@ -50,6 +50,7 @@ from studio.serve.inputs import (NO_CLASS, RANDOM_CLASS, blank_layout, class_lab
                                  upload_pixels, upload_size)
 from studio.serve import controls as control_ui  # noqa: E402
 from studio.serve import security  # noqa: E402
+from studio.serve import ui_infinity as text2img  # noqa: E402  (the prompt widgets of text-to-image models)
 from studio.serve.outputs import folder_problem  # noqa: E402
 from studio.serve.limits import Limits  # noqa: E402
 from studio.serve.pool import Job, WorkerPool  # noqa: E402
@@ -234,16 +235,19 @@ class Studio:
     # -- the run endpoints --------------------------------------------------------------------------
     @_errors_in_status
     def generate(self, model, class_name, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview,
-                 history, request: gr.Request):
+                 history, prompt, negative_prompt, aspect_ratio, tau=None, request: gr.Request = None):
         info = self.info(model)
         values = dict(class_name=class_label(class_name, info),
-                      **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview))
+                      **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview),
+                      **text2img.text_values(info, prompt, negative_prompt, aspect_ratio, tau))
         yield from self._run("generate", model, values, history, request)
 
     @_errors_in_status
     def inpaint(self, model, image, mask, invert_mask, mask_blur, mask_grow, inpaint_area, padding, class_name, seed,
-                guidance_scale, top_k, top_p, more_smooth, num_images, preview, history, request: gr.Request):
+                guidance_scale, top_k, top_p, more_smooth, num_images, preview, history, prompt, negative_prompt, tau=None,
+                request: gr.Request = None):
         info = self.info(model)
+        text = text2img.text_values(info, prompt, negative_prompt, tau=tau)
         with self.limits.heavy(upload_pixels(image, mask)):  # decoded here: one of few big jobs at once
             sizes = {"image": upload_size(image)}
             self._checked("inpaint", sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images,
@@ -252,31 +256,33 @@ class Studio:
             painted = editor_mask(image, mask, picture.size, bool(invert_mask))
             values = dict(image=png_bytes(picture), mask=png_bytes(painted), mask_blur=mask_blur,
                           mask_grow=mask_grow, inpaint_area=inpaint_area, padding=padding,
-                          class_name=class_label(class_name, info),
+                          class_name=class_label(class_name, info), **text,
                           **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview))
             del picture, painted
             yield from self._run("inpaint", model, values, history, request, sizes)
 
     @_errors_in_status
     def outpaint(self, model, image, left, right, top, bottom, mask_blur, class_name, seed, guidance_scale, top_k,
-                 top_p, more_smooth, preview, history, request: gr.Request):
+                 top_p, more_smooth, preview, history, prompt, negative_prompt, tau=None, request: gr.Request = None):
         info = self.info(model)
+        text = text2img.text_values(info, prompt, negative_prompt, tau=tau)
         with self.limits.heavy(upload_pixels(image)):
             sides = dict(mask_blur=mask_blur, left=left, right=right, top=top, bottom=bottom)
             sizes = {"image": upload_size(image)}
             self._checked("outpaint", dict(sides, **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth,
                                                               1, preview)), info, sizes)  # windows, before decoding
             values = dict(image=png_bytes(editor_background(image)), class_name=class_label(class_name, info),
-                          **sides, **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, 1, preview))
+                          **sides, **text, **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, 1, preview))
             yield from self._run("outpaint", model, values, history, request, sizes)
 
     @_errors_in_status
     def guide(self, model, guide_image, keep_scales, class_name, seed, guidance_scale, top_k, top_p, more_smooth,
-              num_images, preview, history, request: gr.Request):
+              num_images, preview, history, prompt, negative_prompt, tau=None, request: gr.Request = None):
         info = self.info(model)
+        text = text2img.text_values(info, prompt, negative_prompt, tau=tau)
         with self.limits.heavy(upload_pixels(guide_image)):
             values = dict(image=png_bytes(editor_composite(guide_image)), keep_scales=keep_scales,
-                          class_name=class_label(class_name, info),
+                          class_name=class_label(class_name, info), **text,
                           **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview))
             yield from self._run("guide", model, values, history, request)
 
@@ -312,12 +318,14 @@ class Studio:
 
     @_errors_in_status
     def reroll(self, model, image, keep_scales, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview,
-               history, request: gr.Request):
+               history, prompt, negative_prompt, tau=None, request: gr.Request = None):
+        """Text-to-image pictures re-roll with the prompt stored in them unless a prompt is given."""
         info = self.info(model)
         if not image:
             raise gr.Error("Select a result first (click one in Result or History), or drop a studio PNG there.")
         values = dict(source_png=Path(image).read_bytes(), keep_scales=keep_scales,  # checked: an image, in bounds
-                      **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview))
+                      **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview),
+                      **text2img.text_values(info, prompt, negative_prompt, tau=tau))
         yield from self._run("reroll", model, values, history, request)
 
     def stop(self, request: gr.Request) -> str:
@@ -338,6 +346,7 @@ class Studio:
         try:
             p = P.parse(kind, values)
             p.check_model(info.num_scales)
+            P.check_conditioning(p, info.family)  # a prompt for a class-conditional model, a class for Infinity
             self.limits.check_job(kind, p, {k: v for k, v in (sizes or {}).items() if v})
         except UserError as e:
             raise gr.Error(str(e)) from e
@@ -401,7 +410,7 @@ class Studio:
             return {w.status: "⏳ Running…"}
         u = view.latest
         where = f"window {u.window} · " if u.window else ""
-        text = (f"{where}Scale **{u.scale_index + 1}/{u.num_scales}** · {u.patch_num}×{u.patch_num} tokens · "
+        text = (f"{where}Scale **{u.scale_index + 1}/{u.num_scales}** · {text2img.scale_text(u)} tokens · "
                 f"{u.seconds * 1000:.0f} ms (preview {u.preview_seconds * 1000:.0f} ms) · {view.elapsed:.1f} s")
         out = {w.status: text}
         if u.preview:
@@ -424,7 +433,7 @@ class Studio:
         return str(path)
 
     def _strip(self, view: JobView, folder: Path) -> list:
-        return [(self._preview_file(u, folder), f"{u.scale_index + 1} · {u.patch_num}×{u.patch_num}")
+        return [(self._preview_file(u, folder), f"{u.scale_index + 1} · {text2img.scale_text(u)}")
                 for u in view.scales if u.preview]  # previews off: no pictures, status only
 
     def _finish(self, view: JobView, folder: Path, history: List[str]):
@@ -442,16 +451,16 @@ class Studio:
         p0 = res.params[0]
         # an image that could not be saved is still shown (and can be downloaded) from the temp folder
         paths = [p or self._unsaved_file(res.job_id, i, data) for i, (p, data) in enumerate(zip(res.paths, res.images))]
-        captions = [f"seed {p['seed']} · {p.get('class_name', '')}" for p in res.params]
+        captions = [f"seed {p['seed']} · {text2img.caption(p)}" for p in res.params]
         history = (list(paths) + [h for h in history if h not in paths])[:HISTORY_SIZE]
-        seeds = (f"seed {p0['seed']}" if len(res.params) == 1 else
-                 f"seeds {p0['seed']}–{res.params[-1]['seed']}")  # image i has seed + i
+        seeds = (f"seed {p0['seed']}" if len({p['seed'] for p in res.params}) == 1 else
+                 f"seeds {p0['seed']}–{res.params[-1]['seed']}")  # image i has seed + i (Infinity: one seed)
         if res.save_error:
             saved = sum(1 for p in res.paths if p)
             text = (f"⚠️ Done in {view.elapsed:.1f} s, but {len(paths) - saved} of {len(paths)} image(s) could not be "
                     f"saved ({res.save_error}): they are shown here only, download them now.")
         else:
-            text = (f"✓ Done in {view.elapsed:.1f} s · {seeds} · {p0.get('class_name', '')} · saved "
+            text = (f"✓ Done in {view.elapsed:.1f} s · {seeds} · {text2img.caption(p0)} · saved "
                     f"`{_short(paths[0])}`" + (f" (+{len(paths) - 1} more)" if len(paths) > 1 else ""))
         yield {**out, w.preview: paths[0], w.status: text, w.results: list(zip(paths, captions)),
                w.selected: paths[0], w.history: history, w.history_state: history}
@@ -467,7 +476,7 @@ class Studio:
     def model_changed(self, model) -> dict:
         info, w = self.info(model), self.w
         S = info.num_scales
-        return {w.gen_class: gr.update(choices=[RANDOM_CLASS] + info.class_names, value=RANDOM_CLASS),
+        out = {w.gen_class: gr.update(choices=[RANDOM_CLASS] + info.class_names, value=RANDOM_CLASS),
                 w.edit_class: gr.update(choices=[NO_CLASS] + info.class_names, value=NO_CLASS),
                 w.guide_class: gr.update(choices=[NO_CLASS] + info.class_names, value=NO_CLASS),
                 w.control_class: gr.update(choices=[RANDOM_CLASS] + info.class_names, value=RANDOM_CLASS),
@@ -475,6 +484,9 @@ class Studio:
                 w.keep_scales: gr.update(maximum=S, value=P.GuideParams().kept_scales(S)),
                 w.reroll_keep: gr.update(maximum=S, value=P.RerollParams().kept_scales(S)),
                 w.top_k: gr.update(maximum=info.vocab_size, value=min(P.Sampling.top_k, info.vocab_size))}
+        for widget, update in text2img.family_updates(w, info).items():  # prompts or classes, as the model takes
+            out[widget] = {**out[widget], **update} if widget in out else update
+        return out
 
     @staticmethod
     def parameters_of(path):
@@ -512,7 +524,12 @@ class Studio:
         out = {w.gen_class: cls, w.seed: first, w.num_images: count,
                w.guidance: params.get("guidance_scale", S.guidance_scale), w.top_k: params.get("top_k", S.top_k),
                w.top_p: params.get("top_p", S.top_p), w.more_smooth: bool(params.get("more_smooth", S.more_smooth))}
-        if count > 1:
+        out.update(text2img.reuse_updates(w, params))
+        if params.get("family") == "infinity":  # one generator for the whole batch: its seed makes it again
+            out[w.status] = (f"♻️ Settings reused: seed {params['seed']}"
+                             + (f", a batch of {count} (this image is number {index + 1})" if count > 1 else "")
+                             + f", prompt “{text2img.caption(params)}”.")
+        elif count > 1:
             out[w.status] = (f"♻️ Settings of a batch of {count} (seeds {first}–{first + count - 1}); this image is "
                              f"number {index + 1}, seed {params['seed']}: set Seed {params['seed']} and 1 image "
                              "to make it alone.")
@@ -568,6 +585,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
                 _sampling_settings(w, info, studio.pool.preview)
             with gr.Column(scale=7, min_width=340, elem_id="outputs"):  # the outputs
                 _outputs(w, info)
+        text2img.apply_family(w, info)  # a text-to-image model: prompts in place of the classes
         _wire_runs(w, studio)
         _wire_helpers(w, studio, info, demo)
         readable_inputs({c for fn in demo.fns.values() for c in fn.inputs})
@@ -578,6 +596,7 @@ def _generate_tab(w, info: ModelInfo) -> None:
     with gr.Tab("Generate", id="generate"):
         w.gen_class = gr.Dropdown([RANDOM_CLASS] + info.class_names, value=RANDOM_CLASS, label="Class",
                                   allow_custom_value=True, elem_id="gen-class")
+        text2img.generate_widgets(w, info)
         w.generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
 
 
@@ -591,6 +610,7 @@ def _edit_tab(w, info: ModelInfo) -> None:
             eraser=gr.Eraser(default_size=16), elem_id="editor")
         w.edit_class = gr.Dropdown([NO_CLASS] + info.class_names, value=NO_CLASS, allow_custom_value=True,
                                    label="Class", info="(none): repaint from the surroundings alone")
+        text2img.edit_widgets(w, info)
         with gr.Accordion("In-paint (regenerate the painted area)", open=True):
             # "only the masked area" crops around the mask at the model's resolution: on a picture no larger
             # than the model it is the whole picture, so the choice is shown only for larger pictures
@@ -635,6 +655,7 @@ def _guide_tab(w, info: ModelInfo) -> None:
                                info="more scales: closer to the guide")
         w.guide_class = gr.Dropdown([NO_CLASS] + info.class_names, value=NO_CLASS, label="Class",
                                     allow_custom_value=True)
+        text2img.guide_widgets(w, info)
         w.guide_btn = gr.Button("Paint from guide", variant="primary", elem_id="guide-btn")
 
 
@@ -708,6 +729,7 @@ def _sampling_settings(w, info: ModelInfo, preview: str) -> None:
             w.more_smooth = gr.Checkbox(S.more_smooth, label="More smooth", info="soft codes: smoother images")
             w.preview_mode = gr.Radio([("Full decode", "full"), ("Fast (latent→RGB)", "fast"), ("Off", "none")],
                                       value=preview, label="Live preview")
+        text2img.sampling_widgets(w, info)
 
 
 def _outputs(w, info: ModelInfo) -> None:
@@ -734,6 +756,7 @@ def _outputs(w, info: ModelInfo) -> None:
                                    value=P.RerollParams().kept_scales(S),
                                    info="resample the finer scales with a new seed; click a scale above to pick k")
             w.reroll_seed = gr.Number(P.Sampling.seed, precision=0, visible=False)
+            text2img.reroll_widgets(w)
             w.reroll_btn = gr.Button("Re-roll", variant="primary", elem_id="reroll-btn")
             with gr.Row():
                 w.send_edit = gr.Button("Send to Edit", size="sm", elem_id="send-edit")
@@ -759,15 +782,19 @@ def _wire_runs(w, studio: Studio) -> None:
     # A second click during a run is queued (and says so), not dropped.
     run = dict(outputs=run_outputs, show_progress="hidden", concurrency_id="jobs", concurrency_limit=None,
                trigger_mode="multiple")
-    w.generate_btn.click(studio.generate, [w.model, w.gen_class, *sample, w.num_images, *after],
+    text = [w.negative_prompt, w.tau]  # text-to-image models (studio.serve.ui_infinity); the prompt is the tab's
+    w.generate_btn.click(studio.generate, [w.model, w.gen_class, *sample, w.num_images, *after, w.gen_prompt,
+                                           w.negative_prompt, w.aspect_ratio, w.tau],
                          api_name="generate", **run)
     w.inpaint_btn.click(studio.inpaint, [w.model, w.editor, w.mask_upload, w.invert_mask, w.mask_blur, w.mask_grow,
-                                         w.inpaint_area, w.padding, w.edit_class, *sample, w.num_images, *after],
+                                         w.inpaint_area, w.padding, w.edit_class, *sample, w.num_images, *after,
+                                         w.edit_prompt, *text],
                         api_name="inpaint", **run)
     w.outpaint_btn.click(studio.outpaint, [w.model, w.editor, w.out_left, w.out_right, w.out_top, w.out_bottom,
-                                           w.out_blur, w.edit_class, *sample, *after], api_name="outpaint", **run)
+                                           w.out_blur, w.edit_class, *sample, *after, w.edit_prompt, *text],
+                         api_name="outpaint", **run)
     w.guide_btn.click(studio.guide, [w.model, w.guide_editor, w.keep_scales, w.guide_class, *sample, w.num_images,
-                                     *after], api_name="guide", **run)
+                                     *after, w.guide_prompt, *text], api_name="guide", **run)
     control_map_inputs = [w.control_editor, w.control_type, w.preprocessor, w.canny_low, w.canny_high]
     w.control_btn.click(studio.control, [w.model, *control_map_inputs, w.control_strength, w.control_start,
                                          w.control_end, w.control_class, *sample, w.num_images, *after,
@@ -775,7 +802,8 @@ def _wire_runs(w, studio: Studio) -> None:
     w.map_btn.click(studio.preprocess, [w.model, *control_map_inputs], w.control_map, api_name="preprocess",
                     concurrency_id="maps", concurrency_limit=4)
     w.reroll_btn.click(studio.reroll, [w.model, w.selected, w.reroll_keep, w.reroll_seed, w.guidance, w.top_k,
-                                       w.top_p, w.more_smooth, w.num_images, *after], api_name="reroll", **run)
+                                       w.top_p, w.more_smooth, w.num_images, *after, w.reroll_prompt,
+                                       w.reroll_negative, w.reroll_tau], api_name="reroll", **run)
     w.stop_btn.click(studio.stop, None, w.status, api_name="stop", queue=False, show_progress="hidden")
 
 
@@ -784,7 +812,8 @@ def _wire_helpers(w, studio: Studio, info: ModelInfo, demo: gr.Blocks) -> None:
     private = dict(api_visibility="private", queue=False)
     w.dice.click(lambda: random.randrange(2 ** 31), None, w.seed, **private)
     w.model.change(studio.model_changed, w.model, [w.gen_class, w.edit_class, w.guide_class, w.control_class,
-                                                   w.control_note, w.keep_scales, w.reroll_keep, w.top_k],
+                                                   w.control_note, w.keep_scales, w.reroll_keep, w.top_k,
+                                                   *text2img.family_outputs(w)],
                    api_visibility="private")
     type_changed = lambda model, ctype, pre=None: control_ui.type_changed(studio.info(model), ctype, pre)  # noqa: E731
     w.control_type.input(type_changed, [w.model, w.control_type], [w.preprocessor, w.canny_row], **private)
@@ -802,7 +831,8 @@ def _wire_helpers(w, studio: Studio, info: ModelInfo, demo: gr.Blocks) -> None:
     w.reuse.click(studio.reuse_settings, w.selected,
                   [w.gen_class, w.seed, w.num_images, w.guidance, w.top_k, w.top_p, w.more_smooth, w.status,
                    w.control_class, w.control_type, w.canny_low, w.canny_high, w.control_strength, w.control_start,
-                   w.control_end, w.preprocessor, w.canny_row, w.type_guidance, w.map_guidance], **private)
+                   w.control_end, w.preprocessor, w.canny_row, w.type_guidance, w.map_guidance,
+                   *text2img.reuse_outputs(w)], **private)
     area = functools.partial(_area_row, info.resolution)
     uploaded = functools.partial(_uploaded, studio.limits)
     w.edit_upload.upload(uploaded, w.edit_upload, [w.editor, w.edit_note], **private).then(
