@@ -29,7 +29,7 @@ from studio import preprocess as pp
 from studio import preview
 from studio.domainnets import load_domain_nets
 from studio.params import UserError
-from studio.infinity import InfinityPipeline, is_infinity_folder, pack_bits, schedule_for, unpack_bits
+from studio.infinity import InfinityPipeline, is_infinity_folder, pack_bits, unpack_bits
 from studio.pipeline import VARPipeline
 from studio import editing
 from studio.pngmeta import (decode_array, decode_picture, encode_array, encode_picture, encode_png, read_png_extras,
@@ -962,7 +962,8 @@ class InfinityPreviewer:
     """An Infinity job's running latent (summed codes, (B, d, 1, H, W)) -> a small RGB picture that
     keeps the image's aspect ratio: a full VAE decode, or a fast linear bits-to-colour map fitted
     (once, on first use) by least squares between random smooth colour pictures' latents at three
-    depths of their pyramid and their decodes pooled to the latent grid (at 256 px, any model)."""
+    depths of their pyramid and their decodes pooled to the latent grid (128 px pictures: the map is
+    per latent position, and a 1024 px VAE decode on a CPU would cost the first preview minutes)."""
 
     def __init__(self, pipe: InfinityPipeline, size: int):
         self.pipe, self.size = pipe, int(size)
@@ -974,16 +975,16 @@ class InfinityPreviewer:
         return self.fast_map
 
     @torch.no_grad()
-    def fit_linear_on_patches(self, num_images: int = 4, seed: int = 0) -> torch.Tensor:
+    def fit_linear_on_patches(self, num_images: int = 2, side: int = 128, seed: int = 0) -> torch.Tensor:
         from models.bsq_vae import bits_to_codes, upsample_codes
 
         pipe = self.pipe
-        sched = schedule_for(1.0, "0.06M")
-        sizes = pipe.vae_scales(sched)
+        n = side // pipe.vae.cfg.patch_size  # a small square pyramid: the map is per latent position
+        sizes = [(1, 1), (2, 2), (n // 2, n // 2), (n, n)]
         g = torch.Generator().manual_seed(seed)
         base = torch.rand(num_images, 3, 4, 4, generator=g) * 2 - 1
-        imgs = F.interpolate(base, size=(sched.height, sched.width), mode="bicubic", align_corners=False).clamp(-1, 1)
-        bits = pipe.encode(imgs, sched)
+        imgs = F.interpolate(base, size=(side, side), mode="bicubic", align_corners=False).clamp(-1, 1)
+        bits = [b.cpu() for b in pipe.vae.encode_bits(imgs.to(pipe.device), sizes)]
         S, full = len(bits), sizes[-1]
         xs, ys = [], []
         for k in sorted({max(1, S // 3), max(1, (2 * S) // 3), S}):

@@ -32,7 +32,7 @@ def text_values(info: ModelInfo, prompt, negative_prompt, aspect_ratio=None, tau
     page sends with every run) are left out."""
     prompt, negative = str(prompt or "").strip(), str(negative_prompt or "").strip()
     aspect = str(aspect_ratio or "").strip()
-    tau = None if tau in (None, "") else tau
+    tau = None if tau in (None, "", 0) else tau  # an emptied number box arrives as 0
     if not is_text(info):
         given = [n for n, v in (("prompt", prompt), ("negative_prompt", negative)) if v]
         if aspect not in ("", SQUARE):
@@ -74,8 +74,8 @@ def sampling_widgets(w, info: ModelInfo) -> None:
         w.negative_prompt = gr.Textbox("", label="Negative prompt", lines=1, scale=3, elem_id="negative-prompt",
                                        info="guidance steers away from it (used by every tab)")
         _, b = P.spec(P.Sampling, "tau")
-        w.tau = gr.Number(None, label="Temperature (tau)", minimum=b.minimum, maximum=b.maximum, step=b.step,
-                          scale=1, info=f"empty = the model's ({_default(info, 'tau')})", elem_id="tau")
+        w.tau = gr.Number(None, label="Temperature (tau)", minimum=0, maximum=b.maximum, step=b.step, scale=1,
+                          info=f"empty or 0 = the model's ({_default(info, 'tau')})", elem_id="tau")
 
 
 def reroll_widgets(w) -> None:
@@ -110,7 +110,7 @@ def family_updates(w, info: ModelInfo) -> dict:
            w.more_smooth: gr.update(visible=not text), w.gen_class: gr.update(visible=not text),
            w.edit_class: gr.update(visible=not text), w.guide_class: gr.update(visible=not text),
            w.aspect_ratio: gr.update(info=_sizes_note(info)),
-           w.tau: gr.update(info=f"empty = the model's ({_default(info, 'tau')})", value=None)}
+           w.tau: gr.update(info=f"empty or 0 = the model's ({_default(info, 'tau')})", value=None)}
     d = (getattr(info, "defaults", None) or {}) if text else {}
     out[w.guidance] = gr.update(value=d.get("guidance_scale", P.Sampling.guidance_scale))
     out[w.top_p] = gr.update(value=d.get("top_p", P.Sampling.top_p))

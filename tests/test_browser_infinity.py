@@ -1,0 +1,119 @@
+"""Infinity (text-to-image) in a real browser: with a tiny random Infinity model loaded, the Generate tab
+shows a prompt box in place of the class; a prompt makes an image whose scales stream to the page (the
+live preview changes at every scale before the result); in-painting a painted mask with a prompt keeps
+the picture outside the mask; the PNGs hold their prompts. The API refuses a class for this model."""
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from studio.pngmeta import read_png_info
+from test_app import start_app
+from test_browser import ARGS, ARTIFACTS, WATCH, chromium  # noqa: F401 (the fixture)
+from test_infinity_serve import SQUARE_SCALES, infinity_folder  # noqa: F401 (the fixture)
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module")
+def app(infinity_folder, tmp_path_factory):  # noqa: F811
+    served = start_app(infinity_folder, tmp_path_factory.mktemp("outputs"), "--scale-delay", "0.2")
+    yield served
+    served.demo.close()
+    served.pool.close()
+
+
+@pytest.fixture
+def page(app, chromium):  # noqa: F811
+    ARTIFACTS.mkdir(exist_ok=True)
+    with playwright_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(90_000)
+        page.goto(app.url)
+        page.wait_for_selector("#generate-btn")
+        yield page
+        browser.close()
+
+
+def _newest(outputs, kind: str) -> Path:
+    files = list(Path(outputs).rglob(f"*_{kind}_*.png"))
+    assert files, f"no {kind} result saved"
+    return max(files, key=lambda p: p.stat().st_mtime)
+
+
+def _wait_done(page, kind: str) -> None:
+    page.wait_for_function(f"(t => (t.includes('_{kind}_') && t.includes('Done')) || t.includes('⚠️'))"
+                           "(document.querySelector('#status').innerText)")
+    status = page.locator("#status").inner_text()
+    assert "Done" in status, status
+
+
+def test_a_prompt_streams_its_scales_and_inpainting_keeps_the_outside(page, app):
+    expect = playwright_api.expect
+    expect(page.locator("#gen-prompt textarea")).to_be_visible()
+    expect(page.locator("#gen-class")).to_be_hidden()  # no classes: a prompt in their place
+    expect(page.locator("#aspect-ratio")).to_be_visible()
+    page.fill("#gen-prompt textarea", "a red fox in the snow")
+    page.fill("#negative-prompt textarea", "blue sky")
+    page.evaluate(WATCH)
+    page.click("#generate-btn")
+    page.wait_for_function("window.__resultAt !== null")
+    changes, result_at = page.evaluate("[window.__previews, window.__resultAt]")
+    assert len([t for t in changes if t < result_at]) >= 5, (changes, result_at)  # scales arrive one by one
+    _wait_done(page, "generate")
+    expect(page.locator("#filmstrip img")).to_have_count(len(SQUARE_SCALES))
+    assert "16×16" in page.locator("#filmstrip").inner_text()
+    page.screenshot(path=ARTIFACTS / "infinity_01_generated.png", full_page=True)
+    generated = _newest(app.outputs, "generate")
+    params, bits = read_png_info(generated.read_bytes())
+    assert params["prompt"] == "a red fox in the snow" and params["negative_prompt"] == "blue sky"
+    assert params["family"] == "infinity" and bits is not None and len(bits) == len(SQUARE_SCALES)
+
+    page.click("#send-edit")
+    canvas = page.locator("#editor canvas").first
+    expect(canvas).to_be_visible(timeout=30_000)
+    page.wait_for_timeout(500)  # the editor lays out its background
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    page.locator("#editor button[aria-label='Brush']").click()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx - 30, cy)
+    page.mouse.down()
+    for dx in range(-30, 31, 6):
+        page.mouse.move(cx + dx, cy, steps=2)
+    page.mouse.up()
+    expect(page.locator("#edit-prompt textarea")).to_be_visible()
+    page.fill("#edit-prompt textarea", "green hills")
+    page.click("#inpaint-btn")
+    _wait_done(page, "inpaint")
+    page.screenshot(path=ARTIFACTS / "infinity_02_inpainted.png", full_page=True)
+    edited = _newest(app.outputs, "inpaint")
+    params, _ = read_png_info(edited.read_bytes())
+    assert params["prompt"] == "green hills" and params["task"] == "inpaint"
+    before = np.asarray(Image.open(generated).convert("RGB")).astype(int)
+    after = np.asarray(Image.open(io.BytesIO(edited.read_bytes())).convert("RGB")).astype(int)
+    assert after.shape == before.shape == (256, 256, 3)
+    changed = np.abs(after - before).max(-1) > 0
+    assert changed.any()  # the painted stroke was regenerated
+    rows = np.flatnonzero(changed.any(1))
+    assert rows.min() > 32 and rows.max() < 256 - 32, (rows.min(), rows.max())  # a band across the middle
+    assert changed.mean() < 0.5  # the rest of the picture is the picture's, exactly
+    assert not changed[:32].any() and not changed[-32:].any()
+
+
+def test_the_api_takes_a_prompt_and_refuses_a_class(app):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(app.url, verbose=False, download_files=False)
+    with pytest.raises(AppError, match="text-to-image .* no classes"):
+        client.predict(prompt="a fox", class_name="volcano", api_name="/generate")
+    with pytest.raises(AppError, match="write a prompt"):
+        client.predict(api_name="/generate")
+    *_, result, _, _ = client.predict(prompt="a dog at night", aspect_ratio="1:2", seed=4, preview="none",
+                                      api_name="/generate")
+    params, _ = read_png_info(Path(result[0]["image"]["path"]).read_bytes())
+    assert params["prompt"] == "a dog at night" and (params["height"], params["width"]) == (352, 176)
