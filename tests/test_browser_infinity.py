@@ -1,7 +1,8 @@
 """Infinity (text-to-image) in a real browser: with a tiny random Infinity model loaded, the Generate tab
 shows a prompt box in place of the class; a prompt makes an image whose scales stream to the page (the
 live preview changes at every scale before the result); in-painting a painted mask with a prompt keeps
-the picture outside the mask; the PNGs hold their prompts. The API refuses a class for this model."""
+the picture outside the mask; the PNGs hold their prompts and Reuse settings restores one. The API
+takes a prompt and an aspect ratio, and refuses a class for this model."""
 import io
 from pathlib import Path
 
@@ -71,6 +72,10 @@ def test_a_prompt_streams_its_scales_and_inpainting_keeps_the_outside(page, app)
     params, bits = read_png_info(generated.read_bytes())
     assert params["prompt"] == "a red fox in the snow" and params["negative_prompt"] == "blue sky"
     assert params["family"] == "infinity" and bits is not None and len(bits) == len(SQUARE_SCALES)
+    page.fill("#gen-prompt textarea", "something else")
+    page.click("#reuse-btn")  # Reuse settings brings the picture's prompt back
+    expect(page.locator("#gen-prompt textarea")).to_have_value("a red fox in the snow")
+    expect(page.locator("#negative-prompt textarea")).to_have_value("blue sky")
 
     page.click("#send-edit")
     canvas = page.locator("#editor canvas").first
@@ -113,7 +118,8 @@ def test_the_api_takes_a_prompt_and_refuses_a_class(app):
         client.predict(prompt="a fox", class_name="volcano", api_name="/generate")
     with pytest.raises(AppError, match="write a prompt"):
         client.predict(api_name="/generate")
-    *_, result, _, _ = client.predict(prompt="a dog at night", aspect_ratio="1:2", seed=4, preview="none",
-                                      api_name="/generate")
-    params, _ = read_png_info(Path(result[0]["image"]["path"]).read_bytes())
+    final = client.predict(prompt="a dog at night", aspect_ratio="1:2", seed=4, preview="none", api_name="/generate")
+    assert final[1].startswith("✓ Done"), final[1]
+    selected = final[4]  # (preview, status, scales, result, selected, history, queue note)
+    params, _ = read_png_info(Path(selected["path"] if isinstance(selected, dict) else selected).read_bytes())
     assert params["prompt"] == "a dog at night" and (params["height"], params["width"]) == (352, 176)
