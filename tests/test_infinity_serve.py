@@ -127,3 +127,40 @@ def test_a_prompt_to_a_class_conditional_model_is_refused():
     P.check_conditioning(P.parse("generate", {"class_name": "volcano"}), "var")  # a class is fine
     with pytest.raises(UserError, match="no classes"):
         P.check_conditioning(P.parse("generate", {"class_name": "volcano"}), "infinity")
+
+
+def test_the_page_sends_text_only_to_a_text_to_image_model():
+    from studio.serve.protocol import ModelInfo
+    from studio.serve.ui_infinity import text_values
+
+    var = ModelInfo("default", "", ["alpine day"], 64, [1, 2, 4], 64)
+    assert text_values(var, "", "", "1:1", None) == {}  # the hidden widgets' values: nothing is sent
+    with pytest.raises(UserError, match="class-conditional: it takes a class, not prompt, aspect_ratio"):
+        text_values(var, "a fox", "", "2:1", None)
+    inf = ModelInfo("inf", "", [], 256, [1, 2, 4], 2, family="infinity")
+    assert text_values(inf, " a fox ", "", "2:1", 0) == dict(prompt="a fox", negative_prompt="", aspect_ratio="2:1",
+                                                             tau=None)  # an emptied number box: the model's tau
+
+
+def test_reuse_settings_brings_back_a_prompt(tmp_path):
+    from types import SimpleNamespace
+
+    from studio.pngmeta import encode_png
+    from studio.serve.ui import Studio
+    from studio.serve.ui_infinity import reuse_outputs
+    from test_reuse_settings import CONTROL, SHARED  # the page's widgets, named by their names
+
+    studio = object.__new__(Studio)  # no worker pool: reuse_settings reads the PNG only
+    studio.info = lambda model: SimpleNamespace(class_names=[])
+    names = SHARED + CONTROL + ["gen_prompt", "negative_prompt", "aspect_ratio", "tau", "edit_prompt", "guide_prompt"]
+    studio.w = SimpleNamespace(**{n: n for n in names})
+    assert set(reuse_outputs(studio.w)) <= set(names)
+    path = tmp_path / "fox.png"
+    path.write_bytes(encode_png(Image.new("RGB", (8, 8)), dict(
+        task="generate", model="inf", family="infinity", seed=5, num_images=2, index_in_batch=1, prompt="a red fox",
+        negative_prompt="blue sky", aspect_ratio="2:1", tau=0.7, guidance_scale=3.0, top_k=2, top_p=0.97)))
+    out = studio.reuse_settings(str(path))
+    assert out["gen_prompt"] == out["edit_prompt"] == out["guide_prompt"] == "a red fox"
+    assert (out["negative_prompt"], out["aspect_ratio"], out["tau"]) == ("blue sky", "2:1", 0.7)
+    assert (out["seed"], out["num_images"], out["guidance"]) == (5, 2, 3.0)  # the batch's one seed makes it again
+    assert "a red fox" in out["status"] and "number 2" in out["status"]
