@@ -105,6 +105,15 @@ def test_inpainting_with_a_prompt_keeps_the_outside(pool):
     params, _ = read_png_info(view.result.images[0])
     assert params["task"] == "inpaint" and params["prompt"] == "green hills"
 
+    # out-painting: the canvas in-painted where it is new, at the official size nearest its shape
+    view = _done(pool.submit("outpaint", {"image": buf.getvalue(), "right": 256, "mask_blur": 0, "prompt": "snow",
+                                          "seed": 2, "preview": "none"}))
+    out = np.asarray(Image.open(io.BytesIO(view.result.images[0])).convert("RGB")).astype(int)
+    assert out.shape == (176, 352, 3)  # 512x256 -> the 1:2 template at 0.06M
+    kept = np.asarray(picture.resize((176, 176), Image.BILINEAR)).astype(int)
+    assert np.abs(out[:, :160] - kept[:, :160]).mean() < 12  # the picture stays on the left (resized)
+    assert read_png_info(view.result.images[0])[0]["right"] == 256
+
 
 @pytest.mark.parametrize("values, words", [
     ({"class_name": "volcano", "prompt": "a fox"}, "text-to-image .* no classes"),
