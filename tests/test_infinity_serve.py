@@ -173,3 +173,28 @@ def test_reuse_settings_brings_back_a_prompt(tmp_path):
     assert (out["negative_prompt"], out["aspect_ratio"], out["tau"]) == ("blue sky", "2:1", 0.7)
     assert (out["seed"], out["num_images"], out["guidance"]) == (5, 2, 3.0)  # the batch's one seed makes it again
     assert "a red fox" in out["status"] and "number 2" in out["status"]
+
+
+def test_choosing_a_model_shows_prompts_or_classes():
+    from types import SimpleNamespace
+
+    from studio.serve.protocol import ModelInfo
+    from studio.serve.ui import Studio
+    from studio.serve.ui_infinity import family_outputs
+
+    names = ["gen_class", "edit_class", "guide_class", "control_class", "control_note", "keep_scales", "reroll_keep",
+             "top_k", "gen_text", "edit_prompt", "guide_prompt", "text_sampling", "more_smooth", "guidance", "top_p",
+             "aspect_ratio", "tau"]
+    models = {"var": ModelInfo("var", "", ["alpine day"], 64, [1, 2, 4], 64),
+              "inf": ModelInfo("inf", "", [], 256, [1, 2, 4, 6, 8, 12, 16], 2, family="infinity",
+                               aspect_ratios=["1:1"], defaults=dict(guidance_scale=3.0, tau=0.5, top_k=2, top_p=0.97))}
+    studio = object.__new__(Studio)
+    studio.models = models
+    studio.w = SimpleNamespace(**{n: n for n in names})
+    assert set(family_outputs(studio.w)) <= set(names)
+    inf, var = studio.model_and_family_changed("inf"), studio.model_and_family_changed("var")
+    assert set(inf) <= set(names) and set(var) <= set(names)
+    assert inf["gen_text"].visible and not inf["gen_class"]["visible"] and inf["gen_class"]["choices"] == ["(random)"]
+    assert (inf["guidance"]["value"], inf["top_p"]["value"], inf["top_k"]["maximum"]) == (3.0, 0.97, 2)
+    assert not var["gen_text"].visible and var["gen_class"]["visible"] and var["more_smooth"]["visible"]
+    assert (var["guidance"]["value"], var["top_p"]["value"]) == (P.Sampling.guidance_scale, P.Sampling.top_p)

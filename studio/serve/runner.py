@@ -1092,7 +1092,8 @@ class InfinityJob(RunningJob):
         sched = self.pipe.schedule(out.height, out.width)
         record = dict(self.record, **(record or {}), height=out.height, width=out.width, pn=sched.pn,
                       aspect_ratio=aspect_label(out.height, out.width),
-                      bit_scales=[list(b.shape[1:3]) for b in out.tokens], bits_per_position=self.pipe.bits_per_position)
+                      bit_scales=[list(b.shape[1:3]) for b in out.tokens],
+                      bits_per_position=self.pipe.bits_per_position)
         folder = self.runner.outputs / time.strftime("%Y-%m-%d")
         stamp = time.strftime("%H%M%S")
         save_error, images, paths, all_params, all_bits = None, [], [], [], []
@@ -1105,7 +1106,8 @@ class InfinityJob(RunningJob):
             path = ""
             if save_error is None:
                 try:
-                    path = str(saving.save_png(folder, f"{stamp}_{self.kind}_s{params['seed']}_{self.id[:6]}_{i}", data))
+                    name = f"{stamp}_{self.kind}_s{params['seed']}_{self.id[:6]}_{i}"
+                    path = str(saving.save_png(folder, name, data))
                 except saving.SaveError as e:
                     save_error = str(e)
                     log.error("job %s: %s (%s)", self.id, e, e.__cause__)
@@ -1176,7 +1178,8 @@ def _infinity_reroll(job: InfinityJob, p: P.RerollParams) -> JobResult:
         raise UserError(f"this image was made by a model with {src['bits_per_position']} bits per position "
                         f"({src.get('model', '?')}); select that model to re-roll it")
     keep = p.kept_scales(len(bits))
-    text = job.text(p.prompt or str(src.get("prompt") or ""), p.negative_prompt or str(src.get("negative_prompt") or ""))
+    text = job.text(p.prompt or str(src.get("prompt") or ""),
+                    p.negative_prompt or str(src.get("negative_prompt") or ""))
     if p.tau is None and isinstance(src.get("tau"), (int, float)):
         job.sampling["tau"] = job.record["tau"] = float(src["tau"])
     job.record.update(prompt=text["prompt"], negative_prompt=text["negative_prompt"] or "")

@@ -244,8 +244,8 @@ class Studio:
 
     @_errors_in_status
     def inpaint(self, model, image, mask, invert_mask, mask_blur, mask_grow, inpaint_area, padding, class_name, seed,
-                guidance_scale, top_k, top_p, more_smooth, num_images, preview, history, prompt, negative_prompt, tau=None,
-                request: gr.Request = None):
+                guidance_scale, top_k, top_p, more_smooth, num_images, preview, history, prompt, negative_prompt,
+                tau=None, request: gr.Request = None):
         info = self.info(model)
         text = text2img.text_values(info, prompt, negative_prompt, tau=tau)
         with self.limits.heavy(upload_pixels(image, mask)):  # decoded here: one of few big jobs at once
@@ -476,7 +476,7 @@ class Studio:
     def model_changed(self, model) -> dict:
         info, w = self.info(model), self.w
         S = info.num_scales
-        out = {w.gen_class: gr.update(choices=[RANDOM_CLASS] + info.class_names, value=RANDOM_CLASS),
+        return {w.gen_class: gr.update(choices=[RANDOM_CLASS] + info.class_names, value=RANDOM_CLASS),
                 w.edit_class: gr.update(choices=[NO_CLASS] + info.class_names, value=NO_CLASS),
                 w.guide_class: gr.update(choices=[NO_CLASS] + info.class_names, value=NO_CLASS),
                 w.control_class: gr.update(choices=[RANDOM_CLASS] + info.class_names, value=RANDOM_CLASS),
@@ -484,7 +484,11 @@ class Studio:
                 w.keep_scales: gr.update(maximum=S, value=P.GuideParams().kept_scales(S)),
                 w.reroll_keep: gr.update(maximum=S, value=P.RerollParams().kept_scales(S)),
                 w.top_k: gr.update(maximum=info.vocab_size, value=min(P.Sampling.top_k, info.vocab_size))}
-        for widget, update in text2img.family_updates(w, info).items():  # prompts or classes, as the model takes
+
+    def model_and_family_changed(self, model) -> dict:
+        """model_changed, and the prompts or the class pickers as the model's family takes them."""
+        out = self.model_changed(model)
+        for widget, update in text2img.family_updates(self.w, self.info(model)).items():
             out[widget] = {**out[widget], **update} if widget in out else update
         return out
 
@@ -811,10 +815,9 @@ def _wire_helpers(w, studio: Studio, info: ModelInfo, demo: gr.Blocks) -> None:
     """The page's own events (not API endpoints)."""
     private = dict(api_visibility="private", queue=False)
     w.dice.click(lambda: random.randrange(2 ** 31), None, w.seed, **private)
-    w.model.change(studio.model_changed, w.model, [w.gen_class, w.edit_class, w.guide_class, w.control_class,
-                                                   w.control_note, w.keep_scales, w.reroll_keep, w.top_k,
-                                                   *text2img.family_outputs(w)],
-                   api_visibility="private")
+    model_outputs = [w.gen_class, w.edit_class, w.guide_class, w.control_class, w.control_note, w.keep_scales,
+                     w.reroll_keep, w.top_k, *text2img.family_outputs(w)]
+    w.model.change(studio.model_and_family_changed, w.model, model_outputs, api_visibility="private")
     type_changed = lambda model, ctype, pre=None: control_ui.type_changed(studio.info(model), ctype, pre)  # noqa: E731
     w.control_type.input(type_changed, [w.model, w.control_type], [w.preprocessor, w.canny_row], **private)
     demo.load(type_changed, [w.model, w.control_type, w.preprocessor], [w.preprocessor, w.canny_row], **private)
