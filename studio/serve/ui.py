@@ -272,7 +272,8 @@ class Studio:
             self._checked("outpaint", dict(sides, **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth,
                                                               1, preview)), info, sizes)  # windows, before decoding
             values = dict(image=png_bytes(editor_background(image)), class_name=class_label(class_name, info),
-                          **sides, **text, **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, 1, preview))
+                          **sides, **text,
+                          **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, 1, preview))
             yield from self._run("outpaint", model, values, history, request, sizes)
 
     @_errors_in_status
