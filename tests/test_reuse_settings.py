@@ -7,19 +7,24 @@ import pytest
 from PIL import Image
 
 from studio.pngmeta import encode_png
+from studio.serve.protocol import ModelInfo
 from studio.serve.ui import RANDOM_CLASS, Studio
 
 SHARED = ["gen_class", "seed", "num_images", "guidance", "top_k", "top_p", "more_smooth",
           "status"]  # the Generate / Sampling widgets, and the line that says what was restored
 CONTROL = ["control_class", "control_type", "canny_low", "canny_high", "control_strength", "control_start",
            "control_end", "preprocessor", "canny_row"]  # the Control tab's own
+CONTROLVAR = ["type_guidance", "map_guidance"]  # ControlVAR's two guidance sliders, set only for its results
 
 
 @pytest.fixture
 def studio():
     s = object.__new__(Studio)  # no worker pool: reuse_settings only reads the PNG and the model's classes
-    s.info = lambda model: types.SimpleNamespace(class_names=["alpine day", "volcanic"])
-    s.w = types.SimpleNamespace(**{name: name for name in SHARED + CONTROL})  # widgets named by their names
+    info = ModelInfo(name="default", source="test", class_names=["alpine day", "volcanic"], resolution=128,
+                     patch_nums=[1, 2], vocab_size=16, controls=["canny", "depth", "segmentation"],
+                     control_family="adapters")
+    s.info = lambda model: info
+    s.w = types.SimpleNamespace(**{name: name for name in SHARED + CONTROL + CONTROLVAR})  # widgets named by their names
     return s
 
 
@@ -40,6 +45,13 @@ def test_control_results_restore_the_control_settings(studio, tmp_path):
     assert set(out) == set(SHARED + CONTROL)
     radio, canny_row = out["preprocessor"], out["canny_row"]  # the preprocessor choices follow the restored type
     assert radio.value == "canny" and [v for _, v in radio.choices] == ["canny", "none"] and canny_row.visible
+
+
+def test_controlvar_results_restore_their_guidance(studio, tmp_path):
+    path = write(tmp_path, dict(task="control", model="default", seed=7, class_name="volcanic", control_type="canny",
+                                type_guidance_scale=2.5, control_guidance_scale=6.0))
+    out = studio.reuse_settings(path)
+    assert (out["type_guidance"], out["map_guidance"], out["control_type"]) == (2.5, 6.0, "canny")
 
 
 def test_a_restored_control_type_brings_its_preprocessors(studio, tmp_path):
