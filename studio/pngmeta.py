@@ -110,3 +110,35 @@ def read_png_parameters(path: Union[str, Path]) -> dict:
     with Image.open(path) as im:
         text = (getattr(im, "text", {}) or {}).get(PARAMETERS_CHUNK)
     return json.loads(text) if text else {}
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_PARAMETERS_BYTES = 1 << 20  # a 'parameters' chunk larger than this is not the studio's
+
+
+def read_parameters_chunk(path: Union[str, Path]) -> Optional[dict]:
+    """The parameters of a PNG file read from its header alone: the chunks before the pixels are walked
+    (their lengths skipped, nothing decompressed, no pixel read), and the plain 'parameters' text chunk
+    that encode_png writes is parsed. None for a file that is not a PNG or carries no studio parameters
+    (another program's text, damaged JSON): a listing of many files stays cheap and never raises."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != PNG_SIGNATURE:
+                return None
+            while True:
+                head = f.read(8)
+                if len(head) < 8:
+                    return None
+                length, kind = int.from_bytes(head[:4], "big"), head[4:]
+                if kind in (b"IDAT", b"IEND"):  # the text chunks the studio writes come before the pixels
+                    return None
+                if kind == b"tEXt" and length <= MAX_PARAMETERS_BYTES:
+                    keyword, _, text = f.read(length).partition(b"\0")
+                    f.seek(4, 1)  # CRC
+                    if keyword == PARAMETERS_CHUNK.encode():
+                        params = json.loads(text.decode("latin-1"))
+                        return params if isinstance(params, dict) else None
+                else:
+                    f.seek(length + 4, 1)
+    except (OSError, ValueError, RecursionError):
+        return None

@@ -320,3 +320,41 @@ def test_the_run_button_preview_status_and_stop_are_in_view_together(app, chromi
             run["x"] + run["width"] <= dock["x"] or run["x"] >= dock["x"] + dock["width"], (run, dock)
         page.screenshot(path=ARTIFACTS / f"12_layout_{width}.png")
         browser.close()
+
+
+def test_history_survives_a_reload_and_opens_a_result_in_edit(page, app):
+    """Issue 15, history: the outputs on disk are the History, newest first, so a reload keeps every result; one
+    clicked there is the Selected picture, with its parameters, and Send to Edit puts that very picture in the
+    editor (what an in-paint request then carries)."""
+    expect = playwright_api.expect
+    seed = page.get_by_label("Seed (-1 = random)")
+    seed.fill("4321")
+    seed.press("Tab")
+    page.click("#generate-btn")
+    expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)
+    made = next(Path(app.outputs).rglob("*_generate_s4321_*.png"))
+    total = sum(1 for _ in Path(app.outputs).rglob("*.png"))
+
+    page.reload()
+    page.wait_for_selector("#generate-btn")
+    expect(page.locator("#results img")).to_have_count(0)  # the page starts afresh ...
+    expect(page.locator("#history-label")).to_contain_text(f"of {total} saved results", timeout=30_000)
+    first = page.locator("#history .thumbnail-item").first
+    expect(first).to_contain_text("generate · seed 4321")  # ... its History is the folder, newest first
+    first.click()
+    expect(page.locator("#selected img")).to_be_visible(timeout=30_000)
+    page.get_by_text("Parameters stored in the selected PNG").click()
+    expect(page.locator("#params-view")).to_contain_text("4321", timeout=30_000)
+
+    page.evaluate(JOINS)
+    page.click("#send-edit")
+    expect(page.locator("#editor canvas").first).to_be_visible(timeout=30_000)
+    page.wait_for_timeout(500)  # the editor lays out its background
+    page.click("#inpaint-btn")  # nothing painted: refused, but the request shows what the editor holds
+    page.wait_for_function("window.__joins.length > 0")
+    body = page.evaluate("window.__joins.pop()")
+    value = next(v for v in body["data"] if isinstance(v, dict) and "background" in v)
+    sent = np.asarray(Image.open(value["background"]["path"]).convert("RGB"))
+    assert np.array_equal(sent, np.asarray(Image.open(made).convert("RGB")))
+    expect(page.locator("#status")).to_contain_text("mask is empty", timeout=30_000)
+    page.screenshot(path=ARTIFACTS / "12_history.png", full_page=True)

@@ -52,6 +52,7 @@ from studio.serve import controls as control_ui  # noqa: E402
 from studio.serve import security  # noqa: E402
 from studio.serve import ui_infinity as text2img  # noqa: E402  (the prompt widgets of text-to-image models)
 from studio.serve.outputs import folder_problem  # noqa: E402
+from studio.serve import history as output_history  # noqa: E402
 from studio.serve.limits import Limits  # noqa: E402
 from studio.serve.pool import Job, WorkerPool  # noqa: E402
 from studio.serve.protocol import JobView, ModelInfo  # noqa: E402
@@ -83,7 +84,7 @@ CSS = """
                              grid-template-columns: none !important; }
 @media (max-width: 720px) {
   #outputs { position: static; max-height: none; overflow: visible; }
-  #dock { position: fixed; top: auto; bottom: 0; left: 0; right: 0; padding: 4px 8px; z-index: 20;
+  #dock { position: fixed; top: auto; bottom: 0; left: 0; right: 0; padding: 4px 8px; z-index: 1000;  /* above the labels (40) */
           background: var(--background-fill-primary, #fff);
           box-shadow: 0 -2px 8px #0003; max-height: 40vh; overflow: auto; }
   #dock #preview { height: 120px !important; }
@@ -93,9 +94,21 @@ CSS = """
   html { scroll-padding-bottom: 41vh; }  /* a run button scrolled into view stays above the dock */
 }
 #status { min-height: 2.2em; }
+body:not(.var-running) #stop-btn { background: var(--button-secondary-background-fill);
+                                   color: var(--button-secondary-text-color);
+                                   border-color: var(--button-secondary-border-color); }
 #dice { align-self: center; }
 #status p { margin: 0.3em 0; }
 #filmstrip .thumbnail-item { min-width: 0; }
+/* every scale a square tile of the same size that fits the strip's height (they were taller than the strip,
+   cut at the bottom, and its label covered the first one: the status line names the scales) */
+#filmstrip [data-testid="block-label"] { display: none; }
+#filmstrip .grid-wrap { padding: 4px !important; }
+#filmstrip .grid-container { padding-top: 0 !important; height: 100% !important;
+                             grid-template-rows: 100% !important; grid-auto-rows: 100% !important; }
+#filmstrip .thumbnail-item { height: auto !important; width: 100% !important; max-height: 100%;
+                             aspect-ratio: 1 / 1; align-self: center; justify-self: center; }
+#filmstrip .caption-label { font-size: 10px; line-height: 1.2; padding: 0 3px; max-width: 100%; bottom: 0; right: 0; }
 .upload-row { align-items: center; }
 .upload-note p { margin: 0; }
 .seg-legend span.swatch { display: inline-block; width: 0.9em; height: 0.9em; margin: 0 0.25em 0 0.6em;
@@ -142,6 +155,14 @@ PAGE_JS = """
             if (stop) stop.click();
         }
     }, true);  // (capture: an editor's canvas keeps its keys to itself)
+    // Stop is red only while a run is on (the status line says so: queued, starting, a scale, stopping);
+    // once it is done, stopped or failed it is a plain button again
+    const RUNNING = /^(⏳|Stopping|(window \d+ · )?Scale \d+\/\d+)/;
+    const running = () => { const s = document.getElementById('status');
+                            return !!s && RUNNING.test((s.innerText || '').trim()); };
+    const mark = () => document.body.classList.toggle('var-running', running());
+    new MutationObserver(mark).observe(document.body, {subtree: true, childList: true, characterData: true});
+    mark();
 }
 """
 
@@ -454,6 +475,8 @@ class Studio:
         paths = [p or self._unsaved_file(res.job_id, i, data) for i, (p, data) in enumerate(zip(res.paths, res.images))]
         captions = [f"seed {p['seed']} · {text2img.caption(p)}" for p in res.params]
         history = (list(paths) + [h for h in history if h not in paths])[:HISTORY_SIZE]
+        page = self.history_page(0)  # the outputs on disk, this run's first (its page line follows: .change)
+        page.pop(w.history_label)
         seeds = (f"seed {p0['seed']}" if len({p['seed'] for p in res.params}) == 1 else
                  f"seeds {p0['seed']}–{res.params[-1]['seed']}")  # image i has seed + i (Infinity: one seed)
         if res.save_error:
@@ -464,7 +487,15 @@ class Studio:
             text = (f"✓ Done in {view.elapsed:.1f} s · {seeds} · {text2img.caption(p0)} · saved "
                     f"`{_short(paths[0])}`" + (f" (+{len(paths) - 1} more)" if len(paths) > 1 else ""))
         yield {**out, w.preview: paths[0], w.status: text, w.results: list(zip(paths, captions)),
-               w.selected: paths[0], w.history: history, w.history_state: history}
+               w.selected: paths[0], w.history_state: history, **page}
+
+    def history_page(self, index=0) -> dict:
+        """The History panel at page `index` of the outputs folder (newest first): the pictures with a
+        caption each, the page line, the page number."""
+        page = output_history.history_page(self.pool.outputs, index)
+        w = self.w
+        return {w.history: [(p, output_history.caption(params, p)) for p, params in page.items],
+                w.history_label: page.label, w.history_page: page.index}
 
     def _unsaved_file(self, job_id: str, index: int, data: bytes) -> str:
         folder = self.temp_dir / "unsaved"
@@ -769,16 +800,16 @@ def _outputs(w, info: ModelInfo) -> None:
                 w.send_control = gr.Button("Send to Control", size="sm", elem_id="send-control")
                 w.reuse = gr.Button("Reuse settings", size="sm", elem_id="reuse-btn")
     with gr.Accordion("Parameters stored in the selected PNG", open=False):
-        w.params_view = gr.JSON(label="Parameters")
-    w.history = gr.Gallery(label="History", columns=8, height=170, object_fit="contain", format="png",
-                           fit_columns=False, elem_id="history")
+        w.params_view = gr.JSON(label="Parameters", elem_id="params-view")
+    _history(w)
 
 
 def _wire_runs(w, studio: Studio) -> None:
     """The run buttons: each a streamed, named API endpoint (docs/api.md)."""
     guard_uploads(studio.limits, image=w.editor, mask=w.mask_upload, guide_image=w.guide_editor,
                   control_image=w.control_editor, selected_image=w.selected)
-    run_outputs = [w.preview, w.status, w.filmstrip, w.results, w.selected, w.history, w.history_state, w.queue_note]
+    run_outputs = [w.preview, w.status, w.filmstrip, w.results, w.selected, w.history, w.history_state, w.queue_note,
+                   w.history_page]
     sample = [w.seed, w.guidance, w.top_k, w.top_p, w.more_smooth]
     after = [w.preview_mode, w.history_state]
     # no limit of Gradio's own on job events: every job goes straight into the pool's fair queue, whose
@@ -849,6 +880,33 @@ def _wire_helpers(w, studio: Studio, info: ModelInfo, demo: gr.Blocks) -> None:
         sent = button.click(_to_editor, w.selected, editor, **private).then(_show_tab(tab), None, w.tabs, **private)
         if editor is w.editor:
             sent.then(area, w.editor, w.area_row, **private)
+    _wire_history(w, studio, demo)
+
+
+def _history(w) -> None:
+    """The outputs folder, newest first, a page at a time (studio.serve.history): it survives a reload.
+    A picture clicked here is the Selected one: its parameters below, and Re-roll, Send to Edit / Guide /
+    Control and Reuse settings act on it."""
+    w.history_page = gr.State(0)
+    w.history = gr.Gallery(label="History (saved results)", columns=8, height=170, object_fit="contain",
+                           format="png", fit_columns=False, allow_preview=False, elem_id="history")
+    with gr.Row(equal_height=True, elem_id="history-pager"):
+        w.history_newer = gr.Button("◀ Newer", size="sm", scale=0, min_width=90, elem_id="history-newer")
+        w.history_label = gr.Markdown("", elem_id="history-label")
+        w.history_older = gr.Button("Older ▶", size="sm", scale=0, min_width=90, elem_id="history-older")
+        w.history_refresh = gr.Button("↻", size="sm", scale=0, min_width=40, elem_id="history-refresh")
+
+
+def _wire_history(w, studio: Studio, demo: gr.Blocks) -> None:
+    private = dict(api_visibility="private", queue=False)
+    shown = [w.history, w.history_label, w.history_page]
+    demo.load(lambda: studio.history_page(0), None, shown, **private)
+    w.history_newer.click(lambda i: studio.history_page(i - 1), w.history_page, shown, **private)
+    w.history_older.click(lambda i: studio.history_page(i + 1), w.history_page, shown, **private)
+    w.history_refresh.click(studio.history_page, w.history_page, shown, **private)
+    # a run shows page 1 (its results first): the page line follows
+    w.history.change(lambda i: output_history.history_page(studio.pool.outputs, i).label, w.history_page,
+                     w.history_label, **private)
 
 
 def _uploaded(limits: Limits, path):

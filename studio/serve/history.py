@@ -1,0 +1,104 @@
+"""The history: this instance's outputs folder, newest first, a page at a time.
+
+    page = history_page(outputs, 0)          # Page(items=[(path, params), ...], index, pages, total)
+    captions = [caption(params, path) for path, params in page.items]
+
+The files on disk are the truth, so a reload (or a restart) loses nothing. A listing stats the PNGs
+of the outputs folder and of its folders one level down (the worker writes `YYYY-MM-DD/HHMMSS_kind_
+sSEED_JOBID_i.png`); only the page shown has its parameters read, from each file's header
+(studio.pngmeta.read_parameters_chunk: no pixel decoded, no token chunk inflated). Newest first, with
+the images of one batch in their own order. Hidden files (a save in progress, `.x.part`) are skipped.
+Plain Python.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple, Union
+
+from studio.pngmeta import read_parameters_chunk
+
+PAGE_SIZE = 24
+# HHMMSS_kind_sSEED_JOBID_i (or _i-2 after a name clash): one job's images share the stamp and the job id
+_IN_BATCH = re.compile(r"^(?P<stamp>[^_]+)_.*_(?P<job>[^_]+)_(?P<i>\d+)(?:-\d+)?$")
+
+
+@dataclass
+class Page:
+    items: List[Tuple[str, Optional[dict]]]  # (path, parameters or None for a foreign picture)
+    index: int  # 0 = newest
+    pages: int
+    total: int
+
+    @property
+    def label(self) -> str:
+        if not self.total:
+            return "No results saved yet."
+        first = self.index * PAGE_SIZE + 1
+        return (f"Newest first · {first}–{first + len(self.items) - 1} of {self.total} saved results · "
+                f"page {self.index + 1} of {self.pages}")
+
+
+def listing(folder: Union[str, Path]) -> List[str]:
+    """Every PNG in the outputs folder (and its folders one level down), newest first; the images of a
+    batch (saved in a burst, `_0`, `_1` ...) in their order."""
+    files = []  # (mtime_ns, group, index, path)
+    for where in _folders(Path(folder)):
+        try:
+            entries = list(os.scandir(where))
+        except OSError:
+            continue
+        for e in entries:
+            if e.name.startswith(".") or not e.name.lower().endswith(".png"):
+                continue
+            try:
+                if not e.is_file():
+                    continue
+                mtime = e.stat().st_mtime_ns
+            except OSError:  # removed meanwhile
+                continue
+            m = _IN_BATCH.match(e.name[:-4])
+            group, index = (os.path.join(where, m["stamp"] + "_" + m["job"]), int(m["i"])) if m else (e.path, 0)
+            files.append((mtime, group, index, e.path))
+    newest = {}
+    for mtime, group, _, _ in files:
+        newest[group] = max(mtime, newest.get(group, mtime))
+    files.sort(key=lambda f: (-newest[f[1]], f[1], f[2]))
+    return [f[3] for f in files]
+
+
+def _folders(folder: Path) -> List[str]:
+    out = [str(folder)]
+    try:
+        out += [e.path for e in os.scandir(folder) if not e.name.startswith(".") and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+    return out
+
+
+def history_page(folder: Union[str, Path], index: int = 0, size: int = PAGE_SIZE) -> Page:
+    """Page `index` of the listing (clamped to the pages there are), with each file's parameters."""
+    files = listing(folder)
+    pages = max(1, -(-len(files) // size))
+    index = min(max(int(index or 0), 0), pages - 1)
+    chunk = files[index * size:(index + 1) * size]
+    return Page([(p, read_parameters_chunk(p)) for p in chunk], index, pages, len(files))
+
+
+def caption(params: Optional[dict], path: str) -> str:
+    """A short line under a history picture: what made it, its seed and class, when."""
+    try:
+        when = time.strftime("%d %b %H:%M", time.localtime(os.stat(path).st_mtime))
+    except OSError:
+        when = ""
+    if not params:
+        return f"{Path(path).name} · {when}"
+    words = [str(params.get("task") or "result")]
+    if params.get("seed") is not None:
+        words.append(f"seed {params['seed']}")
+    if params.get("class_name"):
+        words.append(str(params["class_name"]))
+    return " · ".join(words + [when])

@@ -1,0 +1,65 @@
+"""The History panel's listing (studio.serve.history): the outputs folder, newest first, a page at a time,
+parameters read from each file's header."""
+import os
+
+import numpy as np
+from PIL import Image
+
+from studio.pngmeta import encode_png, read_parameters_chunk
+from studio.serve import history
+
+
+def _save(path, params, mtime, tokens=True):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    toks = [np.arange(n * n) for n in (1, 2, 3)] if tokens else None
+    path.write_bytes(encode_png(Image.new("RGB", (8, 8), "red"), params, toks, {"edit": {"cells": [1, 2]}}))
+    os.utime(path, ns=(mtime, mtime))
+
+
+def test_newest_first_batches_in_order_paged_with_parameters(tmp_path, monkeypatch):
+    out = tmp_path / "outputs"
+    day1, day2 = out / "2026-11-30", out / "2026-12-01"
+    s = 10 ** 9
+    _save(day1 / "235959_generate_s1_aaaaaa_0.png", {"task": "generate", "seed": 1}, 100 * s)
+    for i in range(3):  # a batch, saved in a burst: 0, 1, 2
+        _save(day2 / f"000001_generate_s{5 + i}_bbbbbb_{i}.png", {"task": "generate", "seed": 5 + i}, 200 * s + i)
+    _save(day2 / "000005_inpaint_s9_cccccc_0.png", {"task": "inpaint", "seed": 9, "class_name": "lake"}, 300 * s)
+    Image.new("RGB", (4, 4)).save(out / "foreign.png")  # a picture the studio did not make: listed, no parameters
+    os.utime(out / "foreign.png", ns=(50 * s, 50 * s))
+    (day2 / ".000006_generate_s3_dddddd_0.ab12.part").write_bytes(b"half")  # a save in progress
+    (out / "notes.txt").write_text("not a picture")
+
+    names = [os.path.basename(p) for p in history.listing(out)]
+    assert names == ["000005_inpaint_s9_cccccc_0.png", "000001_generate_s5_bbbbbb_0.png",
+                     "000001_generate_s6_bbbbbb_1.png", "000001_generate_s7_bbbbbb_2.png",
+                     "235959_generate_s1_aaaaaa_0.png", "foreign.png"]
+
+    monkeypatch.setattr(history, "PAGE_SIZE", 4)
+    first = history.history_page(out, 0, size=4)
+    assert (first.index, first.pages, first.total) == (0, 2, 6)
+    assert [p["seed"] for _, p in first.items] == [9, 5, 6, 7]
+    assert first.label.startswith("Newest first · 1–4 of 6 saved results · page 1 of 2")
+    assert history.caption(first.items[0][1], first.items[0][0]).startswith("inpaint · seed 9 · lake · ")
+    last = history.history_page(out, 7, size=4)  # past the end: the last page
+    assert (last.index, [os.path.basename(p) for p, _ in last.items]) == (1, ["235959_generate_s1_aaaaaa_0.png",
+                                                                              "foreign.png"])
+    assert last.items[1][1] is None and history.caption(None, last.items[1][0]).startswith("foreign.png · ")
+    assert history.history_page(tmp_path / "empty", 0).label == "No results saved yet."
+
+
+def test_parameters_come_from_the_header_alone(tmp_path):
+    path = tmp_path / "a.png"
+    _save(path, {"task": "generate", "seed": 3, "class_name": "fjord é"}, 10 ** 9)
+    assert read_parameters_chunk(path) == {"task": "generate", "seed": 3, "class_name": "fjord é"}
+    data = path.read_bytes()
+    cut = data.index(b"IDAT") - 4
+    (tmp_path / "head.png").write_bytes(data[:cut])  # the header is enough: no pixel data needed
+    assert read_parameters_chunk(tmp_path / "head.png")["seed"] == 3
+    (tmp_path / "text.png").write_bytes(b"not a png at all")
+    other = tmp_path / "other.png"  # another program's plain-text parameters (not JSON)
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a photo, Steps: 20")
+    Image.new("RGB", (4, 4)).save(other, pnginfo=info)
+    for p in (tmp_path / "text.png", other, tmp_path / "missing.png"):
+        assert read_parameters_chunk(p) is None
