@@ -110,12 +110,14 @@ class InpaintPlan:
 
     def paste(self, generated: np.ndarray) -> np.ndarray:
         """The model's (R, R, 3) float result -> the edited (H, W, 3) image: resized to the crop,
-        put back in place, and blended over the original with the feathered mask."""
+        put back in place, its colours matched to the original's along the edit's border
+        (studio.images.seam_matched), and blended over the original with the feathered mask."""
         H, W = self.image.shape[:2]
         side = (W, H) if self.region is None else (self.region.side, self.region.side)
         patch = im.resize(generated, side)
         full = patch if self.region is None else im.paste(self.image, patch, self.region)
-        return im.blend(self.image, full, self.alpha)
+        # its colours continue the surroundings' at the seam (the known pixels decide it), then the feathered blend
+        return im.blend(self.image, im.seam_matched(self.image, full, self.alpha), self.alpha)
 
 
 def plan_inpaint(image, mask_image, resolution: int, grid: int, mask_blur: int = 4, mask_grow: int = 0,

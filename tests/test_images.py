@@ -185,3 +185,36 @@ def test_outpaint_canvas_never_touches_the_original():
     assert windows >= 2 and canvas.known.all() and canvas.result().shape == (45, 120, 3)
     with pytest.raises(ValueError, match="top must be"):
         ed.OutpaintCanvas(image, top=1.5)
+
+
+def test_seam_matched_continues_the_surroundings_colours_and_keeps_the_original():
+    """An edit whose colours are off (a cast, as a model's result often is) meets its surroundings without a
+    step: the seam's difference falls to that of the edit's own neighbouring pixels; the known pixels are
+    untouched, and an edit with no known border is left as it is."""
+    from studio.images import blend, feather, seam_matched
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:96, 0:128] / 128.0
+    original = np.stack([0.3 + 0.3 * xx, 0.5 + 0.2 * yy, 0.4 + 0.1 * np.sin(6 * xx)], -1).astype(np.float32)
+    cast = np.array([0.15, -0.1, 0.2], np.float32) * (0.5 + 0.5 * yy[..., None])
+    generated = (original + cast + rng.normal(0, 0.01, original.shape)).astype(np.float32)
+    mask = np.zeros((96, 128), np.float32)
+    mask[24:72, 40:104] = 1  # a box in the middle (an in-painting)
+    for alpha in (mask, feather(mask, 4)):
+        before = blend(original, generated, alpha)
+        after = blend(original, seam_matched(original, generated, alpha), alpha)
+        assert np.array_equal(after[alpha == 0], original[alpha == 0])
+
+        def step(x):  # across the box's left and right edges
+            return float(np.abs(x[24:72, 39] - x[24:72, 40]).mean() + np.abs(x[24:72, 103] - x[24:72, 104]).mean())
+
+        own = step(generated)  # the edit's own gradient there
+        assert step(after) < 1.5 * own, (step(before), step(after), own)
+        if alpha is mask:
+            assert step(before) > 5 * own, (step(before), own)
+        else:  # a feathered band hides the step, half-way: its pixels still carry the cast unless matched
+            band = (alpha > 0) & (alpha < 1)
+            cast_left = lambda x: float(np.abs(x - original)[band].mean())  # noqa: E731
+            assert cast_left(after) < 0.3 * cast_left(before), (cast_left(after), cast_left(before))
+    everything = np.ones((96, 128), np.float32)
+    assert np.array_equal(seam_matched(original, generated, everything), generated)
