@@ -358,3 +358,44 @@ def test_history_survives_a_reload_and_opens_a_result_in_edit(page, app):
     assert np.array_equal(sent, np.asarray(Image.open(made).convert("RGB")))
     expect(page.locator("#status")).to_contain_text("mask is empty", timeout=30_000)
     page.screenshot(path=ARTIFACTS / "12_history.png", full_page=True)
+
+
+def test_a_stroke_started_beside_the_picture_paints_from_its_edge(page, app):
+    """Issue 15, item 11: a brush stroke that starts just off the picture (on its edge, as one paints a border)
+    was dropped; it now paints from where it reaches the picture, and the in-paint request carries it."""
+    expect = playwright_api.expect
+    page.click("#generate-btn")
+    expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)
+    page.click("#send-edit")
+    canvas = page.locator("#editor canvas").first
+    expect(canvas).to_be_visible(timeout=30_000)
+    page.wait_for_timeout(800)  # the editor lays out its background
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    page.locator("#editor button[aria-label='Brush']").click()
+    y = box["y"] + box["height"] / 2
+    on_picture = ("() => [...document.querySelectorAll('#editor canvas')]"
+                  ".some(c => !['', 'inherit', 'default', 'auto'].includes(c.style.cursor))")
+    edge = None
+    for x in range(int(box["x"]) + 2, int(box["x"] + box["width"] / 2), 3):  # where the picture begins
+        page.mouse.move(x, y)
+        if page.evaluate(on_picture):
+            edge = x
+            break
+    assert edge is not None and edge > box["x"] + 6, (edge, box)  # a margin beside the picture to start in
+    page.evaluate(JOINS)
+    page.mouse.move(edge - 5, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] / 2, y, steps=40)
+    page.mouse.up()
+    page.click("#inpaint-btn")
+    page.wait_for_function("window.__joins.length > 0")
+    body = page.evaluate("window.__joins.pop()")
+    value = next(v for v in body["data"] if isinstance(v, dict) and "background" in v)
+    layers = [np.asarray(Image.open(la["path"]).convert("RGBA"))[..., 3] for la in value.get("layers") or []]
+    assert layers and layers[0].any(), "the stroke was dropped"
+    cols = np.nonzero(layers[0].any(axis=0))[0]
+    # it starts where the editor sees the pointer on the picture (its cursor changes a frame later: a few
+    # pixels in on a loaded machine), and runs to the middle
+    assert cols.min() < layers[0].shape[1] // 4 and cols.max() >= layers[0].shape[1] // 2 - 4, (cols.min(), cols.max())
+    expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)

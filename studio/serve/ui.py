@@ -160,6 +160,31 @@ PAGE_JS = """
     const RUNNING = /^(⏳|Stopping|(window \d+ · )?Scale \d+\/\d+)/;
     const running = () => { const s = document.getElementById('status');
                             return !!s && RUNNING.test((s.innerText || '').trim()); };
+    // a stroke that starts beside the picture (on its edge) was dropped: the editor starts strokes only on the
+    // picture. Such a press now starts its stroke where the pointer reaches the picture (the editor's canvas
+    // cursor changes there), as if pressed there
+    let offPicture = null;
+    const onPicture = ed => [...ed.querySelectorAll('canvas')].some(
+        c => !['', 'inherit', 'default', 'auto'].includes(c.style.cursor));
+    document.addEventListener('pointerdown', ev => {
+        offPicture = null;
+        const id = editorOf(ev.target);
+        if (!ev.isTrusted || ev.button !== 0 || ev.target.tagName !== 'CANVAS' || !id) return;
+        const ed = document.getElementById(id);
+        if (!onPicture(ed)) offPicture = {ed, canvas: ev.target};
+    }, true);
+    document.addEventListener('pointermove', ev => {
+        const press = offPicture;
+        if (!press || !(ev.buttons & 1)) return;
+        setTimeout(() => {  // after the editor has seen this move
+            if (offPicture !== press || !onPicture(press.ed)) return;
+            offPicture = null;
+            press.canvas.dispatchEvent(new PointerEvent('pointerdown', {
+                bubbles: true, cancelable: true, composed: true, clientX: ev.clientX, clientY: ev.clientY,
+                pointerId: ev.pointerId, pointerType: ev.pointerType, isPrimary: true, button: 0, buttons: 1}));
+        }, 0);
+    }, true);
+    document.addEventListener('pointerup', () => { offPicture = null; }, true);
     const mark = () => document.body.classList.toggle('var-running', running());
     new MutationObserver(mark).observe(document.body, {subtree: true, childList: true, characterData: true});
     mark();
