@@ -395,16 +395,9 @@ class Runner:
             raise UserError(f"the model {model!r} has no {ctype} control adapter (it has: "
                             f"{', '.join(sorted(pipe.controls)) or 'none'}); its bundle needs "
                             f"control_{ctype}.safetensors")
-        image = open_image(p.image, f"{ctype} image")
-        record = dict(control_type=ctype, preprocessor=choice, control_image_size=list(image.size))
-        kw = {}
-        if choice == "canny":
-            kw.update(low=p.canny_low, high=p.canny_high)
-            record.update(canny_low=p.canny_low, canny_high=p.canny_high)
-        elif choice == "world":
+        image, record, kw = self._map_inputs(pipe, p, ctype, choice)
+        if choice == "world":
             kw["net"] = self._domain_net(model, pipe, ctype)
-        elif choice == "transformers":
-            kw["model"] = self._hf_model(pipe, ctype)
         adapter = pipe.controls.get(ctype)
         if adapter is not None and adapter.cfg.label_map:
             kw["num_classes"] = adapter.cfg.in_channels
@@ -412,6 +405,19 @@ class Runner:
             return pp.preprocess(ctype, image, choice, size=pipe.resolution, **kw), record
         except ValueError as e:  # the user's map itself is wrong (a layout's ids out of range ...)
             raise UserError(f"the {ctype} image cannot be used: {e}") from e
+
+    def _map_inputs(self, pipe, p: P.ControlMapParams, ctype: str, choice: str):
+        """The job's picture, the PNG record of how its map is made, and the preprocessor's keyword
+        arguments that every family shares (canny thresholds, the transformers model)."""
+        image = open_image(p.image, f"{ctype} image")
+        record = dict(control_type=ctype, preprocessor=choice, control_image_size=list(image.size))
+        kw = {}
+        if choice == "canny":
+            kw.update(low=p.canny_low, high=p.canny_high)
+            record.update(canny_low=p.canny_low, canny_high=p.canny_high)
+        elif choice == "transformers":
+            kw["model"] = self._hf_model(pipe, ctype)
+        return image, record, kw
 
     def _control_picture(self, model: str, pipe, p: P.ControlMapParams):
         """The condition picture a CAR file or a ControlVAR model reads (studio.preprocess.picture_map),
@@ -425,15 +431,8 @@ class Runner:
         if choice not in options:
             raise UserError(f"for this model the {ctype} control has preprocessors {', '.join(options)}, not "
                             f"{choice!r} (preprocessor)")
-        image = open_image(p.image, f"{ctype} image")
-        record = dict(control_type=ctype, preprocessor=choice, control_image_size=list(image.size))
-        kw = {}
-        if choice == "canny":
-            kw.update(low=p.canny_low, high=p.canny_high)
-            record.update(canny_low=p.canny_low, canny_high=p.canny_high)
-        elif choice == "transformers":
-            kw["model"] = self._hf_model(pipe, ctype)
-        elif choice in ("hed", "sketch", "normal"):
+        image, record, kw = self._map_inputs(pipe, p, ctype, choice)
+        if choice in ("hed", "sketch", "normal"):
             kw["annotator"] = self._annotator(pipe, ctype)
             if kw["annotator"] is None:  # hed and sketch: from the offline HED
                 kw["hed_net"] = self._offline_hed(pipe, ctype)
