@@ -95,7 +95,8 @@ def steps(size: Size, runs: Path, out: Path) -> List[Step]:
                                     *size.budget["vqvae"], *size.common, *thr, "--export", str(r / "vqvae_export")],
                   r / "vqvae_export" / "vae.safetensors"))
     s.append(Step("decoder", train + ["decoder", "--base", str(r / "vqvae_export"), "--out", str(r / "decoder"),
-                                      "--data", str(data), *size.budget["decoder"], *size.extra.get("decoder", ()),
+                                      "--data", str(data), "--fixed-norm-levels", "3",  # the blob's remedy
+                                      *size.budget["decoder"], *size.extra.get("decoder", ()),
                                       *size.common, *thr, "--export", str(r / "decoder_export")],
                   r / "decoder_export" / "vae.safetensors"))
     s.append(Step("var", train + ["var", "--out", str(r / "var"), "--data", str(data), "--vae", str(r / "decoder_export"),
