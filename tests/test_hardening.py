@@ -193,9 +193,11 @@ def test_out_painting_that_needs_too_many_windows_is_refused_before_any_work(stu
 def test_developer_errors_become_messages_naming_the_parameter(studios, inputs):
     a, _ = studios
     c = a.client()
-    # NaN is not JSON, so gradio_client will not send it; a hand-made request does
+    # NaN is not JSON, so gradio_client will not send it; a hand-made request does (every input of /generate:
+    # model, class, seed, guidance, top-k, top-p, more smooth, images, preview, history page, then the
+    # text-to-image fields: prompt, negative prompt, aspect ratio, tau)
     r = requests.post(a.url + "gradio_api/call/generate", headers={"content-type": "application/json"},
-                      data='{"data": [null, null, NaN, 4, 900, 0.95, false, 1, "none"]}')
+                      data='{"data": [null, null, NaN, 4, 900, 0.95, false, 1, "none", 0, "", "", null, 0]}')
     msg = requests.get(a.url + "gradio_api/call/generate/" + r.json()["event_id"]).text
     assert "event: error" in msg and "Seed (-1 = random) must be a number, got nan" in msg, msg
     msg = refused(c, "/reroll", image=handle_file(str(inputs / "notes.png")))
