@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -498,6 +498,18 @@ class Runner:
         return self.hf_models[key]
 
 
+
+def _saved(folder, name: str, data: bytes, job_id: str, save_error: Optional[str]) -> Tuple[str, Optional[str]]:
+    """Save one result PNG: (its path, None), or ("", why) when this save fails; after a failed save
+    (save_error given) the rest of the job stays in memory too (same folder, same fault)."""
+    if save_error is not None:
+        return "", save_error
+    try:
+        return str(saving.save_png(folder, name, data)), None
+    except saving.SaveError as e:
+        log.error("job %s: %s (%s)", job_id, e, e.__cause__)
+        return "", str(e)
+
 class RunningJob:
     """One job on the worker: its model, its per-scale and per-window callbacks, its record for the
     PNG, and the saving of its results."""
@@ -587,15 +599,8 @@ class RunningJob:
             if toks is not None and getattr(out, "edit", None) is not None:
                 more["edit"] = out.edit.record()
             data = encode_png(im, params, toks, more)
-            path = ""
-            if save_error is None:  # after a failed save the rest stay in memory too (same folder, same fault)
-                try:
-                    path = str(saving.save_png(
-                        folder, f"{stamp}_{self.kind}_s{params.get('seed', record.get('seed'))}_{self.id[:6]}_{i}",
-                        data))
-                except saving.SaveError as e:
-                    save_error = str(e)
-                    log.error("job %s: %s (%s)", self.id, e, e.__cause__)
+            path, save_error = _saved(folder, f"{stamp}_{self.kind}_s{params.get('seed', record.get('seed'))}"
+                                              f"_{self.id[:6]}_{i}", data, self.id, save_error)
             images.append(data)
             paths.append(path)
             all_params.append(params)
@@ -1102,14 +1107,8 @@ class InfinityJob(RunningJob):
                 params["prompt"] = out.prompts[i]
             packed = pack_bits([b[i] for b in out.tokens])
             data = encode_png(picture, params, packed, extras)
-            path = ""
-            if save_error is None:
-                try:
-                    name = f"{stamp}_{self.kind}_s{params['seed']}_{self.id[:6]}_{i}"
-                    path = str(saving.save_png(folder, name, data))
-                except saving.SaveError as e:
-                    save_error = str(e)
-                    log.error("job %s: %s (%s)", self.id, e, e.__cause__)
+            path, save_error = _saved(folder, f"{stamp}_{self.kind}_s{params['seed']}_{self.id[:6]}_{i}", data,
+                                      self.id, save_error)
             images.append(data)
             paths.append(path)
             all_params.append(params)
