@@ -456,6 +456,19 @@ def blend(original: np.ndarray, generated: np.ndarray, alpha: np.ndarray) -> np.
 # CAR condition pictures
 
 
+def _map_picture(picture, family: str) -> Image.Image:
+    """A released control model's condition picture (a PIL image or a uint8 array (H, W[, 3])) as an RGB
+    PIL image; float maps are refused (they would have to be rounded to 8 bits)."""
+    if isinstance(picture, np.ndarray):
+        if picture.dtype != np.uint8:
+            raise ValueError(f"a {family} control map is an 8-bit picture: give a PIL image or a uint8 array, "
+                             f"not a {picture.dtype} array")
+        picture = Image.fromarray(_hwc(picture, "control map"))
+    if not isinstance(picture, Image.Image):
+        raise ValueError(f"a {family} control map must be a PIL image or a uint8 array, not {type(picture).__name__}")
+    return to_rgb(picture)
+
+
 def car_scale_maps(picture, patch_nums, pixels_per_token: int = 16):
     """A CAR condition picture -> one (1, 3, s, s) float32 tensor in [-1, 1] per scale, s = 16 * pn.
 
@@ -464,14 +477,7 @@ def car_scale_maps(picture, patch_nums, pixels_per_token: int = 16):
     in float32 and x + x - 1. Pictures of other modes are made RGB first (to_rgb: the released code
     expects RGB; a grey 'L' map would give a one-channel tensor there). uint8 arrays (H, W[, 3])
     are taken as pictures; float maps are refused (they would have to be rounded to 8 bits)."""
-    if isinstance(picture, np.ndarray):
-        if picture.dtype != np.uint8:
-            raise ValueError(f"a CAR control map is an 8-bit picture: give a PIL image or a uint8 array, "
-                             f"not a {picture.dtype} array")
-        picture = Image.fromarray(_hwc(picture, "control map"))
-    if not isinstance(picture, Image.Image):
-        raise ValueError(f"a CAR control map must be a PIL image or a uint8 array, not {type(picture).__name__}")
-    picture = to_rgb(picture)
+    picture = _map_picture(picture, "CAR")
     out = []
     for pn in patch_nums:
         s = pixels_per_token * int(pn)
@@ -490,14 +496,7 @@ def controlvar_map(picture, resolution: int = 256, control_type: str = "canny") 
     dataset's 256 px crops): NEAREST for segmentation maps, so that every pixel keeps a palette
     colour, LANCZOS (the loader's filter) for the others. uint8 arrays (H, W[, 3]) are taken as
     pictures; float maps are refused (they would have to be rounded to 8 bits)."""
-    if isinstance(picture, np.ndarray):
-        if picture.dtype != np.uint8:
-            raise ValueError(f"a ControlVAR control map is an 8-bit picture: give a PIL image or a uint8 array, "
-                             f"not a {picture.dtype} array")
-        picture = Image.fromarray(_hwc(picture, "control map"))
-    if not isinstance(picture, Image.Image):
-        raise ValueError(f"a ControlVAR control map must be a PIL image or a uint8 array, not {type(picture).__name__}")
-    picture = to_rgb(picture)
+    picture = _map_picture(picture, "ControlVAR")
     if picture.size != (resolution, resolution):
         flt = Image.Resampling.NEAREST if control_type == "segmentation" else Image.Resampling.LANCZOS
         picture = picture.resize((resolution, resolution), flt)
