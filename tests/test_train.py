@@ -238,6 +238,12 @@ def test_token_cache_build_resumes_and_refuses_another_tokenizer(trained_vqvae, 
         vae.quantize.embedding.weight.mul_(-1)
         vae.decoder.conv_in.weight.add_(1.0)
     tokencache.build(folder, vae, source, 8, "shards", 32, log=lambda m: None)
+    # nor does its layout: the shipped bundle's decoder converted to fixed norms reads the same cache
+    from lab.train.decoder import calibration_images, with_fixed_norms
+    fixed = with_fixed_norms(vae, 2, calibration_images(vae, 2))
+    assert fixed.cfg.decoder_fixed_norm == 2
+    assert torch.equal(tokencache.build(folder, fixed, source, 8, "shards", 32, log=lambda m: None).tokens,
+                       first.tokens)
 
 
 def test_token_cache_flag_errors(trained_vqvae, shards, tmp_path):

@@ -36,7 +36,9 @@ FORMAT = "var-studio-token-cache"
 def tokenizer_fingerprint(vae: VQVAE) -> str:
     """sha256 over everything that decides the tokens (encoder, quant_conv, quantiser), not the decoder."""
     h = hashlib.sha256()
-    h.update(json.dumps(vae.cfg.to_dict(), sort_keys=True).encode())
+    cfg = vae.cfg.to_dict()
+    cfg.pop("decoder_fixed_norm")  # decoder layout only: a converted decoder reads the same tokens
+    h.update(json.dumps(cfg, sort_keys=True).encode())
     for k, v in sorted(vae.state_dict().items()):
         if k.startswith(("encoder.", "quant_conv.", "quantize.")) and v.is_floating_point():
             h.update(k.encode())
