@@ -27,14 +27,11 @@ What it does:
 
 Only the random weights' seeds are stored, not the weights (the test regenerates them).
 """
-import argparse
 import ast
-import os
 import sys
 from pathlib import Path
 
 import make_official_fixture  # tools/: the shared reference-import helpers
-from make_official_fixture import REPO_ROOT
 REF_COMMIT = "c2e383b83cf8245912a5ef222ad54355290534a6"
 PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 DEPTH = 4
@@ -76,11 +73,8 @@ def _official_scale_fn(ref: Path):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ref", required=True, help="work tree of MiracleDance/CAR (commit c2e383b)")
-    ap.add_argument("--out", default=str(REPO_ROOT / "tests" / "fixtures" / "car_tiny.pt"))
-    args = ap.parse_args()
-    ref = Path(args.ref).resolve()
+    args = make_official_fixture.parse_ref_args(__doc__, "MiracleDance/CAR", REF_COMMIT, "car_tiny.pt")
+    ref = args.ref
     _setup_sys_path(ref)
 
     import torch
@@ -120,16 +114,7 @@ def main():
            "maps_coarse": [[m.clone() for m in maps[:4]] for maps in per_picture],
            "maps_sums": [[float(m.double().sum()) for m in maps] for maps in per_picture]}
 
-    orig = ref_car_mod.sample_with_top_k_top_p_
-    rec = []
-
-    def recording(logits_BlV, *a, **kw):
-        ret = orig(logits_BlV, *a, **kw)
-        rec.append(ret[:, :, 0].clone())
-        return ret
-
-    ref_car_mod.sample_with_top_k_top_p_ = recording
-    try:
+    with make_official_fixture.recording_draws(ref_car_mod) as rec:
         for run, (ctype, pics, kw) in RUNS.items():
             rec.clear()
             B = len(LABELS)
@@ -144,8 +129,6 @@ def main():
                 out[f"{run}_image"] = img[:1].clone()  # row 0, in [0, 1]
             print(f"{run:16s} last scale distinct tokens per row "
                   f"{[len(set(rec[-1][i].tolist())) for i in range(B)]}")
-    finally:
-        ref_car_mod.sample_with_top_k_top_p_ = orig
 
     # sanity: the control matters, the two adapters differ, the per-image pictures differ
     chk = {
@@ -153,12 +136,7 @@ def main():
         "canny vs hed greedy differ": not torch.equal(out["greedy_tokens"][-1], out["hed_greedy_tokens"][-1]),
         "seeded rows 0/1 differ": not torch.equal(out["seeded_tokens"][-1][0], out["seeded_tokens"][-1][1]),
     }
-    print(chk)
-    assert all(chk.values()), chk
-    out["checks"] = chk
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, args.out)
-    print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
+    make_official_fixture.save_checked(out, chk, args.out)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,9 @@ What it does:
 
 Only the random weights' seeds are stored, not the weights (the test regenerates them).
 """
-import argparse
-import os
 from pathlib import Path
 
 import make_official_fixture  # tools/: the shared reference-import helpers
-from make_official_fixture import REPO_ROOT
 
 REF_COMMIT = "9433c187edebbfeabb99d0e499e6a647cee1dcfb"
 PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -69,11 +66,8 @@ def loader_tensor(picture):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ref", required=True, help="work tree of lxa9867/ControlVAR (commit 9433c18)")
-    ap.add_argument("--out", default=str(REPO_ROOT / "tests" / "fixtures" / "controlvar_tiny.pt"))
-    args = ap.parse_args()
-    ref = Path(args.ref).resolve()
+    args = make_official_fixture.parse_ref_args(__doc__, "lxa9867/ControlVAR", REF_COMMIT, "controlvar_tiny.pt")
+    ref = args.ref
     make_official_fixture._setup_sys_path(ref)
 
     import torch
@@ -102,16 +96,7 @@ def main():
                                                                      for kk, v in kw.items()})
                     for k, (t, p, lab, kw) in RUNS.items()}}
 
-    orig = ref_cv.sample_with_top_k_top_p_
-    rec = []
-
-    def recording(logits_BlV, *a, **kw):
-        ret = orig(logits_BlV, *a, **kw)
-        rec.append(ret[:, :, 0].clone())
-        return ret
-
-    ref_cv.sample_with_top_k_top_p_ = recording
-    try:
+    with make_official_fixture.recording_draws(ref_cv) as rec:
         for run, (ctype, pic_ids, labels, kw) in RUNS.items():
             rec.clear()
             B = len(labels)
@@ -131,8 +116,6 @@ def main():
                 out[f"{run}_image"] = img[:1, :, 256:].half().clone()  # row 0's image half, in [0, 1]
             print(f"{run:14s} last scale distinct image tokens per row "
                   f"{[len(set(rec[-1][i, PATCH_NUMS[-1] ** 2:].tolist())) for i in range(B)]}")
-    finally:
-        ref_cv.sample_with_top_k_top_p_ = orig
 
     chk = {
         "greedy rows 0/1 equal (same label, same map)": torch.equal(out["greedy_tokens"][-1][0], out["greedy_tokens"][-1][1]),
@@ -140,12 +123,7 @@ def main():
         "the free branch's control is not the map": not torch.equal(out["seeded_free_control_last"][0],
                                                                     out["seeded_control"][-1][0]),
     }
-    print(chk)
-    assert all(chk.values()), chk
-    out["checks"] = chk
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, args.out)
-    print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
+    make_official_fixture.save_checked(out, chk, args.out)
 
 
 if __name__ == "__main__":

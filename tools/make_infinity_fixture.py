@@ -46,15 +46,12 @@ Only the seeds of the random weights and the key/shape lists are stored (the tes
 weights), plus the prompt features, the recorded bits and a subsample of the decoded pixels.
 """
 import argparse
-import contextlib
-import math
 import os
 import sys
 import types
 from pathlib import Path
 
 import make_official_fixture  # tools/: the shared reference-import helpers
-from make_official_fixture import REPO_ROOT
 
 REF_COMMIT = "4c27bbb"
 MODEL = dict(depth=4, embed_dim=64, num_heads=4, mlp_ratio=4, block_chunks=2)
@@ -130,11 +127,8 @@ class _Float32AsBf16:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ref", required=True, help="work tree of FoundationVision/Infinity (commit 4c27bbb)")
-    ap.add_argument("--out", default=str(REPO_ROOT / "tests" / "fixtures" / "infinity_tiny.pt"))
-    args = ap.parse_args()
-    ref = Path(args.ref).resolve()
+    args = make_official_fixture.parse_ref_args(__doc__, "FoundationVision/Infinity", REF_COMMIT, "infinity_tiny.pt")
+    ref = args.ref
     make_official_fixture._setup_sys_path(ref)
     _install_stand_ins()
 

@@ -26,6 +26,7 @@ The reference's generator `VAR.rng` lives on CPU here (no CUDA), so seeded (non-
 streams are only reproducible with a CPU torch.Generator.
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -77,16 +78,54 @@ def _load_refweights():
     return mod
 
 
+def parse_ref_args(doc: str, repo: str, commit: str, fixture: str):
+    """The fixture makers' command line: --ref (a work tree of `repo` at `commit`, resolved) and --out
+    (tests/fixtures/<fixture> by default)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--ref", required=True, help=f"work tree of {repo} (commit {commit[:7]})")
+    ap.add_argument("--out", default=str(REPO_ROOT / "tests" / "fixtures" / fixture))
+    args = ap.parse_args()
+    args.ref = Path(args.ref).resolve()
+    return args
+
+
+@contextlib.contextmanager
+def recording_draws(module, name: str = "sample_with_top_k_top_p_"):
+    """While open, `module.<name>` (the reference sampler, called by its module's global name) also
+    appends each call's drawn tokens (ret[:, :, 0]) to the yielded list; restored on exit."""
+    orig, drawn = getattr(module, name), []
+
+    def recording(logits_BlV, *a, **kw):
+        ret = orig(logits_BlV, *a, **kw)
+        drawn.append(ret[:, :, 0].clone())
+        return ret
+
+    setattr(module, name, recording)
+    try:
+        yield drawn
+    finally:
+        setattr(module, name, orig)
+
+
+def save_checked(out: dict, checks: dict, path: str):
+    """Refuses a degenerate fixture (a sanity check false), else stores the checks with it and saves it."""
+    import torch
+
+    print(checks)
+    assert all(checks.values()), checks
+    out["checks"] = checks
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path)
+    print(f"wrote {path} ({os.path.getsize(path) / 1e6:.2f} MB)")
+
+
 def _keys(sd):
     return [(k, tuple(v.shape), str(v.dtype)) for k, v in sd.items()]
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ref", required=True, help="work tree of FoundationVision/VAR (commit 78b9539)")
-    ap.add_argument("--out", default=str(REPO_ROOT / "tests" / "fixtures" / "official_tiny.pt"))
-    args = ap.parse_args()
-    ref = Path(args.ref).resolve()
+    args = parse_ref_args(__doc__, "FoundationVision/VAR", REF_COMMIT, "official_tiny.pt")
+    ref = args.ref
     _setup_sys_path(ref)
 
     import torch
