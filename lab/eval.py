@@ -8,6 +8,8 @@ Sections (run in this order; `--sections` picks some):
   reconstruction   VQVAE reconstruction PSNR on held-out renders
   sharpness        high-frequency energy, canny edge density and F1, chroma anomaly: renders,
                    reconstructions and samples
+  detail           which scales lose the samples' detail: renders' tokens kept below scale k, the rest
+                   sampled, high-frequency energy against the renders'
   class            the class recogniser's accuracy on generated images (default guidance) and on renders
   frechet          domain Frechet distance: generated vs renders, beside the render-vs-render floor
                    (two disjoint held-out sets) and VQVAE reconstructions vs renders
@@ -199,6 +201,39 @@ def sharpness_section(ctx: EvalContext) -> List[Row]:
     rows.append(Row("canny F1, reconstructions vs renders",
                     metrics.edge_f1(edges["reconstructions"], edges["renders"], 1), "{:.3f}",
                     "1 px tolerance, canny 100/200 on both"))
+    return rows
+
+
+def detail_scales(num_scales: int) -> List[int]:
+    """The scales the detail section re-rolls from: the last one, the one before, and the middle."""
+    return sorted({max(num_scales - 1, 0), max(num_scales - 2, 0), num_scales // 2}, reverse=True)
+
+
+@register_section("detail", help="which scales lose detail: renders' tokens kept below scale k, the rest sampled")
+def detail_section(ctx: EvalContext) -> List[Row]:
+    """Where the samples' detail is lost: the renders of set A are tokenised, their scales 0..k-1 kept and
+    the rest sampled (a re-roll from scale k, the render's class, the default settings), and the
+    high-frequency energy of the results is set beside the renders' (k = all scales: the reconstructions).
+    A big drop at the last scale says the transformer's finest predictions, not the tokenizer, blur."""
+    x, cls = ctx.render_tensor("A"), ctx.renders("A")["class_ids"]
+    ref = float(np.mean(metrics.high_frequency_energy(dom.tensor_to_images(x))))
+    rows = []
+    for k in detail_scales(ctx.pipe.num_scales):
+        def make(k=k):
+            out = []
+            for bi, start in enumerate(range(0, ctx.n, ctx.batch_size)):
+                sl = slice(start, start + ctx.batch_size)
+                g = torch.Generator(device=ctx.pipe.device).manual_seed(ctx.seed * 100_003 + bi)
+                res = ctx.pipe.reroll(ctx.pipe.encode(x[sl]), k, class_labels=[int(c) for c in cls[sl]],
+                                      guidance_scale=ctx.guidance, generator=g, output_type="pt")
+                out.append(res.images.float() * 2 - 1)
+            return torch.cat(out)
+
+        imgs = dom.tensor_to_images(ctx.cached(f"re-rolled from scale {k}", make))
+        pn = ctx.pipe.patch_nums[k]
+        rows.append(Row(f"high-frequency energy, scales < {k} kept, {pn}x{pn} on sampled / renders",
+                        float(np.mean(metrics.high_frequency_energy(imgs))) / max(ref, 1e-9), "{:.3f}",
+                        f"n={ctx.n}, guidance {ctx.guidance:g}; renders' own tokens below scale {k}"))
     return rows
 
 

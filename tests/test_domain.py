@@ -272,6 +272,9 @@ def test_eval_end_to_end_on_a_tiny_pipeline(tmp_path, capsys):
     assert by["seg mIoU, renders (judge's own error)"] == by["seg mIoU (renders)"]  # same judge, same renders
     assert by["depth rel-RMSE, renders (judge's own error)"] == by["depth rel-RMSE (renders)"]
     assert "canny F1, renders (judge's own error)" not in by
+    detail = [r for r in rows if r.section == "detail"]  # re-rolls from the last, the one before, the middle
+    assert [r.metric.split(",")[1] for r in detail] == [" scales < 5 kept", " scales < 4 kept", " scales < 3 kept"]
+    assert all(np.isfinite(r.value) and r.value > 0 for r in detail)
 
 
 def test_confidence_interval():
