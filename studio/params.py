@@ -289,6 +289,21 @@ class ControlParams(Sampling, ControlMapParams):
         return self
 
 
+@dataclass(frozen=True)
+class ControlInpaintParams(InpaintParams, ControlParams):
+    """In-painting under control: `image` and `mask` as for "inpaint" (outside the mask the picture is
+    kept exactly), the control as for "control" (type, preprocessor, strength and range, or ControlVAR's
+    guidance). The map covers the whole picture and is made from `control_image`, or from `image` itself
+    when it is None (the picture's own edges, depth ...)."""
+
+    control_image: Optional[bytes] = None
+
+    def map_params(self) -> ControlMapParams:
+        """The control map's own request (the "preprocess" job's), from control_image or the picture."""
+        return ControlMapParams(image=self.control_image or self.image, control_type=self.control_type,
+                                preprocessor=self.preprocessor, canny_low=self.canny_low, canny_high=self.canny_high)
+
+
 JOBS: Dict[str, Type[JobParams]] = {
     "generate": GenerateParams,
     "inpaint": InpaintParams,
@@ -296,6 +311,7 @@ JOBS: Dict[str, Type[JobParams]] = {
     "guide": GuideParams,
     "reroll": RerollParams,
     "control": ControlParams,
+    "control_inpaint": ControlInpaintParams,
     "preprocess": ControlMapParams,
 }
 

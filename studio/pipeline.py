@@ -634,9 +634,12 @@ class VARPipeline:
         edit: the result was an in- or out-painting (`out.edit`, or InpaintPlan.from_record on the
         edited picture): all its tokens are kept up to from_scale, after it only those outside the
         edited area, and the model's picture is pasted back over the edited picture (outside the
-        edit the pixels stay exactly as they are)."""
+        edit the pixels stay exactly as they are). An edit under control takes its control_image as
+        inpaint does: the whole picture's map, cut like the picture."""
         if edit is None:
             return self(**self.reroll_request(tokens, from_scale, class_labels, **kwargs))
+        if kwargs.get("control_image") is not None:
+            kwargs["control_image"] = self._crop_control_maps(kwargs["control_image"], kwargs.get("control_type"), edit)
         if not 0 <= from_scale <= self.num_scales:
             raise ValueError(f"from_scale must be in 0..{self.num_scales}, got {from_scale}")
         self._check_tokens(tokens, allow_prefix=False)

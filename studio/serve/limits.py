@@ -135,7 +135,7 @@ class Limits:
                     f"{self.FLAGS['max_outpaint_windows']}): add fewer pixels, or out-paint in several steps "
                     f"from a larger image")
             cost.update(megapixels=W2 * H2 / 1e6, windows=windows)
-        elif kind in ("inpaint",) and "image" in sizes:
+        elif kind in ("inpaint", "control_inpaint") and "image" in sizes:
             w, h = sizes["image"]
             cost["megapixels"] = w * h * n / 1e6
         if cost["megapixels"] > self.max_job_megapixels:

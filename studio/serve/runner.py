@@ -635,17 +635,39 @@ def _generate_prepared(job: RunningJob, p: P.GenerateParams) -> Prepared:
 _generate = _alone(_generate_prepared)
 
 
-def _inpaint(job: RunningJob, p: P.InpaintParams) -> JobResult:
+def _edit_inputs(p: P.InpaintParams):
+    """An in-painting's picture, its mask (checked: the same size, not empty) and its edit settings."""
     image, mask = open_image(p.image, "image"), open_image(p.mask, "mask")
     if mask.size != image.size:
         raise UserError(f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}; "
                         "they must be the same size")
     if not (mask_levels(mask) > 0.5).any():  # at the mask's own bit depth (16-bit masks too)
         raise UserError("the mask is empty: paint (white) the part of the image to regenerate")
-    edit = dict(mask_blur=p.mask_blur, mask_grow=p.mask_grow, inpaint_area=p.inpaint_area, padding=p.padding)
+    return image, mask, dict(mask_blur=p.mask_blur, mask_grow=p.mask_grow, inpaint_area=p.inpaint_area,
+                             padding=p.padding)
+
+
+def _inpaint(job: RunningJob, p: P.InpaintParams) -> JobResult:
+    image, mask, edit = _edit_inputs(p)
     out = job.pipe.inpaint(image, mask, class_labels=job.label, num_images=p.num_images,
                            callback_on_scale_end=job.on_scale, **edit, **job.sampling)
     return job.finish(out, dict(edit, image_size=list(image.size)))
+
+
+def _control_inpaint(job: RunningJob, p: P.ControlInpaintParams) -> JobResult:
+    """In-painting under control: the map (from the control picture, or from the picture itself) covers the
+    whole picture and is cut like it (pipe.inpaint); outside the mask the pixels stay as they are. The PNG
+    keeps the edit and the map, so a re-roll resamples inside the mask under the same map."""
+    image, mask, edit = _edit_inputs(p)
+    cmap, control = job.runner.control_map(job.model, job.pipe, p.map_params(), need_adapter=True)
+    steer = _steer(job.pipe, p)
+    out = job.pipe.inpaint(image, mask, class_labels=job.label, num_images=p.num_images, control_image=cmap.map,
+                           control_type=p.control_type, callback_on_scale_end=job.on_scale, **edit, **steer,
+                           **job.sampling)
+    stored = {"control": dict(steer, control_type=p.control_type, **stored_map(cmap.map))}
+    record = dict(edit, **control, image_size=list(image.size), map_from="control picture" if p.control_image
+                  else "edited picture", **steer)
+    return job.finish(out, record, extras=stored)
 
 
 def _outpaint(job: RunningJob, p: P.OutpaintParams) -> JobResult:
@@ -677,14 +699,19 @@ def _guide_prepared(job: RunningJob, p: P.GuideParams) -> Prepared:
 _guide = _alone(_guide_prepared)
 
 
+def _steer(pipe, p: P.ControlParams) -> dict:
+    """How the control steers: ControlVAR's type and map guidance (None: the class's, as published), or
+    an adapter's (ours, CAR) strength and range of scales."""
+    if pipe.is_controlvar:
+        return dict(type_guidance_scale=_or(p.type_guidance_scale, p.guidance_scale),
+                    control_guidance_scale=_or(p.control_guidance_scale, p.guidance_scale))
+    return dict(control_strength=p.control_strength, control_guidance_start=p.control_guidance_start,
+                control_guidance_end=p.control_guidance_end)
+
+
 def _control(job: RunningJob, p: P.ControlParams) -> JobResult:
     cmap, control = job.runner.control_map(job.model, job.pipe, p, need_adapter=True)
-    if job.pipe.is_controlvar:  # its three guidance weights (None: the class's, as published)
-        steer = dict(type_guidance_scale=_or(p.type_guidance_scale, p.guidance_scale),
-                     control_guidance_scale=_or(p.control_guidance_scale, p.guidance_scale))
-    else:
-        steer = dict(control_strength=p.control_strength, control_guidance_start=p.control_guidance_start,
-                     control_guidance_end=p.control_guidance_end)
+    steer = _steer(job.pipe, p)
     out = job.pipe(class_labels=job.label, num_images_per_label=p.num_images, control_image=cmap.map,
                    control_type=p.control_type, callback_on_scale_end=job.on_scale, **steer, **job.sampling)
     # the map goes into the PNG: a re-roll steers with it again (a condition picture as a PNG: compact)
@@ -786,6 +813,7 @@ HANDLERS: Dict[str, Handler] = {
     # an edit's re-roll is pasted back: not the last scale's picture (and it runs alone)
     "reroll": Handler(_reroll, prepare=_reroll_prepared),
     "control": Handler(_control, last_scale_is_result=True),
+    "control_inpaint": Handler(_control_inpaint),  # pasted back over the picture: not the last scale's
     "preprocess": Handler(_preprocess),
 }
 
@@ -1197,5 +1225,6 @@ INFINITY_HANDLERS: Dict[str, Handler] = {
     "guide": Handler(_infinity_guide, last_scale_is_result=True),
     "reroll": Handler(_infinity_reroll, last_scale_is_result=True),
     "control": Handler(_no_control),
+    "control_inpaint": Handler(_no_control),
     "preprocess": Handler(_no_control),
 }
