@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_app import start_app
-from test_browser import ARGS, ARTIFACTS, WATCH, chromium, open_tab, picture_file  # noqa: F401 (chromium: fixture)
+from test_browser import ARGS, ARTIFACTS, JOINS, WATCH, chromium, open_tab, picture_file  # noqa: F401 (chromium: fixture)
 from tiny_controlvar import PATCH_NUMS, write_tiny_car
 
 from studio.pngmeta import decode_picture, read_png_extras, read_png_parameters
@@ -98,3 +98,67 @@ def test_a_car_file_in_the_control_tab(page, car_app, tmp_path):
     params = read_png_parameters(again)
     assert (params["control_type"], params["control_strength"]) == ("canny", 0.8)
     assert np.array_equal(stored_picture(again), preview)  # re-rolled under the same map
+
+
+def test_inpainting_under_control_from_the_edit_tab(page, car_app, tmp_path):
+    """Issue 16, editing under control: a picture in Edit, a stroke painted over it, an edge picture in Control
+    read as it is (preprocessor none); "In-paint under control" redraws the painted part under that map with
+    the CAR adapter: outside the edit every pixel stays, the PNG keeps the task, the control and the map."""
+    from studio.editing import InpaintPlan
+
+    expect = playwright_api.expect
+    edges = np.zeros((96, 96, 3), np.uint8)
+    edges[20:76:8] = 255  # horizontal lines: a map unlike the picture's own edges
+    Image.fromarray(edges).save(tmp_path / "edges.png")
+    open_tab(page, "Control", "control-editor")
+    with page.expect_file_chooser() as chooser:
+        page.click("#control-editor-upload")
+    chooser.value.set_files(str(tmp_path / "edges.png"))
+    expect(page.locator("#control-editor-note")).to_contain_text("edges.png: 96×96", timeout=60_000)
+    page.locator("#preprocessor label", has_text="None: the image is the map").click()
+    page.click("#map-btn")
+    shown = page.locator("#control-map img")
+    expect(shown).to_be_visible(timeout=60_000)
+    preview = np.asarray(Image.open(io.BytesIO(page.request.get(shown.get_attribute("src")).body())).convert("RGB"))
+    read = np.asarray(Image.fromarray(edges).resize((64, 64), Image.Resampling.LANCZOS))  # "none" at 64 px
+    assert np.abs(preview.astype(int) - read).mean() < 8  # the lines, as the editor sends them (its own encoding)
+
+    photo = picture_file(tmp_path, "photo.png", (96, 96), 3)
+    open_tab(page, "Edit", "editor")
+    with page.expect_file_chooser() as chooser:
+        page.click("#editor-upload")
+    chooser.value.set_files(str(photo))
+    expect(page.locator("#editor-note")).to_contain_text("photo.png: 96×96", timeout=60_000)
+    canvas = page.locator("#editor canvas").first
+    expect(canvas).to_be_visible(timeout=30_000)
+    page.wait_for_timeout(500)  # the editor lays out its background
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    page.locator("#editor button[aria-label='Brush']").click()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx - 30, cy)
+    page.mouse.down()
+    page.mouse.move(cx + 30, cy, steps=8)
+    page.mouse.up()
+
+    page.evaluate(JOINS)
+    page.click("#control-inpaint-btn")
+    page.wait_for_function("window.__joins.length > 0")
+    sent = next(v for v in page.evaluate("window.__joins.pop()")["data"] if isinstance(v, dict) and "background" in v)
+    wait_for_file(page, "_control_inpaint_")
+    made = newest(car_app.outputs, "_control_inpaint_")
+    params = read_png_parameters(made)
+    assert (params["task"], params["control_type"], params["preprocessor"]) == ("control_inpaint", "canny", "none")
+    assert params["map_from"] == "control picture" and params["control_strength"] == 1.0
+    assert np.array_equal(stored_picture(made), preview)  # the Control tab's map steered it
+
+    # the picture as the editor sent it (the editor re-encodes an upload: WebP), what the worker in-painted
+    picture = Image.open(sent["background"]["path"]).convert("RGB")
+    assert picture.size == (96, 96)
+    original, result = np.asarray(picture), np.asarray(Image.open(made).convert("RGB"))
+    plan = InpaintPlan.from_record(picture, read_png_extras(made.read_bytes())["edit"])
+    edited = plan.alpha > 0
+    assert 0 < edited.mean() < 0.6  # the stroke and its feather, not the picture
+    assert np.array_equal(result[~edited], original[~edited])  # outside the edit, exactly the picture
+    assert not np.array_equal(result[edited], original[edited])
+    page.screenshot(path=ARTIFACTS / "23_car_control_inpaint.png", full_page=True)

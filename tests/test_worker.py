@@ -349,3 +349,46 @@ def test_a_bug_in_a_job_is_an_internal_error_with_the_traceback_in_the_log(tiny_
     done = runner.answer(4, "job4", "generate", "m", {"class_name": "class 1", "seed": 2})
     assert done[0] == "done" and done[1].params[0]["class_id"] == 1
     assert [m[0] for m in sent] == ["scale"] * len(TINY_PATCH_NUMS)
+
+
+
+def test_inpainting_under_our_adapters_control(pool, tiny_bundle):
+    """control_inpaint with the bundle's own adapters: a segmentation layout (its palette, preprocessor none)
+    steers the masked part: its tokens are the pipeline's own inpaint under that map, not the plain in-paint's;
+    outside the mask the picture stays, pixel for pixel; the PNG keeps the control, and a re-roll keeps the
+    outside too."""
+    from studio import preprocess as pp
+    from studio.pipeline import VARPipeline
+    from studio.world import SEG_PALETTE
+
+    picture = np.random.default_rng(0).integers(0, 255, (80, 80, 3), dtype=np.uint8)
+    mask = np.zeros((80, 80), bool)
+    mask[8:72, 8:72] = True
+    layout = np.empty((80, 80, 3), np.uint8)
+    layout[:40], layout[40:] = SEG_PALETTE[0], SEG_PALETTE[4]
+    edit = {"image": png(Image.fromarray(picture)), "mask": png(Image.fromarray((mask * 255).astype(np.uint8))),
+            "mask_blur": 0, "inpaint_area": "whole", "seed": 4}
+    job = pool.submit("control_inpaint", dict(edit, control_type="segmentation", preprocessor="none",
+                                              control_strength=1.5, control_image=png(Image.fromarray(layout))))
+    plain = pool.submit("inpaint", edit)
+    for j in (job, plain):
+        assert j.wait(120) and j.status == "done", j.error
+    out = np.asarray(Image.open(job.result.paths[0]).convert("RGB"))
+    assert np.array_equal(out[~mask], picture[~mask]) and not np.array_equal(out[mask], picture[mask])
+    assert not all(np.array_equal(a, b) for a, b in zip(job.result.tokens[0], plain.result.tokens[0]))
+
+    pipe = VARPipeline.from_pretrained(tiny_bundle)
+    m = pp.preprocess("segmentation", Image.fromarray(layout), "none", size=pipe.resolution,
+                      num_classes=pipe.controls["segmentation"].cfg.in_channels).map
+    api = pipe.inpaint(Image.fromarray(picture), Image.fromarray((mask * 255).astype(np.uint8)), mask_blur=0,
+                       inpaint_area="whole", control_image=m, control_type="segmentation", control_strength=1.5,
+                       generator=[torch.Generator().manual_seed(4)])
+    assert all(np.array_equal(a[0].numpy(), b) for a, b in zip(api.tokens, job.result.tokens[0]))
+    params = read_png_parameters(job.result.paths[0])
+    assert (params["task"], params["control_type"], params["control_strength"]) == ("control_inpaint",
+                                                                                   "segmentation", 1.5)
+    reroll = pool.submit("reroll", {"source_png": open(job.result.paths[0], "rb").read(), "keep_scales": 3})
+    assert reroll.wait(120) and reroll.status == "done", reroll.error
+    out = np.asarray(Image.open(reroll.result.paths[0]).convert("RGB"))
+    assert np.array_equal(out[~mask], picture[~mask])
+    assert read_png_parameters(reroll.result.paths[0])["control_type"] == "segmentation"

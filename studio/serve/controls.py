@@ -5,7 +5,8 @@ CAR files (canny, hed, depth, normal, sketch: one per file), or is a ControlVAR 
 canny, depth, normal, with its type and map guidance). The worker says which in the model info
 (studio.serve.protocol.ModelInfo: controls, control_family, control_preprocessors); the tab lists
 those types and each type's preprocessors, shows the adapters' strength and range or ControlVAR's
-two guidance weights, and keeps them right when the model menu changes."""
+two guidance weights, and keeps them right when the model menu changes. The Edit tab's "In-paint under
+control" takes this tab's control (inpaint_control)."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -13,6 +14,7 @@ from typing import List, Optional
 import gradio as gr
 
 from studio import params as P
+from studio.serve.inputs import editor_composite, png_bytes
 from studio.serve.protocol import ModelInfo
 
 TYPE_LABELS = {"canny": "Edges (canny)", "depth": "Depth", "segmentation": "Segmentation",
@@ -24,6 +26,9 @@ PREPROCESSOR_LABELS = {"canny": "Canny edges", "world": "World net (in the model
                        "normal": "NormalBae (controlnet_aux, local weights)",
                        "entities": "Layout → ControlVAR entity colours",
                        "none": "None: the image is the map"}
+INPAINT_NOTE = ("*In-paint under control*: the painted area is redrawn under the **Control** tab's control (its "
+                "type, preprocessor and strength or guidance) and map: made from that tab's picture, which covers "
+                "this whole picture, or from this picture itself when that tab is empty.")
 
 
 def is_controlvar(info: ModelInfo) -> bool:
@@ -93,3 +98,26 @@ def model_changed(info: ModelInfo):
     pre, canny_row = type_changed(info, ctype)
     return (gr.Radio(choices=type_choices(info), value=ctype), pre, canny_row,
             gr.Row(visible=not is_controlvar(info)), gr.Row(visible=is_controlvar(info)))
+
+
+def has_picture(editor_value) -> bool:
+    """Whether an ImageEditor holds a picture (uploaded, sent or painted)."""
+    if isinstance(editor_value, dict):
+        return any(editor_value.get(k) is not None for k in ("background", "composite"))
+    return editor_value is not None
+
+
+def inpaint_control(info: ModelInfo, control_image, control_type: str, preprocessor: Optional[str], canny_low,
+                    canny_high, strength, start, end, type_guidance, map_guidance) -> dict:
+    """The control of an in-painting under control (the control_inpaint job's fields), from this tab:
+    its picture (none: the worker makes the map from the edited picture), the type and how it is read,
+    and the adapters' strength and range, or ControlVAR's type and map guidance."""
+    values = dict(control_type=control_type, preprocessor=preprocessor or None, canny_low=canny_low,
+                  canny_high=canny_high)
+    if has_picture(control_image):
+        values["control_image"] = png_bytes(editor_composite(control_image))
+    if is_controlvar(info):
+        values.update(type_guidance_scale=type_guidance, control_guidance_scale=map_guidance)
+    else:
+        values.update(control_strength=strength, control_guidance_start=start, control_guidance_end=end)
+    return values

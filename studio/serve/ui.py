@@ -3,7 +3,7 @@
 Read `build_ui` top to bottom: the left column holds the inputs (Generate / Edit / Guide / Control
 tabs and the sampling settings), the right column the outputs (live preview, scale filmstrip,
 result, re-roll, history). Every run button is also a named API endpoint (/generate, /inpaint,
-/outpaint, /guide, /control, /reroll, /stop, and /preprocess for a control map alone; see
+/control_inpaint, /outpaint, /guide, /control, /reroll, /stop, and /preprocess for a control map alone; see
 docs/api.md).
 
 This module never imports torch or a model: `Studio` turns widget values into the typed job
@@ -139,7 +139,8 @@ PAGE_JS = """
         input.files = dt.files;
         input.dispatchEvent(new Event('change', {bubbles: true}));
     }, true);
-    const RUNS = ['generate-btn', 'inpaint-btn', 'outpaint-btn', 'guide-btn', 'control-btn', 'reroll-btn'];
+    const RUNS = ['generate-btn', 'inpaint-btn', 'control-inpaint-btn', 'outpaint-btn', 'guide-btn', 'control-btn',
+                  'reroll-btn'];
     document.addEventListener('click', ev => {  // a run starts: the outputs column shows its top (the dock)
         if (RUNS.some(id => { const b = document.getElementById(id); return b && b.contains(ev.target); })) {
             const out = document.getElementById('outputs');
@@ -347,6 +348,32 @@ class Studio:
             if control_ui.is_controlvar(info):  # its type and map guidance (the adapters' sliders do not apply)
                 values.update(type_guidance_scale=type_guidance_scale, control_guidance_scale=control_guidance_scale)
             yield from self._run("control", model, values, history, request)
+
+    @_errors_in_status
+    def control_inpaint(self, model, image, mask, invert_mask, mask_blur, mask_grow, inpaint_area, padding,
+                        control_image, control_type, preprocessor, canny_low, canny_high, control_strength,
+                        control_guidance_start, control_guidance_end, type_guidance_scale, control_guidance_scale,
+                        class_name, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview, history,
+                        request: gr.Request = None):
+        """In-paint the Edit tab's picture under the Control tab's control (its map: the Control tab's picture,
+        or the edited picture's own when that tab is empty; studio.serve.controls.inpaint_control)."""
+        info = self.info(model)
+        with self.limits.heavy(upload_pixels(image, mask, control_image)):
+            sizes = {"image": upload_size(image)}
+            edit = dict(mask_blur=mask_blur, mask_grow=mask_grow, inpaint_area=inpaint_area, padding=padding)
+            self._checked("control_inpaint", dict(edit, **sampling(info, seed, guidance_scale, top_k, top_p,
+                                                                   more_smooth, num_images, preview)), info, sizes)
+            picture = editor_background(image)
+            values = dict(edit, image=png_bytes(picture),
+                          mask=png_bytes(editor_mask(image, mask, picture.size, bool(invert_mask))),
+                          class_name=class_label(class_name, info),
+                          **control_ui.inpaint_control(info, control_image, control_type, preprocessor, canny_low,
+                                                       canny_high, control_strength, control_guidance_start,
+                                                       control_guidance_end, type_guidance_scale,
+                                                       control_guidance_scale),
+                          **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview))
+            del picture
+            yield from self._run("control_inpaint", model, values, history, request, sizes)
 
     def preprocess(self, model, image, control_type, preprocessor, canny_low, canny_high):
         """The control map the worker extracts from the image (what /control would use), as a picture."""
@@ -689,6 +716,8 @@ def _edit_tab(w, info: ModelInfo) -> None:
                 w.mask_upload = gr.Image(None, label="Mask · white = regenerate", type="pil", image_mode=None,
                                          sources=["upload", "clipboard"], height=140)
             w.inpaint_btn = gr.Button("In-paint", variant="primary", elem_id="inpaint-btn")
+            w.control_inpaint_btn = gr.Button("In-paint under control", elem_id="control-inpaint-btn")
+            gr.Markdown(control_ui.INPAINT_NOTE, elem_classes="upload-note")
         with gr.Accordion("Out-paint (extend the image)", open=False):
             with gr.Row():
                 w.out_left = slider(P.OutpaintParams, "left")
@@ -860,6 +889,12 @@ def _wire_runs(w, studio: Studio) -> None:
     w.control_btn.click(studio.control, [w.model, *control_map_inputs, w.control_strength, w.control_start,
                                          w.control_end, w.control_class, *sample, w.num_images, *after,
                                          w.type_guidance, w.map_guidance], api_name="control", **run)
+    w.control_inpaint_btn.click(studio.control_inpaint, [w.model, w.editor, w.mask_upload, w.invert_mask, w.mask_blur,
+                                                         w.mask_grow, w.inpaint_area, w.padding, *control_map_inputs,
+                                                         w.control_strength, w.control_start, w.control_end,
+                                                         w.type_guidance, w.map_guidance, w.edit_class, *sample,
+                                                         w.num_images, *after],
+                                api_name="control_inpaint", **run)
     w.map_btn.click(studio.preprocess, [w.model, *control_map_inputs], w.control_map, api_name="preprocess",
                     concurrency_id="maps", concurrency_limit=4)
     w.reroll_btn.click(studio.reroll, [w.model, w.selected, w.reroll_keep, w.reroll_seed, w.guidance, w.top_k,
