@@ -28,17 +28,23 @@ def car_app(tmp_path_factory):
     served.pool.close()
 
 
-@pytest.fixture
-def page(car_app, chromium):  # noqa: F811
+@pytest.fixture(scope="module")
+def browser(chromium):  # noqa: F811  (one Chromium for the module)
     ARTIFACTS.mkdir(exist_ok=True)
     with playwright_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(60_000)
-        page.goto(car_app.url)
-        page.wait_for_selector("#generate-btn")
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture
+def page(car_app, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})  # a fresh page (its own session) per test
+    page.set_default_timeout(60_000)
+    page.goto(car_app.url)
+    page.wait_for_selector("#generate-btn")
+    yield page
+    page.close()
 
 
 def wait_for_file(page, part: str) -> None:
