@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -225,8 +225,14 @@ class TextAttentivePool(nn.Module):
 
 def sample_bit_pairs(logits_BlV: torch.Tensor, top_k: int, top_p: float, generator) -> torch.Tensor:
     """logits (B, l, 2) per bit [0, 1] -> (B, l) int64. top_k per pair (1 keeps the larger), top_p
-    nucleus per pair; then one multinomial draw per pair from `generator`, rows in order."""
+    nucleus per pair; then one multinomial draw per pair from `generator`, rows in order. A list of
+    B generators draws image b's pairs from generator[b] alone (its draw is then the one a batch of
+    that image alone makes: the studio's per-image seeds); one generator is the official protocol."""
     B, l, V = logits_BlV.shape
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != B:
+            raise ValueError(f"got {len(generator)} generators for {B} images: give one per image")
+        return torch.cat([sample_bit_pairs(logits_BlV[b:b + 1], top_k, top_p, g) for b, g in enumerate(generator)])
     if top_k > 0:
         top_k = min(top_k, V)
         remove = logits_BlV < logits_BlV.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
@@ -350,13 +356,14 @@ class Infinity(nn.Module):
     @torch.no_grad()
     def generate(self, text: TextCondition, scales: Sequence[Tuple[int, int]], rope_full_hw: Tuple[int, int],
                  cfg: Sequence[float], tau: Sequence[float], top_k: Sequence[int], top_p: Sequence[float],
-                 generator: Optional[torch.Generator], patchify: bool = False,
+                 generator: Union[None, torch.Generator, Sequence[torch.Generator]], patchify: bool = False,
                  known: Optional[Sequence[Optional[Tuple[torch.Tensor, torch.Tensor]]]] = None,
                  callback: Optional[Callable[[InfinityScaleEvent], Optional[bool]]] = None) -> InfinitySample:
         """Sample the bit pyramid for transformer scales `scales` [(h, w), ...].
 
         Per scale exactly one multinomial draw of all (image, position, bit) pairs from `generator`
-        (None: the global RNG). `known[si]` = (bits (B, h, w, d), keep (B or 1, h, w) bool) in the
+        (None: the global RNG); a list of generators, one per image, draws each image's pairs from its
+        own (image b is then what it would be alone with generator[b]). `known[si]` = (bits (B, h, w, d), keep (B or 1, h, w) bool) in the
         VAE's space forces the kept bits (editing, re-roll); the draw still happens, so unforced
         positions get what they would have got. `callback` returning True stops after that scale."""
         B = text.batch

@@ -565,7 +565,14 @@ class InfinityPipeline:
             prompts = [p for p in prompts for _ in range(n)]
         return emb, mask, neg, neg_mask, prompts
 
-    def _generator(self, generator):
+    def _generator(self, generator, batch: int):
+        """The generator(s) on the model's device. A list has one generator per image (image i is then
+        what it would be alone with generator[i]); one generator draws the whole batch (official)."""
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != batch:
+                raise UserError(f"got {len(generator)} generators for {batch} images: give one per image "
+                                "(or one for the batch)")
+            return [self._generator(g, 1) for g in generator]
         if generator is not None and generator.device.type != self.device.type:
             return torch.Generator(self.device).manual_seed(generator.initial_seed())
         return generator
@@ -588,7 +595,7 @@ class InfinityPipeline:
         aspect_ratio: Optional[Union[str, float]] = None,
         pn: Optional[str] = None,
         num_images_per_prompt: int = 1,
-        generator: Optional[torch.Generator] = None,
+        generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
         output_type: str = "pil",
         callback_on_scale_end: Optional[Callable[[InfinityScaleEvent], Optional[bool]]] = None,
         known_bits: Optional[Sequence[Optional[Tuple[torch.Tensor, torch.Tensor]]]] = None,
@@ -599,7 +606,10 @@ class InfinityPipeline:
         choices per bit top_k 1 is greedy and >= 2 changes nothing): a number, or one value per
         scale. None takes the official defaults (default_sampling()). height/width: a size of the
         official table; or aspect_ratio ('16:9' = width:height, or h/w as a float) at `pn` (default
-        the model's). generator: the official g_seed (CPU generator = the official CPU run).
+        the model's). generator: the official g_seed (CPU generator = the official CPU run: one
+        generator draws the whole batch); or a list with one generator per image, as in diffusers:
+        image i is then the image a run of it alone with generator[i] makes (the studio seeds image i
+        of a batch with seed + i, so each can be made again by itself).
         callback_on_scale_end(event) after each scale; return True to stop.
         known_bits: per VAE scale None or (bits (B, h, w, d), keep (B or 1, h, w) bool): forced bits."""
         im.check_output_type(output_type)
@@ -629,7 +639,8 @@ class InfinityPipeline:
             per_scale.append(ev.seconds)
             return callback_on_scale_end(ev) if callback_on_scale_end is not None else None
 
-        res = self.model.generate(text, sched.scales, sched.rope_full_hw, cfg, taus, ks, ps, self._generator(generator),
+        gen = self._generator(generator, emb.shape[0])
+        res = self.model.generate(text, sched.scales, sched.rope_full_hw, cfg, taus, ks, ps, gen,
                                   patchify=self.patchify, known=known_bits, callback=on_scale)
         t_dec = time.perf_counter()
         x = self.vae.decode_latent(res.summed_codes)

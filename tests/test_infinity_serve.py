@@ -87,6 +87,40 @@ def test_a_prompt_streams_every_scale_and_the_png_holds_it(pool):
     assert not torch.equal(bits2[-1], bits[-1])
 
 
+def _reuse_studio():
+    """Studio.reuse_settings without a worker pool (it reads the PNG only); widgets named by their names."""
+    from types import SimpleNamespace
+
+    from studio.serve.ui import Studio
+    from test_reuse_settings import CONTROL, SHARED  # the page's widgets, named by their names
+
+    studio = object.__new__(Studio)
+    studio.info = lambda model: SimpleNamespace(class_names=[])
+    names = SHARED + CONTROL + ["gen_prompt", "negative_prompt", "aspect_ratio", "tau", "edit_prompt", "guide_prompt"]
+    studio.w = SimpleNamespace(**{n: n for n in names})
+    return studio
+
+
+def test_image_i_of_a_batch_is_its_seed_plus_i_alone(pool, tmp_path):
+    """Each image of a batch has its own generator, as for VAR: image i's PNG says seed + i, and that seed
+    alone makes the same bit pyramid and picture; Reuse settings says how to make it alone."""
+    batch = _done(pool.submit("generate", {"prompt": "a red fox", "seed": 11, "num_images": 2, "preview": "none"}))
+    (p0, bits0), (p1, bits1) = (read_png_info(png) for png in batch.result.images)
+    assert (p0["seed"], p1["seed"], p0["batch_seed"], p1["batch_seed"], p1["index_in_batch"]) == (11, 12, 11, 11, 1)
+    assert not all(np.array_equal(a, b) for a, b in zip(bits0, bits1))  # two different images
+    alone = _done(pool.submit("generate", {"prompt": "a red fox", "seed": 12, "preview": "none"}))
+    pa, bits_alone = read_png_info(alone.result.images[0])
+    assert pa["seed"] == 12 and all(np.array_equal(a, b) for a, b in zip(bits1, bits_alone))
+    pixels = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+              for png in (batch.result.images[1], alone.result.images[0])]
+    assert np.abs(pixels[0] - pixels[1]).max() <= 1  # the same picture (batched float sums differ a little)
+    path = tmp_path / "second.png"
+    path.write_bytes(batch.result.images[1])
+    studio = _reuse_studio()
+    out = studio.reuse_settings(str(path))
+    assert (out["seed"], out["num_images"], out["gen_prompt"]) == (11, 2, "a red fox")  # the batch, this image in it
+    assert "set Seed 12 and 1 image" in out["status"] and "a red fox" in out["status"]
+
 def test_inpainting_with_a_prompt_keeps_the_outside(pool):
     rng = np.random.default_rng(0)
     picture = Image.fromarray((rng.random((4, 4, 3)) * 255).astype(np.uint8)).resize((256, 256), Image.BICUBIC)
@@ -151,19 +185,12 @@ def test_the_page_sends_text_only_to_a_text_to_image_model():
                                                              tau=None)  # an emptied number box: the model's tau
 
 
-def test_reuse_settings_brings_back_a_prompt(tmp_path):
-    from types import SimpleNamespace
-
+def test_reuse_settings_brings_back_a_prompt(tmp_path):  # an older PNG: one generator drew its batch
     from studio.pngmeta import encode_png
-    from studio.serve.ui import Studio
     from studio.serve.ui_infinity import reuse_outputs
-    from test_reuse_settings import CONTROL, SHARED  # the page's widgets, named by their names
 
-    studio = object.__new__(Studio)  # no worker pool: reuse_settings reads the PNG only
-    studio.info = lambda model: SimpleNamespace(class_names=[])
-    names = SHARED + CONTROL + ["gen_prompt", "negative_prompt", "aspect_ratio", "tau", "edit_prompt", "guide_prompt"]
-    studio.w = SimpleNamespace(**{n: n for n in names})
-    assert set(reuse_outputs(studio.w)) <= set(names)
+    studio = _reuse_studio()
+    assert set(reuse_outputs(studio.w)) <= set(vars(studio.w))
     path = tmp_path / "fox.png"
     path.write_bytes(encode_png(Image.new("RGB", (8, 8)), dict(
         task="generate", model="inf", family="infinity", seed=5, num_images=2, index_in_batch=1, prompt="a red fox",

@@ -1055,9 +1055,10 @@ class InfinityPreviewer:
 
 
 class InfinityJob(RunningJob):
-    """A job on an Infinity model: the prompt instead of a class, one generator for the batch (the
-    official RNG protocol: image i of a batch is not the image of seed + i alone, so every image of a
-    batch records the batch's seed), the bit pyramid in each PNG."""
+    """A job on an Infinity model: the prompt instead of a class, one generator per image as for VAR
+    (image i of a batch has seed + i and is the image that seed makes alone: Reuse settings remakes
+    it; InfinityPipeline keeps the official one-generator protocol for a single generator), the bit
+    pyramid in each PNG."""
 
     def __init__(self, runner: Runner, seq: int, job_id: str, kind: str, model: str, p: P.JobParams,
                  last_scale_is_result: bool):
@@ -1078,11 +1079,13 @@ class InfinityJob(RunningJob):
         self.defer_last = last_scale_is_result and self.mode == "full"
         count = 1 if kind == "outpaint" else p.num_images
         tau = p.tau if p.tau is not None else self.pipe.default_sampling()["tau"]
+        # image i of a batch has its own seed, seed + i: it can be made again alone (Reuse settings)
+        generators = [torch.Generator(self.pipe.device).manual_seed(p.seed + i) for i in range(count)]
         self.sampling = dict(guidance_scale=p.guidance_scale, tau=tau, top_k=p.top_k, top_p=p.top_p,
-                             num_images_per_prompt=count,
-                             generator=torch.Generator(self.pipe.device).manual_seed(p.seed))
+                             num_images_per_prompt=count, generator=generators)
         self.record = {"task": kind, "model": model, "model_source": public_source(self.pipe.source),
-                       "family": "infinity", "seed": p.seed, "num_images": count, "prompt": p.prompt,
+                       "family": "infinity", "seed": p.seed, "batch_seed": p.seed, "num_images": count,
+                       "prompt": p.prompt,
                        "negative_prompt": p.negative_prompt, "guidance_scale": p.guidance_scale, "tau": tau,
                        "top_k": p.top_k, "top_p": p.top_p}
 
@@ -1131,6 +1134,8 @@ class InfinityJob(RunningJob):
         save_error, images, paths, all_params, all_bits = None, [], [], [], []
         for i, picture in enumerate(out.images):
             params = dict(record, index_in_batch=i, seconds=round(seconds, 3))
+            if "batch_seed" in record:  # this image's own seed
+                params["seed"] = record["batch_seed"] + i
             if out.prompts and i < len(out.prompts):
                 params["prompt"] = out.prompts[i]
             packed = pack_bits([b[i] for b in out.tokens])

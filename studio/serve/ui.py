@@ -530,7 +530,7 @@ class Studio:
         page = self.history_page(0)  # the outputs on disk, this run's first (its page line follows: .change)
         page.pop(w.history_label)
         seeds = (f"seed {p0['seed']}" if len({p['seed'] for p in res.params}) == 1 else
-                 f"seeds {p0['seed']}–{res.params[-1]['seed']}")  # image i has seed + i (Infinity: one seed)
+                 f"seeds {p0['seed']}–{res.params[-1]['seed']}")  # image i has seed + i
         if res.save_error:
             saved = sum(1 for p in res.paths if p)
             text = (f"⚠️ Done in {view.elapsed:.1f} s, but {len(paths) - saved} of {len(paths)} image(s) could not be "
@@ -613,16 +613,18 @@ class Studio:
                w.guidance: params.get("guidance_scale", S.guidance_scale), w.top_k: params.get("top_k", S.top_k),
                w.top_p: params.get("top_p", S.top_p), w.more_smooth: bool(params.get("more_smooth", S.more_smooth))}
         out.update(text2img.reuse_updates(w, params))
-        if params.get("family") == "infinity":  # one generator for the whole batch: its seed makes it again
+        text = params.get("family") == "infinity"
+        what = f"prompt “{text2img.caption(params)}”" if text else params.get("class_name") or "no class"
+        if text and "batch_seed" not in params:  # an older Infinity PNG: one generator drew its whole batch
             out[w.status] = (f"♻️ Settings reused: seed {params['seed']}"
                              + (f", a batch of {count} (this image is number {index + 1})" if count > 1 else "")
-                             + f", prompt “{text2img.caption(params)}”.")
+                             + f", {what}.")
         elif count > 1:
             out[w.status] = (f"♻️ Settings of a batch of {count} (seeds {first}–{first + count - 1}); this image is "
                              f"number {index + 1}, seed {params['seed']}: set Seed {params['seed']} and 1 image "
-                             "to make it alone.")
+                             "to make it alone" + (f"; {what}." if text else "."))
         else:
-            out[w.status] = f"♻️ Settings reused: seed {params['seed']}, {params.get('class_name') or 'no class'}."
+            out[w.status] = f"♻️ Settings reused: seed {params['seed']}, {what}."
         if "control_type" in params:
             ctype = params["control_type"]
             out.update({w.control_class: cls, w.control_type: ctype,
