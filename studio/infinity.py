@@ -32,6 +32,7 @@ from models.bsq_vae import BSQVAE, BSQVAEConfig, sum_codes
 from models.infinity import Infinity, InfinityConfig, InfinityScaleEvent, TextCondition
 from studio import images as im
 from studio.checkpoints import CheckpointError, check_state_dict, load_into
+from studio.editing import InpaintPlan
 from studio.params import UserError
 
 # ---------------------------------------------------------------------------------------------
@@ -395,6 +396,10 @@ class InfinityOutput:
     width: int = 0
     stopped_early: bool = False
     timings: dict = field(default_factory=dict)  # seconds: per_scale, decode, total
+    # an in-/out-painting (and its re-rolls): where the edit is, for a re-roll that keeps the rest
+    # (InpaintPlan: the picture it was pasted over, the feathered paste-back weights, the regenerated
+    # latent cells at the last scale; .record() goes into the PNG, InpaintPlan.from_record reads it)
+    edit: Optional[InpaintPlan] = None
 
 
 PerScale = Union[float, Sequence[float]]
@@ -697,9 +702,10 @@ class InfinityPipeline:
         sizes = self.vae_scales(sched)
         H, W = sizes[-1]
         regen = (F.adaptive_avg_pool2d(torch.from_numpy(mask)[None, None], (H, W))[0, 0] > 1e-9).numpy()
-        return self._with_known(bits, self.keep_masks(regen, sizes), sched, arr, mask, mask_blur, output_type, kwargs)
+        edit = InpaintPlan(arr, mask, im.feather(mask, mask_blur), None, arr, regen)
+        return self._with_known(bits, self.keep_masks(regen, sizes), sched, edit, output_type, kwargs)
 
-    def _with_known(self, bits, keeps, sched, arr, mask, mask_blur, output_type, kwargs):
+    def _with_known(self, bits, keeps, sched, edit: Optional[InpaintPlan], output_type, kwargs):
         n = int(kwargs.get("num_images_per_prompt", 1))
         prompts = kwargs.get("prompt")
         B = n * (len(prompts) if isinstance(prompts, (list, tuple)) else 1)
@@ -707,9 +713,9 @@ class InfinityPipeline:
             B = n * kwargs["prompt_embeds"].shape[0]
         known = [(b.expand(B, *b.shape[1:]), k) if k is not None else None for b, k in zip(bits, keeps)]
         out = self(height=sched.height, width=sched.width, known_bits=known, output_type="np", **kwargs)
-        if mask is not None:
-            alpha = im.feather(mask, mask_blur)
-            out.images = np.stack([im.blend(arr, g, alpha) for g in out.images])
+        if edit is not None:  # pasted over the picture with the feathered mask
+            out.images = np.stack([im.blend(edit.image, g, edit.alpha) for g in out.images])
+            out.edit = edit
         out.images = im.float_to_output(out.images.astype(np.float32), output_type)
         return out
 
@@ -727,8 +733,14 @@ class InfinityPipeline:
         return self.inpaint(canvas, mask, mask_blur=mask_blur, pn=pn, output_type=output_type, **kwargs)
 
     @torch.no_grad()
-    def reroll(self, tokens: Sequence[torch.Tensor], from_scale: int, output_type: str = "pil", **kwargs) -> InfinityOutput:
-        """Keep the bits of scales < from_scale (a previous out.tokens) and sample the rest."""
+    def reroll(self, tokens: Sequence[torch.Tensor], from_scale: int, output_type: str = "pil",
+               edit: Optional[InpaintPlan] = None, **kwargs) -> InfinityOutput:
+        """Keep the bits of scales < from_scale (a previous out.tokens) and sample the rest.
+
+        edit: the result was an in- or out-painting (its `out.edit`, or InpaintPlan.from_record on the
+        edited picture): every bit is kept up to from_scale, after it only those the edit kept (outside
+        the painted area, the same per-scale rule), and the new picture is pasted over the edited one
+        with the edit's feathered mask, so outside the edit the pixels stay exactly as they are."""
         kwargs = self._sampling_kw(kwargs)
         H, W = tokens[-1].shape[1:3]
         f = self.vae.cfg.patch_size
@@ -737,9 +749,17 @@ class InfinityPipeline:
             raise UserError("these bits are not a full pyramid of this model's schedule")
         if not 0 <= from_scale <= len(tokens):
             raise UserError(f"from_scale must be in 0..{len(tokens)}")
-        keeps = [torch.ones(1, h, w, dtype=torch.bool) if si < from_scale else None
-                 for si, (h, w) in enumerate(self.vae_scales(sched))]
-        return self._with_known(list(tokens), keeps, sched, None, None, 0, output_type, kwargs)
+        sizes = self.vae_scales(sched)
+        inside = [None] * len(sizes)  # the scales from from_scale on: sampled everywhere, or around the edit
+        if edit is not None:
+            if edit.regen.shape != sizes[-1] or edit.alpha.shape != (sched.height, sched.width):
+                raise UserError(f"the edit stored with these bits is {edit.alpha.shape[1]}x{edit.alpha.shape[0]} px "
+                                f"({edit.regen.shape[1]}x{edit.regen.shape[0]} cells), the bits are "
+                                f"{sched.width}x{sched.height} px: not the same picture")
+            inside = self.keep_masks(edit.regen, sizes)
+        keeps = [torch.ones(1, h, w, dtype=torch.bool) if si < from_scale else inside[si]
+                 for si, (h, w) in enumerate(sizes)]
+        return self._with_known(list(tokens), keeps, sched, edit, output_type, kwargs)
 
     @torch.no_grad()
     def variations(self, image, keep_scales: int, pn: Optional[str] = None, output_type: str = "pil",

@@ -396,6 +396,39 @@ def test_reroll_from_a_scale_keeps_the_coarse_bits(pipes, fx):
         pipe.reroll(first.tokens, from_scale=99, **_one_prompt(fx))
 
 
+def test_reroll_of_an_inpainting_keeps_the_outside(pipes, fx):
+    """Re-rolling an in-painted result from scale k keeps every bit before k and, from k on, the bits the
+    edit kept (outside the mask); the new picture is pasted over the edited one, so the pixels outside
+    the edit's feathered mask stay exactly as they were. The edit survives the trip through its record
+    (what the PNG stores)."""
+    from studio.editing import InpaintPlan
+
+    pipe, one = pipes["p16"], _one_prompt(fx)
+    mask = np.zeros((256, 256), np.float32)
+    mask[64:192, 128:256] = 1
+    edited = pipe.inpaint(_picture(), mask, mask_blur=4, output_type="np", generator=torch.Generator().manual_seed(1),
+                          **one)
+    plan = InpaintPlan.from_record(edited.images[0], edited.edit.record())  # the edited picture + its PNG record
+    k = 3
+    again = pipe.reroll(edited.tokens, from_scale=k, edit=plan, output_type="np",
+                        generator=torch.Generator().manual_seed(2), **one)
+    res, src = again.images[0], edited.images[0]
+    outside = plan.alpha == 0
+    assert outside.mean() > 0.5 and (res[outside] == src[outside]).all()  # the picture outside the edit, exactly
+    assert np.abs(res - src)[mask > 0].mean() > 0.02  # inside: resampled
+    sizes = [tuple(t.shape[1:3]) for t in edited.tokens]
+    kept_by_edit = pipe.keep_masks(plan.regen, sizes)
+    for si, (a, b) in enumerate(zip(again.tokens, edited.tokens)):
+        kept = torch.ones_like(kept_by_edit[si]) if si < k else kept_by_edit[si]
+        assert torch.equal(a[0][kept[0]], b[0][kept[0]]), si  # every bit before k, the edit's kept bits after
+    assert not torch.equal(again.tokens[-1], edited.tokens[-1])
+    assert again.edit is plan  # a re-roll of an edit can be re-rolled again
+    whole = pipe.reroll(edited.tokens, from_scale=k, output_type="np", generator=torch.Generator().manual_seed(2),
+                        **one)  # without the edit: the whole picture is resampled
+    assert np.abs(whole.images[0] - src)[outside].mean() > 0.02
+    with pytest.raises(UserError, match="not the same picture"):  # another picture's bits (352x176 px)
+        pipe.reroll(pipe.encode(torch.zeros(1, 3, 176, 352)), from_scale=2, edit=plan, **one)
+
 def test_variations_keep_the_pictures_coarse_scales(pipes, fx):
     pipe = pipes["p16"]
     pic = _picture()

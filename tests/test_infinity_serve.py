@@ -136,8 +136,23 @@ def test_inpainting_with_a_prompt_keeps_the_outside(pool):
     inside = mask > 0
     assert (out[~inside] == src[~inside]).all()  # outside the mask: the picture's pixels
     assert np.abs(out[inside] - src[inside]).mean() > 5  # inside: regenerated
-    params, _ = read_png_info(view.result.images[0])
+    params, packed = read_png_info(view.result.images[0])
     assert params["task"] == "inpaint" and params["prompt"] == "green hills"
+
+    # its re-roll from scale 3 keeps the known region: the outside pixels and bits, only the painted part resampled
+    again = _done(pool.submit("reroll", {"source_png": view.result.images[0], "keep_scales": 3, "seed": 8,
+                                         "preview": "none"}))
+    rerolled = np.asarray(Image.open(io.BytesIO(again.result.images[0])).convert("RGB")).astype(int)
+    assert (rerolled[~inside] == out[~inside]).all() and (rerolled[~inside] == src[~inside]).all()
+    assert np.abs(rerolled[inside] - out[inside]).mean() > 5  # the painted part: resampled
+    p2, packed2 = read_png_info(again.result.images[0])
+    assert p2["rerolled_edit"] == "inpaint" and p2["prompt"] == "green hills" and p2["keep_scales"] == 3
+    from studio.infinity import unpack_bits
+    bits, bits2 = (unpack_bits(b, params["bit_scales"], params["bits_per_position"]) for b in (packed, packed2))
+    cells = np.zeros((16, 16), bool)
+    cells[6:10, 6:10] = True  # the 64 px square's latent cells (16 px each)
+    assert torch.equal(bits2[-1][0][~cells], bits[-1][0][~cells]) and not torch.equal(bits2[-1], bits[-1])
+    assert all(torch.equal(a, b) for a, b in zip(bits2[:3], bits[:3]))
 
     # out-painting: the canvas in-painted where it is new, at the official size nearest its shape
     view = _done(pool.submit("outpaint", {"image": buf.getvalue(), "right": 256, "mask_blur": 0, "prompt": "snow",

@@ -1139,7 +1139,10 @@ class InfinityJob(RunningJob):
             if out.prompts and i < len(out.prompts):
                 params["prompt"] = out.prompts[i]
             packed = pack_bits([b[i] for b in out.tokens])
-            data = encode_png(picture, params, packed, extras)
+            more = dict(extras or {})
+            if getattr(out, "edit", None) is not None:  # an edit: where it is, for a re-roll that keeps the rest
+                more["edit"] = out.edit.record()
+            data = encode_png(picture, params, packed, more or None)
             path, save_error = _saved(folder, f"{stamp}_{self.kind}_s{params['seed']}_{self.id[:6]}_{i}", data,
                                       self.id, save_error)
             images.append(data)
@@ -1196,7 +1199,9 @@ def _infinity_guide(job: InfinityJob, p: P.GuideParams) -> JobResult:
 
 def _infinity_reroll(job: InfinityJob, p: P.RerollParams) -> JobResult:
     """Keep the first k scales of a studio PNG's bits and resample the rest, with the PNG's prompt
-    (and negative prompt and temperature) unless the job gives its own."""
+    (and negative prompt and temperature) unless the job gives its own. An in- or out-painting's
+    re-roll keeps the edit's known region: after scale k only the bits under its mask are resampled,
+    and the new picture is pasted over the PNG's with the edit's feathered mask (InpaintPlan record)."""
     src, packed = studio_png(p.source_png)
     if src.get("family") != "infinity" or packed is None or "bit_scales" not in src:
         raise UserError("this image holds no Infinity bit pyramid: only pictures a text-to-image model of the studio "
@@ -1214,8 +1219,16 @@ def _infinity_reroll(job: InfinityJob, p: P.RerollParams) -> JobResult:
     if p.tau is None and isinstance(src.get("tau"), (int, float)):
         job.sampling["tau"] = job.record["tau"] = float(src["tau"])
     job.record.update(prompt=text["prompt"], negative_prompt=text["negative_prompt"] or "")
-    out = job.pipe.reroll(bits, from_scale=keep, callback_on_scale_end=job.on_scale, **text, **job.sampling)
-    return job.finish(out, dict(keep_scales=keep, rerolled_from_seed=src.get("seed")))
+    record, edit = dict(keep_scales=keep, rerolled_from_seed=src.get("seed")), None
+    extras = read_png_extras(bytes(p.source_png))
+    if "edit" in extras:
+        try:
+            edit = editing.InpaintPlan.from_record(open_image(bytes(p.source_png), "image to re-roll"), extras["edit"])
+        except (KeyError, ValueError) as e:
+            raise UserError(f"the edit stored with this image cannot be read ({e})") from e
+        record.update(rerolled_edit=src.get("rerolled_edit", src.get("task")))
+    out = job.pipe.reroll(bits, from_scale=keep, edit=edit, callback_on_scale_end=job.on_scale, **text, **job.sampling)
+    return job.finish(out, record)
 
 
 def _no_control(job: InfinityJob, p) -> JobResult:
