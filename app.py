@@ -4,6 +4,7 @@
     python app.py --model weights/:d16 --model weights/:d30 --device cuda:0 --device cuda:1
     python app.py --model my_bundle/ --preview full --outputs ~/var-outputs
     python app.py --host 0.0.0.0 --auth alice:secret     # beyond loopback a login is required
+    python app.py --model weights/infinity-2b --text-encoder weights/flan-t5-xl   # text-to-image, T5 from a folder
 
 Limits, auth and where outputs go: docs/operations.md.
 
@@ -30,6 +31,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--model", action="append", default=None, metavar="SOURCE",
                     help="a folder of official weights (folder:d16 picks the depth), one of our bundles or a hub id; "
                          "repeat for several models (default: the embedded model)")
+    ap.add_argument("--text-encoder", default=None, metavar="PATH_OR_HUB_ID",
+                    help="the T5 text encoder of the Infinity models: a folder (flan-t5-xl saved with transformers) "
+                         "or a hub id (default: a T5 folder inside the model's folder, else google/flan-t5-xl from "
+                         "the Hugging Face cache, or the hub when online); checked at start")
     ap.add_argument("--device", action="append", default=None,
                     help="cpu, cuda, cuda:1 ...; repeat for one worker per device (default: cuda if present, else cpu)")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
@@ -75,10 +80,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def model_specs(sources: Optional[List[str]]) -> List[ModelSpec]:
-    """--model values -> named models (the names fill the model dropdown)."""
+def model_specs(sources: Optional[List[str]], text_encoder: Optional[str] = None) -> List[ModelSpec]:
+    """--model values -> named models (the names fill the model dropdown); --text-encoder goes with
+    each (an Infinity model reads it, the others ignore it)."""
     if not sources:
-        return [ModelSpec("default", None)]
+        return [ModelSpec("default", None, text_encoder)]
     specs, used = [], set()
     for src in sources:
         m = re.match(r"^(.*?)(?::(d\d+))?$", src)
@@ -91,13 +97,13 @@ def model_specs(sources: Optional[List[str]]) -> List[ModelSpec]:
         while unique in used:
             unique, k = f"{name} ({k})", k + 1
         used.add(unique)
-        specs.append(ModelSpec(unique, src))
+        specs.append(ModelSpec(unique, src, text_encoder))
     return specs
 
 
 def create_pool(args: argparse.Namespace, limits: Optional[Limits] = None) -> WorkerPool:
     """The worker pool of the flags; its workers hold every job to the same --max-* limits as the page."""
-    return WorkerPool(model_specs(args.model), devices=args.device or ["auto"], outputs=args.outputs,
+    return WorkerPool(model_specs(args.model, args.text_encoder), devices=args.device or ["auto"], outputs=args.outputs,
                       preview=args.preview, scale_delay=args.scale_delay, torch_threads=args.threads,
                       batching=args.batching, max_batch_images=args.max_batch, max_queued_per_session=args.max_queued,
                       job_timeout=args.job_timeout, heartbeat_timeout=args.heartbeat_timeout,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,6 +318,13 @@ def load_infinity_models(folder: Path, materialize: bool = True) -> Tuple[Infini
 # the text encoder (flan-t5-xl's encoder through transformers)
 
 DEFAULT_TEXT_ENCODER = "google/flan-t5-xl"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # "owner/name" or "name"
+
+
+def hub_offline() -> bool:
+    """The Hugging Face hub may not be reached (HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 class TextEncoder:
@@ -347,6 +355,36 @@ class TextEncoder:
                 f"(text_encoder=... / --text-encoder), or give prompt_embeds") from e
         self.tokenizer.model_max_length = 512
         self.model.to("cpu" if self.offload else self.device).eval().requires_grad_(False)
+
+    def check(self) -> str:
+        """Fail now, in words, when the encoder cannot be had (it loads at the first prompt; a server
+        checks at start): a folder must exist and hold a transformers config; a hub id must be in the
+        local Hugging Face cache when the hub is offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE).
+        Returns where it will come from, in words."""
+        if self.model is not None:
+            return f"{self.source} (loaded)"
+        path = Path(os.path.expanduser(self.source))
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise UserError(f"the text encoder folder {path} has no config.json: give the folder of a T5 encoder "
+                                f"({DEFAULT_TEXT_ENCODER} saved with transformers) or its hub id")
+            return f"the folder {path}"
+        if not _HUB_ID.match(self.source) or path.exists():
+            raise UserError(f"the text encoder {self.source!r} is not a folder (no such folder) nor a hub id; give the "
+                            f"folder of {DEFAULT_TEXT_ENCODER} (a T5 encoder saved with transformers) or its hub id")
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            cached = isinstance(try_to_load_from_cache(self.source, "config.json"), str)
+        except Exception:  # an unusual cache: the first prompt's load says what is wrong
+            cached = False
+        if cached:
+            return f"{self.source} from the local Hugging Face cache"
+        if hub_offline():
+            raise UserError(f"the text encoder {self.source} is not in the local Hugging Face cache and the hub is "
+                            f"offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE): download {self.source} on a connected "
+                            "machine (huggingface-cli download ...) and pass its folder with --text-encoder, or allow "
+                            "the download")
+        return f"{self.source}, downloaded from the Hugging Face hub at the first prompt"
 
     @torch.no_grad()
     def features(self, prompt: str) -> torch.Tensor:

@@ -308,7 +308,7 @@ def test_folder_without_infinity_files_is_refused(tmp_path):
 # the text encoder: a tiny random T5 and a tokenizer built offline
 
 
-def _tiny_t5(folder: Path, d_model=128) -> Path:
+def _tiny_t5(folder: Path, d_model=128, seed=0) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
@@ -318,7 +318,7 @@ def _tiny_t5(folder: Path, d_model=128) -> Path:
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = T5Config(vocab_size=len(vocab), d_model=d_model, d_kv=16, d_ff=64, num_layers=1, num_heads=2)
     T5EncoderModel(cfg).save_pretrained(folder)
     return folder
@@ -350,6 +350,20 @@ def test_missing_text_encoder_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="cannot load the text encoder.*prompt_embeds"):
         TextEncoder(tmp_path / "no-such-t5").encode(["a fox"])
 
+
+def test_the_text_encoder_is_checked_before_the_first_prompt(tmp_path, monkeypatch):
+    """Where T5 comes from is checked without loading it: a folder with a config, or a hub id that is in
+    the local cache when the hub is offline; otherwise a message that says what to do."""
+    assert str(tmp_path / "t5") in TextEncoder(_tiny_t5(tmp_path / "t5")).check()
+    with pytest.raises(UserError, match="no such folder"):
+        TextEncoder(tmp_path / "no-such-t5").check()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no config.json"):
+        TextEncoder(tmp_path / "empty").check()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="nobody/no-such-t5 is not in the local Hugging Face cache and the hub is "
+                                        "offline .* pass its folder with --text-encoder"):
+        TextEncoder("nobody/no-such-t5").check()
 
 # ---------------------------------------------------------------------------------------------
 # editing: forcing the known bits under a mask, re-roll from a scale

@@ -34,8 +34,14 @@ def infinity_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pool(infinity_folder, tmp_path_factory):
-    p = WorkerPool([ModelSpec("infinity", str(infinity_folder))], devices=["cpu"],
+def other_t5(tmp_path_factory):
+    """Another tiny T5 (other weights) than the one inside the model's folder: the pool's --text-encoder."""
+    return _tiny_t5(tmp_path_factory.mktemp("other_t5"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def pool(infinity_folder, other_t5, tmp_path_factory):
+    p = WorkerPool([ModelSpec("infinity", str(infinity_folder), text_encoder=str(other_t5))], devices=["cpu"],
                    outputs=tmp_path_factory.mktemp("outputs"), preview="full", torch_threads=1)
     with p:
         yield p
@@ -73,7 +79,7 @@ def test_a_prompt_streams_every_scale_and_the_png_holds_it(pool):
     # the packed pyramid is the pipeline's: the same seed and prompt through InfinityPipeline directly
     from studio.infinity import InfinityPipeline, unpack_bits
     bits = unpack_bits(packed, params["bit_scales"], params["bits_per_position"])
-    pipe = InfinityPipeline.from_pretrained(pool.model_specs[0].source)
+    pipe = InfinityPipeline.from_pretrained(pool.model_specs[0].source, text_encoder=pool.model_specs[0].text_encoder)
     ref = pipe(prompt="a red fox in the snow", negative_prompt="blue sky", aspect_ratio="2:1", guidance_scale=3.0,
                top_p=0.97, top_k=900, generator=torch.Generator().manual_seed(5), output_type="pt")
     assert all(torch.equal(a, b) for a, b in zip(bits, ref.tokens))
@@ -240,3 +246,38 @@ def test_choosing_a_model_shows_prompts_or_classes():
     assert (inf["guidance"]["value"], inf["top_p"]["value"], inf["top_k"]["maximum"]) == (3.0, 0.97, 2)
     assert not var["gen_text"].visible and var["gen_class"]["visible"] and var["more_smooth"]["visible"]
     assert (var["guidance"]["value"], var["top_p"]["value"]) == (P.Sampling.guidance_scale, P.Sampling.top_p)
+
+
+def test_app_takes_the_text_encoder_from_the_command_line(pool, infinity_folder, other_t5, tmp_path, monkeypatch):
+    """app.py --text-encoder PATH reaches the worker, whose prompts are then encoded by that T5, not by the one
+    inside the model's folder (the pool runs with other_t5, as --text-encoder makes it); a hub id that is not
+    cached while the hub is offline stops the worker's start with a message saying so (app.py prints it and
+    exits with code 2)."""
+    import multiprocessing
+
+    import app
+    from studio.infinity import InfinityPipeline, unpack_bits
+    from studio.serve.runner import worker_main
+
+    flags = ["--model", str(infinity_folder), "--text-encoder", str(other_t5)]
+    spec = app.create_pool(app.parse_args(flags)).model_specs[0]  # (not started)
+    assert (spec.source, spec.text_encoder) == (pool.model_specs[0].source, pool.model_specs[0].text_encoder)
+    view = _done(pool.submit("generate", {"prompt": "a red fox", "seed": 3, "preview": "none"}))
+    params, packed = read_png_info(view.result.images[0])
+    bits = unpack_bits(packed, params["bit_scales"], params["bits_per_position"])
+    settings = dict({k: params[k] for k in ("guidance_scale", "tau", "top_k", "top_p")}, prompt="a red fox",
+                    output_type="pt")
+    given = InfinityPipeline.from_pretrained(infinity_folder, text_encoder=other_t5)(
+        generator=torch.Generator().manual_seed(3), **settings)
+    inside = InfinityPipeline.from_pretrained(infinity_folder)(generator=torch.Generator().manual_seed(3), **settings)
+    assert all(torch.equal(a, b) for a, b in zip(bits, given.tokens))
+    assert not torch.equal(bits[-1], inside.tokens[-1])  # the folder's own T5 would have made another image
+
+    # the worker's start (here in this process, as the pool's child runs it) refuses a missing encoder in words
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    parent, child = multiprocessing.Pipe()
+    spec = app.model_specs([str(infinity_folder)], "nobody/no-such-t5")[0]
+    worker_main(dict(device="cpu", torch_threads=1, models=[(spec.name, spec.source)], preview="none", preview_size=64,
+                     text_encoders={spec.name: spec.text_encoder}), child, None)
+    kind, why = parent.recv()
+    assert kind == "fatal" and "nobody/no-such-t5 is not in the local Hugging Face cache and the hub is offline" in why

@@ -486,6 +486,7 @@ class _Slot:
         heartbeat = p._ctx.RawValue("d", time.monotonic())
         cpu_workers = sum(1 for d in p.devices if d in ("cpu", "auto"))
         config = dict(device=self.device, models=[(m.name, m.source) for m in p.model_specs],
+                      text_encoders={m.name: m.text_encoder for m in p.model_specs if m.text_encoder},
                       outputs=str(p.outputs), preview=p.preview, preview_size=p.preview_size,
                       scale_delay=p.scale_delay, torch_threads=p.torch_threads, worker_index=self.index,
                       cpu_workers=cpu_workers, limits=p.limits.as_dict())

@@ -31,6 +31,9 @@ class WorkerError(RuntimeError):
 class ModelSpec:
     name: str  # shown in the UI's model dropdown
     source: Optional[str]  # VARPipeline.from_pretrained's argument (None: the embedded default)
+    # an Infinity model's T5 text encoder: a folder or a hub id (None: a T5 folder inside the weights
+    # folder, else google/flan-t5-xl from the Hugging Face cache or hub); ignored by other models
+    text_encoder: Optional[str] = None
 
 
 @dataclass(frozen=True)

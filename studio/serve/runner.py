@@ -70,7 +70,9 @@ def worker_main(config: dict, conn, cancel_cell, heartbeat=None) -> None:
             text_to_image = bool(source) and is_infinity_folder(source)  # the family, from the folder's files
             try:
                 if text_to_image:
-                    pipes[name] = InfinityPipeline.from_pretrained(source, device=device)
+                    pipes[name] = InfinityPipeline.from_pretrained(
+                        source, device=device, text_encoder=(config.get("text_encoders") or {}).get(name))
+                    log.info("model %s: text encoder %s", name, pipes[name].text_encoder.check())  # missing: fatal now
                 else:
                     pipes[name] = VARPipeline.from_pretrained(source, device=device)
             except Exception as e:
