@@ -14,13 +14,16 @@ from studio.pngmeta import read_png_info
 from test_app import start_app
 from test_browser import ARGS, ARTIFACTS, WATCH, chromium  # noqa: F401 (the fixture)
 from test_infinity_serve import SQUARE_SCALES, infinity_folder  # noqa: F401 (the fixture)
+from test_worker import tiny_bundle  # noqa: F401 (the fixture)
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
 
 @pytest.fixture(scope="module")
-def app(infinity_folder, tmp_path_factory):  # noqa: F811
-    served = start_app(infinity_folder, tmp_path_factory.mktemp("outputs"), "--scale-delay", "0.2")
+def app(infinity_folder, tiny_bundle, tmp_path_factory):  # noqa: F811
+    # a tiny class-conditional VAR beside it (second in the menu): the API's left-out settings follow the model
+    served = start_app(infinity_folder, tmp_path_factory.mktemp("outputs"), "--scale-delay", "0.2",
+                       "--model", str(tiny_bundle))
     yield served
     served.demo.close()
     served.pool.close()
@@ -123,3 +126,15 @@ def test_the_api_takes_a_prompt_and_refuses_a_class(app):
     selected = final[4]  # (preview, status, scales, result, selected, history, queue note)
     params, _ = read_png_info(Path(selected["path"] if isinstance(selected, dict) else selected).read_bytes())
     assert params["prompt"] == "a dog at night" and (params["height"], params["width"]) == (352, 176)
+
+    # sampling settings left out take the chosen model's published defaults; given ones are kept
+    def settings(final):
+        selected = final[4]
+        p, _ = read_png_info(Path(selected["path"] if isinstance(selected, dict) else selected).read_bytes())
+        return p["guidance_scale"], p["top_k"], p["top_p"]
+
+    assert settings(final) == (3.0, 2, 0.97)  # Infinity's (cfg 3, top-p 0.97; top-k 2 = both choices of a bit)
+    given = client.predict(prompt="a dog", guidance_scale=4.0, top_p=0.5, seed=4, preview="none", api_name="/generate")
+    assert settings(given) == (4.0, 2, 0.5)
+    var = app.pool.model_specs[1].name  # the class-conditional model: VAR's defaults
+    assert settings(client.predict(model=var, seed=1, preview="none", api_name="/generate")) == (4.0, 64, 0.95)

@@ -281,3 +281,40 @@ def test_app_takes_the_text_encoder_from_the_command_line(pool, infinity_folder,
                      text_encoders={spec.name: spec.text_encoder}), child, None)
     kind, why = parent.recv()
     assert kind == "fatal" and "nobody/no-such-t5 is not in the local Hugging Face cache and the hub is offline" in why
+
+
+def test_the_api_gives_left_out_sampling_settings_the_chosen_models_defaults():
+    """On a page whose first model is class-conditional, an API call to the Infinity model that leaves out
+    guidance_scale, top_k or top_p gets Infinity's published defaults (ModelInfo.defaults), not VAR's: the API
+    advertises None for them (gradio_client sends the advertised default of a left-out parameter) and the
+    endpoint fills them from the chosen model; values a caller passes are kept."""
+    import types
+
+    from studio.serve.inputs import sampling
+    from studio.serve.protocol import ModelInfo
+    from studio.serve.ui import Studio, build_ui
+
+    var = ModelInfo("var", "", ["alpine day"], 64, [1, 2, 4], 64)
+    inf = ModelInfo("inf", "", [], 256, [1, 2, 4, 6, 8, 12, 16], 2, family="infinity",
+                    defaults=dict(guidance_scale=3.0, tau=0.5, top_k=2, top_p=0.97))
+    studio = object.__new__(Studio)
+    studio.models, studio.default_model, studio.w = {"var": var, "inf": inf}, "var", types.SimpleNamespace()
+    studio.pool = types.SimpleNamespace(preview="fast", devices=["cpu"])
+    demo = build_ui(studio)
+    w = studio.w
+    assert (w.guidance.value, w.top_p.value) == (P.Sampling.guidance_scale, P.Sampling.top_p)  # the page: VAR's
+    api = demo.get_api_info()["named_endpoints"]
+    for endpoint in ("/generate", "/inpaint", "/outpaint", "/guide", "/reroll"):
+        params = {p["parameter_name"]: p for p in api[endpoint]["parameters"]}
+        for name in ("guidance_scale", "top_k", "top_p"):
+            assert (params[name]["parameter_has_default"], params[name]["parameter_default"]) == (True, None)
+        assert params["seed"]["parameter_default"] == -1  # the others keep theirs
+    assert w.guidance.preprocess(None) is None and w.guidance.preprocess(3.5) == 3.5  # a left-out value reaches it
+
+    def settings(info, *values):
+        out = sampling(info, 0, *values, False, 1, None)
+        return out["guidance_scale"], out["top_k"], out["top_p"]
+
+    assert settings(inf, None, None, None) == (3.0, 2, 0.97)  # Infinity's own
+    assert settings(var, None, None, None) == (P.Sampling.guidance_scale, 64, P.Sampling.top_p)  # VAR's (top-k: 64 tokens)
+    assert settings(inf, 4.0, 1, 0.5) == (4.0, 1, 0.5)  # given: kept

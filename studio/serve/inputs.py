@@ -5,6 +5,7 @@ UserError) before the job waits in the queue. studio.serve.ui wires these to the
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import math
 from pathlib import Path
@@ -34,8 +35,24 @@ def class_label(name, info: ModelInfo) -> str:
     return info.class_names[P.find_class(str(name), info.class_names)]
 
 
+# sampling settings whose default is the model's own: an API caller who leaves one out gets the chosen
+# model's published value (ModelInfo.defaults: Infinity's cfg 3, top-p 0.97 ...), not the first model's
+MODEL_DEFAULTS = ("guidance_scale", "top_k", "top_p")
+
+
+def model_defaults(info: ModelInfo) -> dict:
+    """The model's published sampling defaults (ModelInfo.defaults), else studio.params.Sampling's (VAR's)."""
+    given = getattr(info, "defaults", None) or {}
+    return {name: given.get(name, getattr(P.Sampling, name)) for name in MODEL_DEFAULTS}
+
+
 def sampling(info: ModelInfo, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview) -> dict:
-    """The Sampling accordion's values as job parameters (studio.params checks them with the job)."""
+    """The Sampling accordion's values as job parameters (studio.params checks them with the job).
+    guidance_scale, top_k or top_p None (left out by an API caller): the model's own default."""
+    d = model_defaults(info)
+    guidance_scale = d["guidance_scale"] if guidance_scale is None else guidance_scale
+    top_k = d["top_k"] if top_k is None else top_k
+    top_p = d["top_p"] if top_p is None else top_p
     if isinstance(top_k, (int, float)):
         top_k = min(top_k, info.vocab_size)  # the slider's end is the model's vocabulary: top-k off
     return dict(seed=-1 if seed is None else seed, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
@@ -325,6 +342,34 @@ def readable_inputs(components) -> None:
 
         comp.preprocess = preprocess
         comp._readable = True
+
+
+def api_model_defaults(demo: gr.Blocks, sliders) -> None:
+    """API callers who leave out guidance_scale, top_k or top_p get the chosen model's defaults.
+
+    gradio_client sends a left-out parameter as the default the API advertises, which is the slider's
+    value when the page was built: the first model's. So the API advertises None for these parameters
+    (MODEL_DEFAULTS) in every endpoint, the sliders let None through (the page itself always sends a
+    number), and `sampling` takes None from the model's ModelInfo.defaults."""
+    for comp in sliders:
+        original = comp.preprocess
+
+        def preprocess(payload, _original=original):
+            return None if payload is None else _original(payload)
+
+        comp.preprocess = preprocess
+    original_info = demo.get_api_info
+
+    @functools.wraps(original_info)
+    def get_api_info(*args, **kwargs):
+        info = original_info(*args, **kwargs)
+        for endpoint in list((info or {}).get("named_endpoints", {}).values()):
+            for param in endpoint.get("parameters", []):
+                if param.get("parameter_name") in MODEL_DEFAULTS:
+                    param["parameter_has_default"], param["parameter_default"] = True, None
+        return info
+
+    demo.get_api_info = get_api_info
 
 
 def _bounds(comp) -> str:

@@ -47,7 +47,7 @@ from studio.pngmeta import read_png_info  # noqa: E402
 from studio.serve.inputs import (NO_CLASS, RANDOM_CLASS, blank_layout, class_label, control_map_request,  # noqa: E402
                                  editor_background, editor_composite, editor_mask, editor_value,
                                  guard_uploads, png_bytes, read_upload, readable_inputs, sampling, seg_legend,
-                                 upload_pixels, upload_size)
+                                 upload_pixels, upload_size, api_model_defaults)
 from studio.serve import controls as control_ui  # noqa: E402
 from studio.serve import security  # noqa: E402
 from studio.serve import ui_infinity as text2img  # noqa: E402  (the prompt widgets of text-to-image models)
@@ -679,6 +679,7 @@ def build_ui(studio: Studio) -> gr.Blocks:
         _wire_runs(w, studio)
         _wire_helpers(w, studio, info, demo)
         readable_inputs({c for fn in demo.fns.values() for c in fn.inputs})
+        api_model_defaults(demo, [w.guidance, w.top_k, w.top_p])  # left out by an API caller: the model's own
     return demo
 
 
