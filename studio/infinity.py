@@ -380,10 +380,10 @@ class TextEncoder:
         if cached:
             return f"{self.source} from the local Hugging Face cache"
         if hub_offline():
-            raise UserError(f"the text encoder {self.source} is not in the local Hugging Face cache and the hub is "
-                            f"offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE): download {self.source} on a connected "
-                            "machine (huggingface-cli download ...) and pass its folder with --text-encoder, or allow "
-                            "the download")
+            raise UserError(f"the text encoder {self.source} is no folder here, and as a hub id it is not in the local "
+                            "Hugging Face cache while the hub is offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE): "
+                            f"download {self.source} on a connected machine (huggingface-cli download ...) and pass "
+                            "its folder with --text-encoder, or allow the download")
         return f"{self.source}, downloaded from the Hugging Face hub at the first prompt"
 
     @torch.no_grad()

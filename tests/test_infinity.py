@@ -361,8 +361,9 @@ def test_the_text_encoder_is_checked_before_the_first_prompt(tmp_path, monkeypat
     with pytest.raises(UserError, match="has no config.json"):
         TextEncoder(tmp_path / "empty").check()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserError, match="nobody/no-such-t5 is not in the local Hugging Face cache and the hub is "
-                                        "offline .* pass its folder with --text-encoder"):
+    with pytest.raises(UserError, match="nobody/no-such-t5 is no folder here, and as a hub id it is not in the local "
+                                        "Hugging Face cache while the hub is offline .* pass its folder with "
+                                        "--text-encoder"):
         TextEncoder("nobody/no-such-t5").check()
 
 # ---------------------------------------------------------------------------------------------
