@@ -119,7 +119,7 @@ body:not(.var-running) #stop-btn { background: var(--button-secondary-background
 # - a file dropped on an editor goes to that editor's upload button, whose handler checks and shows it
 #   (the editors' own drop kept the old canvas and sent that);
 # - Ctrl+Enter (Cmd+Enter) presses the run button of the tab in view, Escape presses Stop.
-PAGE_JS = """
+PAGE_JS = r"""
 () => {
     const EDITORS = ['editor', 'guide', 'control-editor'];
     const editorOf = el => { for (const id of EDITORS) { const e = document.getElementById(id);
