@@ -729,8 +729,9 @@ class InfinityPipeline:
                 **kwargs) -> InfinityOutput:
         """Regenerate the white part of `mask_image` with the prompt: the image is resized to the table
         size nearest its aspect ratio and encoded; at every scale the bits whose cells lie outside the
-        mask are forced to the image's, the rest are sampled; the result is pasted back with a
-        `mask_blur`-pixel feather (pixels farther than that from the mask are the input's exactly)."""
+        mask are forced to the image's, the rest are sampled; the result is pasted back as VAR's edits are
+        (InpaintPlan.paste: its colours matched to the picture's along the mask's border, then a
+        `mask_blur`-pixel feather; pixels farther than that from the mask are the input's exactly)."""
         kwargs = self._sampling_kw(kwargs)
         im.check_output_type(output_type)
         arr, sched = self.fit_image(image, pn)
@@ -751,8 +752,8 @@ class InfinityPipeline:
             B = n * kwargs["prompt_embeds"].shape[0]
         known = [(b.expand(B, *b.shape[1:]), k) if k is not None else None for b, k in zip(bits, keeps)]
         out = self(height=sched.height, width=sched.width, known_bits=known, output_type="np", **kwargs)
-        if edit is not None:  # pasted over the picture with the feathered mask
-            out.images = np.stack([im.blend(edit.image, g, edit.alpha) for g in out.images])
+        if edit is not None:  # pasted over the picture as VAR's edits are: seam-matched, then the feathered blend
+            out.images = np.stack([edit.paste(g) for g in out.images])
             out.edit = edit
         out.images = im.float_to_output(out.images.astype(np.float32), output_type)
         return out
@@ -778,7 +779,7 @@ class InfinityPipeline:
         edit: the result was an in- or out-painting (its `out.edit`, or InpaintPlan.from_record on the
         edited picture): every bit is kept up to from_scale, after it only those the edit kept (outside
         the painted area, the same per-scale rule), and the new picture is pasted over the edited one
-        with the edit's feathered mask, so outside the edit the pixels stay exactly as they are."""
+        (seam-matched, with the edit's feathered mask), so outside the edit the pixels stay exactly as they are."""
         kwargs = self._sampling_kw(kwargs)
         H, W = tokens[-1].shape[1:3]
         f = self.vae.cfg.patch_size

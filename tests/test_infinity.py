@@ -398,6 +398,37 @@ def test_inpaint_keeps_the_outside_and_regenerates_the_inside(pipes, fx):
     assert torch.equal(out.tokens[0], enc[0])  # the 1x1 scale is always kept
 
 
+def test_inpaint_paste_is_seam_matched_like_vars(pipes, fx):
+    """The in-painted area is pasted as VAR's edits are (InpaintPlan.paste -> images.seam_matched): on a
+    smooth picture the random tiny model's inside is far off in colour, and the colour step across the
+    mask's left edge (mean colours of 16-row blocks, 4 px just outside the feather vs 4 px just inside
+    it) is much smaller than with the plain feathered blend of the same generation; outside the
+    feather the picture is the input's bit for bit."""
+    from studio import images as im
+
+    pipe, one = pipes["p16"], _one_prompt(fx)
+    yy, xx = np.mgrid[0:256, 0:256].astype(np.float32) / 255
+    pic = np.stack([0.2 + 0.5 * xx, 0.6 - 0.3 * yy, 0.4 + 0.2 * xx * yy], -1).astype(np.float32)
+    mask = np.zeros((256, 256), np.float32)
+    mask[64:192, 128:256] = 1
+    out = pipe.inpaint(pic, mask, mask_blur=4, output_type="np", generator=torch.Generator().manual_seed(1), **one)
+    raw = pipe.reroll(out.tokens, from_scale=len(out.tokens), output_type="np", **one).images[0]  # the decoded result
+    alpha = out.edit.alpha
+    assert (alpha[:, 120:124] == 0).all() and (alpha[68:188, 132:136] == 1).all()  # outside / inside the feather
+    plain = im.blend(pic, raw, alpha)
+
+    def step(x):
+        outside = x[64:192, 120:124].reshape(8, 16 * 4, 3).mean(1)
+        inside = x[64:192, 132:136].reshape(8, 16 * 4, 3).mean(1)
+        return np.abs(outside - inside).mean()
+
+    res = out.images[0]
+    assert step(pic) < 0.02 < 0.1 < step(plain)  # the picture is smooth there; the model's inside is not its colour
+    assert step(res) < 0.75 * step(plain)  # measured: 0.082 vs 0.159
+    assert (res[alpha == 0] == pic[alpha == 0]).all()  # outside: the input's pixels exactly
+    assert np.abs(res - pic)[mask > 0].mean() > 0.05  # inside: still the model's picture, not the input's
+
+
 def test_reroll_from_a_scale_keeps_the_coarse_bits(pipes, fx):
     pipe = pipes["p16"]
     first = pipe(generator=torch.Generator().manual_seed(2), output_type="pt", **_one_prompt(fx))
