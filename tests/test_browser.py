@@ -399,3 +399,60 @@ def test_a_stroke_started_beside_the_picture_paints_from_its_edge(page, app):
     # pixels in on a loaded machine), and runs to the middle
     assert cols.min() < layers[0].shape[1] // 4 and cols.max() >= layers[0].shape[1] // 2 - 4, (cols.min(), cols.max())
     expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)
+
+
+def app_limits():
+    from studio.serve.limits import Limits
+    return Limits()
+
+
+def test_an_upload_above_the_working_size_is_edited_and_pasted_into_the_original(page, app, tmp_path, monkeypatch):
+    """Issue 15, item 10: an upload larger than the working size is downscaled on arrival (here the working
+    size is made 200 px so a small picture stands for a huge one); the in-painting runs on the downscaled
+    picture and its result is pasted into the ORIGINAL at full resolution: outside the edit every pixel is
+    the original's, bit for bit."""
+    from studio.serve import inputs
+    expect = playwright_api.expect
+    monkeypatch.setattr(inputs, "WORKING_SIDE", 200)
+    photo = picture_file(tmp_path, "huge.png", (500, 400), 7)
+    open_tab(page, "Edit", "editor")
+    with page.expect_file_chooser() as chooser:
+        page.click("#editor-upload")
+    chooser.value.set_files(str(photo))
+    expect(page.locator("#editor-note")).to_contain_text("downscaled to 200×160", timeout=60_000)
+    expect(page.locator("#editor-note")).to_contain_text("into the original, full size")
+    canvas = page.locator("#editor canvas").first
+    expect(canvas).to_be_visible(timeout=30_000)
+    page.wait_for_timeout(800)
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    page.locator("#editor button[aria-label='Brush']").click()
+    page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.55, steps=6)
+    page.mouse.up()
+    page.evaluate(JOINS)
+    page.click("#inpaint-btn")
+    page.wait_for_function("window.__joins.length > 0")
+    value = next(v for v in page.evaluate("window.__joins.pop()")["data"] if isinstance(v, dict) and "background" in v)
+    sent = np.asarray(Image.open(value["background"]["path"]).convert("RGB"))
+    working, _ = inputs.read_upload(str(photo), app_limits())
+    assert np.array_equal(sent, np.asarray(working.convert("RGB")))  # exactly the downscaled picture (no WebP)
+    expect(page.locator("#status")).to_contain_text("full size 500×400", timeout=90_000)
+    page.screenshot(path=ARTIFACTS / "13_full_size.png", full_page=True)
+
+    full_path = max(Path(app.outputs).rglob("*_full.png"), key=lambda p: p.stat().st_mtime)
+    working_path = full_path.with_name(full_path.name.replace("_full.png", ".png"))
+    from studio.pngmeta import decode_array, read_png_extras, read_png_parameters
+    assert read_png_parameters(full_path)["working_result"] == working_path.name
+    full, original = np.asarray(Image.open(full_path).convert("RGB")), np.asarray(Image.open(photo).convert("RGB"))
+    assert full.shape == original.shape == (400, 500, 3)
+    alpha = decode_array(read_png_extras(working_path.read_bytes())["edit"]["alpha"]) > 0  # (160, 200): the edit
+    assert alpha.any() and alpha.shape == (160, 200)
+    grown = np.zeros_like(alpha)  # the edit, one working pixel wider (the upscale's reach), at full size
+    for dy in (-2, -1, 0, 1, 2):
+        for dx in (-2, -1, 0, 1, 2):
+            grown |= np.roll(np.roll(alpha, dy, 0), dx, 1)
+    edit = np.repeat(np.repeat(grown, 5, 0), 5, 1)[::2, ::2]  # 160x200 -> 400x500 (x2.5)
+    assert np.array_equal(full[~edit], original[~edit])  # outside the edit: the original, bit for bit
+    assert (full[edit] != original[edit]).any()  # inside it: the in-painting

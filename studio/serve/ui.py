@@ -22,6 +22,7 @@ that do not change per kind live in studio/serve/inputs.py.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import io
@@ -31,7 +32,10 @@ import shutil
 import tempfile
 import threading
 import time
+import json
+import logging
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Set
@@ -39,11 +43,13 @@ from typing import Dict, List, Optional, Set
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, PngImagePlugin  # noqa: E402
 
+from studio import fullsize  # noqa: E402  (PIL and numpy: edits of huge uploads pasted into the original)
 from studio import params as P  # noqa: E402
 from studio.params import UserError  # noqa: E402
-from studio.pngmeta import read_png_info  # noqa: E402
+from studio.pngmeta import (PARAMETERS_CHUNK, decode_array, read_parameters_chunk, read_png_extras,  # noqa: E402
+                            read_png_info)
 from studio.serve.inputs import (NO_CLASS, RANDOM_CLASS, blank_layout, class_label, control_map_request,  # noqa: E402
                                  editor_background, editor_composite, editor_mask, editor_value,
                                  guard_uploads, png_bytes, read_upload, readable_inputs, sampling, seg_legend,
@@ -51,7 +57,7 @@ from studio.serve.inputs import (NO_CLASS, RANDOM_CLASS, blank_layout, class_lab
 from studio.serve import controls as control_ui  # noqa: E402
 from studio.serve import security  # noqa: E402
 from studio.serve import ui_infinity as text2img  # noqa: E402  (the prompt widgets of text-to-image models)
-from studio.serve.outputs import folder_problem  # noqa: E402
+from studio.serve.outputs import SaveError, folder_problem, save_png  # noqa: E402
 from studio.serve import history as output_history  # noqa: E402
 from studio.serve.limits import Limits  # noqa: E402
 from studio.serve.pool import Job, WorkerPool  # noqa: E402
@@ -59,6 +65,7 @@ from studio.serve.protocol import JobView, ModelInfo  # noqa: E402
 from studio.world import SEG_PALETTE  # noqa: E402  (numpy only, no torch)
 
 HISTORY_SIZE = 64
+ORIGINALS_PER_SESSION = 4  # huge uploads kept per browser session (their files stay in the private temp folder)
 # While a job streams, the preview goes out at every scale but the filmstrip at most this often (s): Gradio
 # re-checks and re-copies every picture of a gallery each time it is sent. The last one is always complete.
 FILMSTRIP_INTERVAL = 0.25
@@ -270,7 +277,27 @@ class Studio:
         weakref.finalize(self, shutil.rmtree, str(self.preview_dir), True)
         self._sessions: Dict[str, Set[Job]] = {}
         self._lock = threading.Lock()
+        # per browser session, the huge uploads it downscaled on arrival: an edit of the downscaled picture
+        # is pasted into the original at full resolution (studio.fullsize)
+        self._originals: Dict[str, collections.deque] = {}
         self.w = SimpleNamespace()
+
+    def uploaded(self, path, request: gr.Request = None):
+        """A file from an editor's upload button (or dropped on its canvas) -> the editor's picture and a line;
+        it is checked from its header against the studio's limits before it is decoded, and a file that is
+        not a picture (or over the limits) leaves the editor as it was and says why. A picture downscaled to
+        the working size is kept whole: edits of it are pasted into it at full resolution."""
+        try:
+            picture, line = read_upload(path, self.limits)
+        except UserError as e:
+            text = str(e)
+            return gr.skip(), f"⚠️ {text[:1].upper()}{text[1:]}"
+        with Image.open(path) as opened:
+            size = opened.size  # (the header only)
+        if size != picture.size:
+            self.keep_original(request, path, size, picture)
+            line += "; in-painting and out-painting paste their result into the original, full size"
+        return editor_value(picture), f"✓ {line}"
 
     def info(self, model: Optional[str]) -> ModelInfo:
         if not model:
@@ -305,8 +332,9 @@ class Studio:
                           mask_grow=mask_grow, inpaint_area=inpaint_area, padding=padding,
                           class_name=class_label(class_name, info), **text,
                           **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview))
+            original = self.original_of(request, picture)
             del picture, painted
-            yield from self._run("inpaint", model, values, history, request, sizes)
+            yield from self._run("inpaint", model, values, history, request, sizes, original)
 
     @_errors_in_status
     def outpaint(self, model, image, left, right, top, bottom, mask_blur, class_name, seed, guidance_scale, top_k,
@@ -318,10 +346,13 @@ class Studio:
             sizes = {"image": upload_size(image)}
             self._checked("outpaint", dict(sides, **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth,
                                                               1, preview)), info, sizes)  # windows, before decoding
-            values = dict(image=png_bytes(editor_background(image)), class_name=class_label(class_name, info),
+            picture = editor_background(image)
+            values = dict(image=png_bytes(picture), class_name=class_label(class_name, info),
                           **sides, **text,
                           **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, 1, preview))
-            yield from self._run("outpaint", model, values, history, request, sizes)
+            original = self.original_of(request, picture)
+            del picture
+            yield from self._run("outpaint", model, values, history, request, sizes, original)
 
     @_errors_in_status
     def guide(self, model, guide_image, keep_scales, class_name, seed, guidance_scale, top_k, top_p, more_smooth,
@@ -397,6 +428,10 @@ class Studio:
         info = self.info(model)
         if not image:
             raise gr.Error("Select a result first (click one in Result or History), or drop a studio PNG there.")
+        if (read_parameters_chunk(image) or {}).get("working_result"):  # (its header only: it may be huge)
+            raise gr.Error("This is the full-size copy of an edit, which keeps no token pyramid: re-roll its "
+                           f"working-size result ({read_parameters_chunk(image)['working_result']}, beside it in "
+                           "Result and History).")
         values = dict(source_png=Path(image).read_bytes(), keep_scales=keep_scales,  # checked: an image, in bounds
                       **sampling(info, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview),
                       **text2img.text_values(info, prompt, negative_prompt, tau=tau))
@@ -426,9 +461,11 @@ class Studio:
             raise gr.Error(str(e)) from e
         return p.with_seed() if isinstance(p, P.Sampling) else p  # the seed is known before the job runs
 
-    def _run(self, kind: str, model, values: dict, history, request, sizes: Optional[dict] = None):
+    def _run(self, kind: str, model, values: dict, history, request, sizes: Optional[dict] = None,
+             original: Optional["Original"] = None):
         """Check the form, submit it and stream the job's state (preview, status, filmstrip, result,
-        selected, history) until it ends. Outputs are saved by the worker before they arrive here."""
+        selected, history) until it ends. Outputs are saved by the worker before they arrive here. An edit
+        of a huge upload's downscaled picture (`original`) is then pasted into the original, full size."""
         p = self._checked(kind, values, self.info(model), sizes)
         problem = folder_problem(self.pool.outputs)  # before the work, not after it
         if problem:
@@ -461,7 +498,7 @@ class Studio:
                         strip_sent = time.monotonic()
                     shown = view.latest
                     yield self._progress(view, folder, with_strip)
-            yield from self._finish(job.view(), folder, list(history or []))
+            yield from self._finish(job.view(), folder, list(history or []), original, session)
         finally:
             job.cancel()  # a closed tab or a cancelled event: the worker stops at the next scale
             with self._lock:
@@ -510,7 +547,8 @@ class Studio:
         return [(self._preview_file(u, folder), f"{u.scale_index + 1} · {text2img.scale_text(u)}")
                 for u in view.scales if u.preview]  # previews off: no pictures, status only
 
-    def _finish(self, view: JobView, folder: Path, history: List[str]):
+    def _finish(self, view: JobView, folder: Path, history: List[str], original: Optional["Original"] = None,
+                session: str = ""):
         w = self.w
         strip = self._strip(view, folder)
         out = {w.filmstrip: strip} if strip else {}
@@ -526,6 +564,23 @@ class Studio:
         # an image that could not be saved is still shown (and can be downloaded) from the temp folder
         paths = [p or self._unsaved_file(res.job_id, i, data) for i, (p, data) in enumerate(zip(res.paths, res.images))]
         captions = [f"seed {p['seed']} · {text2img.caption(p)}" for p in res.params]
+        full, full_note = [], ""
+        if original is not None:  # each result pasted into the huge original: a step of its own, with its line
+            for i, (path, data) in enumerate(zip(paths, res.images)):
+                yield {**out, w.status: f"⏳ Pasting result {i + 1} of {len(paths)} into the {original.size[0]}×"
+                                        f"{original.size[1]} original (full resolution)…"}
+                try:
+                    full.append(self._full_size(original, path, data, res.params[i], session))
+                except SaveError as e:  # the outputs folder's trouble, in a user's words
+                    full_note = f" · ⚠️ the full-size copy could not be saved ({e})"
+                    break
+                except (OSError, ValueError, KeyError) as e:  # the original gone, a result without its edit record
+                    logging.getLogger(__name__).exception("full-size paste-back failed")
+                    full_note = f" · ⚠️ the full-size copy could not be made ({type(e).__name__})"
+                    break
+            if full:
+                full_note = (f" · full size {original.size[0]}×{original.size[1]}: `{_short(full[0][0])}`"
+                             + (f" (+{len(full) - 1} more)" if len(full) > 1 else ""))
         history = (list(paths) + [h for h in history if h not in paths])[:HISTORY_SIZE]
         page = self.history_page(0)  # the outputs on disk, this run's first (its page line follows: .change)
         page.pop(w.history_label)
@@ -538,8 +593,68 @@ class Studio:
         else:
             text = (f"✓ Done in {view.elapsed:.1f} s · {seeds} · {text2img.caption(p0)} · saved "
                     f"`{_short(paths[0])}`" + (f" (+{len(paths) - 1} more)" if len(paths) > 1 else ""))
-        yield {**out, w.preview: paths[0], w.status: text, w.results: list(zip(paths, captions)),
+        results = list(zip(paths, captions)) + [(p, f"full size {size[0]}×{size[1]} · {captions[i]}")
+                                                for i, (p, size) in enumerate(full)]
+        yield {**out, w.preview: paths[0], w.status: text + full_note, w.results: results,
                w.selected: paths[0], w.history_state: history, **page}
+
+    # -- huge uploads: kept, and each edit of them pasted into them at full resolution ---------------------------
+    def keep_original(self, request, path: str, size, picture: Image.Image) -> None:
+        """Remember that `picture` (what the editor got) is the upload at `path` (of `size`) downscaled."""
+        session = _session(request)
+        with self._lock:
+            kept = self._originals.setdefault(session, collections.deque(maxlen=ORIGINALS_PER_SESSION))
+            kept.appendleft(Original(str(path), tuple(size), picture.size, fullsize.thumbnail(picture)))
+
+    def original_of(self, request, picture: Image.Image) -> Optional["Original"]:
+        """The huge upload of this session that `picture` (an editor's, as sent) is the downscaled copy of."""
+        with self._lock:
+            kept = list(self._originals.get(_session(request), ()))
+        if not kept:
+            return None
+        candidates = [o for o in kept if o.working == picture.size]
+        if not candidates:
+            return None
+        thumb = fullsize.thumbnail(picture)
+        return next((o for o in candidates if fullsize.same_picture(o.thumb, thumb) and Path(o.path).is_file()), None)
+
+    def forget_session(self, request: gr.Request = None) -> None:
+        """A closed tab: its kept originals go (their files too: they are its uploads)."""
+        with self._lock:
+            kept = self._originals.pop(_session(request), ())
+        for o in kept:
+            if Path(o.path).resolve().is_relative_to(self.temp_dir):
+                Path(o.path).unlink(missing_ok=True)
+
+    def _full_size(self, original: "Original", path: str, data: bytes, params: dict, session: str):
+        """One edit's result (PNG bytes at the working size) pasted into the original; saved beside it as
+        `..._full_i.png` with its parameters. -> (its path, its size). The new picture becomes an original
+        too: an edit of this result, sent to Edit, is pasted into the full-size copy."""
+        working = Image.open(io.BytesIO(data))
+        working.load()
+        with Image.open(original.path) as opened:
+            big = fullsize.flatten(opened)
+        if params.get("task") == "outpaint":
+            out = fullsize.paste_outpaint(big, working, int(params.get("left", 0)), int(params.get("right", 0)),
+                                          int(params.get("top", 0)), int(params.get("bottom", 0)), original.working)
+        else:
+            alpha = decode_array(read_png_extras(data)["edit"]["alpha"]).astype("float32") / 255.0
+            out = fullsize.paste_inpaint(big, working, alpha)
+        del big
+        meta = dict(params, full_size=list(out.size), working_size=list(working.size),
+                    working_result=Path(path).name, original_size=list(original.size))
+        info = PngImagePlugin.PngInfo()
+        info.add_text(PARAMETERS_CHUNK, json.dumps(meta, sort_keys=True))
+        buf = io.BytesIO()
+        out.save(buf, format="PNG", pnginfo=info, compress_level=3)  # no tokens: its working copy re-rolls
+        stem = Path(path).stem
+        folder = Path(path).parent if Path(path).resolve().is_relative_to(self.pool.outputs) else self.pool.outputs
+        saved = save_png(folder, f"{stem}_full", buf.getvalue())  # SaveError says why in a user's words
+        del buf
+        with self._lock:
+            kept = self._originals.setdefault(session, collections.deque(maxlen=ORIGINALS_PER_SESSION))
+            kept.appendleft(Original(str(saved), out.size, working.size, fullsize.thumbnail(working)))
+        return str(saved), out.size
 
     def history_page(self, index=0) -> dict:
         """The History panel at page `index` of the outputs folder (newest first): the pictures with a
@@ -642,6 +757,17 @@ class Studio:
         return out
 
 
+@dataclass
+class Original:
+    """A huge upload, downscaled on arrival: its file (in the instance's private temp folder, or a full-size
+    result in the outputs folder), its size, the size it was edited at, and that picture's thumbnail."""
+
+    path: str
+    size: tuple
+    working: tuple
+    thumb: object  # numpy (studio.fullsize.THUMB, THUMB, 3)
+
+
 def _session(request) -> str:
     return getattr(request, "session_hash", None) or "anonymous"
 
@@ -691,11 +817,15 @@ def _generate_tab(w, info: ModelInfo) -> None:
         w.generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
 
 
+# The editors show a picture the page gives them as PNG (format="png"): Gradio's default, WebP at quality 80,
+# was lossy, so an uploaded picture reached the model changed (mean error 16/255 on a noisy photo).
+
+
 def _edit_tab(w, info: ModelInfo) -> None:
     with gr.Tab("Edit", id="edit"):
         w.edit_upload, w.edit_note = _upload_row("editor")
         w.editor = gr.ImageEditor(
-            label="Image · paint over what to regenerate", type="pil", image_mode="RGBA",
+            label="Image · paint over what to regenerate", type="pil", image_mode="RGBA", format="png",
             sources=(), transforms=(), layers=False, height=420,
             brush=gr.Brush(colors=[("#ff2d78", 0.7)], default_size=12, color_mode="fixed"),
             eraser=gr.Eraser(default_size=16), elem_id="editor")
@@ -739,7 +869,7 @@ def _guide_tab(w, info: ModelInfo) -> None:
                     "scales of its token pyramid (the layout) and paints the finer ones.")
         w.guide_upload, w.guide_note = _upload_row("guide")
         w.guide_editor = gr.ImageEditor(
-            value=Image.new("RGB", (info.resolution,) * 2, "#cfd8df"), label="Guide image",
+            value=Image.new("RGB", (info.resolution,) * 2, "#cfd8df"), label="Guide image", format="png",
             type="pil", image_mode="RGB", sources=(), transforms=(), layers=False,
             height=360, brush=gr.Brush(colors=GUIDE_PALETTE, default_size=max(2, info.resolution // 12)),
             elem_id="guide")
@@ -758,7 +888,7 @@ def _control_tab(w, info: ModelInfo) -> None:
         w.control_upload, w.control_upload_note = _upload_row("control-editor")
         # it opens empty with edges selected: upload a picture, or "New segmentation layout" to paint one
         w.control_editor = gr.ImageEditor(
-            value=None, label="Control image · a picture, or a map",
+            value=None, label="Control image · a picture, or a map", format="png",
             type="pil", image_mode="RGB", sources=(), transforms=(),
             layers=False, height=360, elem_id="control-editor",
             brush=gr.Brush(colors=SEG_BRUSH, default_size=max(2, info.resolution // 16), color_mode="fixed"))
@@ -837,7 +967,8 @@ def _outputs(w, info: ModelInfo) -> None:
         w.queue_note = gr.Markdown("", elem_id="queue-note")
         w.preview = gr.Image(None, label="Live preview", format="jpeg", interactive=False,
                              height=min(2 * info.resolution, 320), elem_id="preview", buttons=["download", "fullscreen"])
-        w.filmstrip = gr.Gallery(label="Scales", columns=S, rows=1, height=76, object_fit="contain",
+        # no buttons: the strip's download button sat over its last tile (a scale's picture is in the preview)
+        w.filmstrip = gr.Gallery(label="Scales", columns=S, rows=1, height=76, object_fit="contain", buttons=[],
                                  allow_preview=False, format="jpeg", fit_columns=False, elem_id="filmstrip")
     w.results = gr.Gallery(label="Result", format="png", columns=4, height=220, object_fit="contain",
                            fit_columns=False, elem_id="results")
@@ -932,7 +1063,7 @@ def _wire_helpers(w, studio: Studio, info: ModelInfo, demo: gr.Blocks) -> None:
                    w.control_end, w.preprocessor, w.canny_row, w.type_guidance, w.map_guidance,
                    *text2img.reuse_outputs(w)], **private)
     area = functools.partial(_area_row, info.resolution)
-    uploaded = functools.partial(_uploaded, studio.limits)
+    uploaded = studio.uploaded
     w.edit_upload.upload(uploaded, w.edit_upload, [w.editor, w.edit_note], **private).then(
         area, w.editor, w.area_row, **private)
     for button, editor, note in ((w.guide_upload, w.guide_editor, w.guide_note),
@@ -944,6 +1075,7 @@ def _wire_helpers(w, studio: Studio, info: ModelInfo, demo: gr.Blocks) -> None:
         if editor is w.editor:
             sent.then(area, w.editor, w.area_row, **private)
     _wire_history(w, studio, demo)
+    demo.unload(studio.forget_session)  # a closed tab: the huge uploads it kept go
 
 
 def _history(w) -> None:
@@ -972,16 +1104,6 @@ def _wire_history(w, studio: Studio, demo: gr.Blocks) -> None:
                      w.history_label, **private)
 
 
-def _uploaded(limits: Limits, path):
-    """A file from an editor's upload button (or dropped on its canvas) -> the editor's picture and a line;
-    it is checked from its header against the studio's limits before it is decoded, and a file that is
-    not a picture (or over the limits) leaves the editor as it was and says why."""
-    try:
-        picture, line = read_upload(path, limits)
-    except UserError as e:
-        text = str(e)
-        return gr.skip(), f"⚠️ {text[:1].upper()}{text[1:]}"
-    return editor_value(picture), f"✓ {line}"
 
 
 def _area_row(resolution: int, value):
