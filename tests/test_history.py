@@ -7,6 +7,7 @@ from PIL import Image
 
 from studio.pngmeta import encode_png, read_parameters_chunk
 from studio.serve import history
+from test_worker import tiny_bundle  # noqa: F401 (the fixture)
 
 
 def _save(path, params, mtime, tokens=True):
@@ -63,3 +64,53 @@ def test_parameters_come_from_the_header_alone(tmp_path):
     Image.new("RGB", (4, 4)).save(other, pnginfo=info)
     for p in (tmp_path / "text.png", other, tmp_path / "missing.png"):
         assert read_parameters_chunk(p) is None
+
+
+def test_a_users_history_holds_their_results_alone(tmp_path):
+    out = tmp_path / "outputs"
+    s = 10 ** 9
+    a1, a2, b1 = (out / "2026-12-01" / f"00000{i}_generate_s{i}_j{i}xxxx_0.png" for i in (1, 2, 3))
+    for i, p in enumerate((a1, a2, b1)):
+        _save(p, {"task": "generate", "seed": i}, (i + 1) * s)
+    history.record_owner(out, "alice", [a1, a2, tmp_path / "elsewhere.png"])  # (a path outside: not noted)
+    history.record_owner(out, "bob ✓", [b1])
+    assert [os.path.basename(p) for p in history.listing(out, "alice")] == [a2.name, a1.name]
+    assert [os.path.basename(p) for p in history.listing(out, "bob ✓")] == [b1.name]
+    assert history.listing(out, "carol") == []
+    assert history.history_page(out, 0, user="carol").label == "No results saved yet."
+    assert len(history.listing(out)) == 3  # no user (no --auth): every result, as before
+    assert not any(".owners" in p for p in history.listing(out))  # the lists themselves are never listed
+
+
+def test_under_auth_each_user_sees_only_their_own_results(tiny_bundle, tmp_path):  # noqa: F811
+    """Issue 15: with --auth every user saw everyone's results in History. Two users sign in and generate;
+    each run's History (and the page loaded afresh) shows that user's results alone."""
+    from gradio_client import Client
+
+    from test_app import free_port
+    import app as app_module
+    from studio.serve import ui
+
+    args = app_module.parse_args(["--model", str(tiny_bundle), "--device", "cpu", "--outputs", str(tmp_path / "out"),
+                                  "--threads", "1", "--preview", "none"])
+    pool = app_module.create_pool(args).start(wait=False)
+    try:
+        pool.wait_ready()
+        studio = ui.Studio(pool)
+        demo = ui.build_ui(studio)
+        _, url, _ = ui.launch(demo, studio, port=free_port(), prevent_thread_lock=True, quiet=True,
+                              auth=[("alice", "a-secret"), ("bob", "b-secret")])
+        try:
+            seen = {}
+            for user, pw, seed in (("alice", "a-secret", 1), ("bob", "b-secret", 2), ("alice", "a-secret", 3)):
+                c = Client(url, auth=(user, pw), verbose=False, download_files=False)
+                out = c.predict(api_name="/generate", seed=seed)
+                assert out[1].startswith("✓ Done"), out[1]
+                seen[user] = [params["seed"] for params in
+                              (read_parameters_chunk(item["image"]["path"]) for item in out[5])]
+            assert seen == {"alice": [3, 1], "bob": [2]}, seen  # newest first, each their own
+            assert len(history.listing(tmp_path / "out")) == 3  # all three are in the folder
+        finally:
+            demo.close()
+    finally:
+        pool.close()

@@ -2,26 +2,37 @@
 
     page = history_page(outputs, 0)          # Page(items=[(path, params), ...], index, pages, total)
     captions = [caption(params, path) for path, params in page.items]
+    record_owner(outputs, "alice", paths)   # under --auth: these results are alice's ...
+    page = history_page(outputs, 0, user="alice")   # ... and her history lists hers alone
 
 The files on disk are the truth, so a reload (or a restart) loses nothing. A listing stats the PNGs
 of the outputs folder and of its folders one level down (the worker writes `YYYY-MM-DD/HHMMSS_kind_
 sSEED_JOBID_i.png`); only the page shown has its parameters read, from each file's header
 (studio.pngmeta.read_parameters_chunk: no pixel decoded, no token chunk inflated). Newest first, with
 the images of one batch in their own order. Hidden files (a save in progress, `.x.part`) are skipped.
-Plain Python.
+
+Whose results: under --auth each signed-in user sees only their own. The web process notes every result
+it shows a user in that user's list, `.owners/<hash of the name>.txt` in the outputs folder (one path
+relative to the folder a line, appended), so it survives a restart too; a listing for a user keeps the
+files of that list. Without --auth (a single-user studio on one's own machine) there is no user and the
+history lists every result in the folder, as before. Plain Python.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Set, Tuple, Union
 
 from studio.pngmeta import read_parameters_chunk
 
 PAGE_SIZE = 24
+OWNERS = ".owners"  # in the outputs folder: each signed-in user's results (hidden: never listed itself)
+_owners_lock = threading.Lock()
 # HHMMSS_kind_sSEED_JOBID_i (or _i-2 after a name clash): one job's images share the stamp and the job id
 _IN_BATCH = re.compile(r"^(?P<stamp>[^_]+)_.*_(?P<job>[^_]+)_(?P<i>\d+)(?:-\d+)?$")
 
@@ -42,9 +53,44 @@ class Page:
                 f"page {self.index + 1} of {self.pages}")
 
 
-def listing(folder: Union[str, Path]) -> List[str]:
+def owners_file(folder: Union[str, Path], user: str) -> Path:
+    """The list of `user`'s results (the name hashed: any user name is a safe file name)."""
+    return Path(folder) / OWNERS / (hashlib.sha256(user.encode("utf-8")).hexdigest()[:32] + ".txt")
+
+
+def record_owner(folder: Union[str, Path], user: str, paths) -> None:
+    """Note `paths` (results in the outputs folder) as `user`'s; paths elsewhere are ignored."""
+    root = Path(folder).resolve()
+    lines = []
+    for p in paths:
+        try:
+            rel = Path(p).resolve().relative_to(root)
+        except (ValueError, OSError):
+            continue
+        lines.append(rel.as_posix() + "\n")
+    if not lines:
+        return
+    target = owners_file(root, user)
+    with _owners_lock:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "a", encoding="utf-8") as f:
+            f.write("".join(lines))
+
+
+def owned(folder: Union[str, Path], user: str) -> Set[str]:
+    """The paths (relative to the outputs folder) noted as `user`'s."""
+    try:
+        text = owners_file(folder, user).read_text(encoding="utf-8")
+    except OSError:
+        return set()
+    return {line for line in text.splitlines() if line}
+
+
+def listing(folder: Union[str, Path], user: Optional[str] = None) -> List[str]:
     """Every PNG in the outputs folder (and its folders one level down), newest first; the images of a
-    batch (saved in a burst, `_0`, `_1` ...) in their order."""
+    batch (saved in a burst, `_0`, `_1` ...) in their order. With a `user` (under --auth), theirs alone."""
+    mine = None if user is None else owned(folder, user)
+    root = str(Path(folder))
     files = []  # (mtime_ns, group, index, path)
     for where in _folders(Path(folder)):
         try:
@@ -53,6 +99,8 @@ def listing(folder: Union[str, Path]) -> List[str]:
             continue
         for e in entries:
             if e.name.startswith(".") or not e.name.lower().endswith(".png"):
+                continue
+            if mine is not None and Path(os.path.relpath(e.path, root)).as_posix() not in mine:
                 continue
             try:
                 if not e.is_file():
@@ -79,9 +127,10 @@ def _folders(folder: Path) -> List[str]:
     return out
 
 
-def history_page(folder: Union[str, Path], index: int = 0, size: int = PAGE_SIZE) -> Page:
-    """Page `index` of the listing (clamped to the pages there are), with each file's parameters."""
-    files = listing(folder)
+def history_page(folder: Union[str, Path], index: int = 0, size: int = PAGE_SIZE, user: Optional[str] = None) -> Page:
+    """Page `index` of the listing (clamped to the pages there are), with each file's parameters; with a
+    `user`, of their results alone."""
+    files = listing(folder, user)
     pages = max(1, -(-len(files) // size))
     index = min(max(int(index or 0), 0), pages - 1)
     chunk = files[index * size:(index + 1) * size]

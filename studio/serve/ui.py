@@ -498,7 +498,7 @@ class Studio:
                         strip_sent = time.monotonic()
                     shown = view.latest
                     yield self._progress(view, folder, with_strip)
-            yield from self._finish(job.view(), folder, list(history or []), original, session)
+            yield from self._finish(job.view(), folder, list(history or []), original, session, _user(request))
         finally:
             job.cancel()  # a closed tab or a cancelled event: the worker stops at the next scale
             with self._lock:
@@ -548,7 +548,7 @@ class Studio:
                 for u in view.scales if u.preview]  # previews off: no pictures, status only
 
     def _finish(self, view: JobView, folder: Path, history: List[str], original: Optional["Original"] = None,
-                session: str = ""):
+                session: str = "", user: Optional[str] = None):
         w = self.w
         strip = self._strip(view, folder)
         out = {w.filmstrip: strip} if strip else {}
@@ -582,7 +582,12 @@ class Studio:
                 full_note = (f" · full size {original.size[0]}×{original.size[1]}: `{_short(full[0][0])}`"
                              + (f" (+{len(full) - 1} more)" if len(full) > 1 else ""))
         history = (list(paths) + [h for h in history if h not in paths])[:HISTORY_SIZE]
-        page = self.history_page(0)  # the outputs on disk, this run's first (its page line follows: .change)
+        if user is not None:  # under --auth: these results are this user's (their history lists theirs alone)
+            try:
+                output_history.record_owner(self.pool.outputs, user, [p for p in res.paths if p] + [p for p, _ in full])
+            except OSError:
+                logging.getLogger(__name__).exception("the results' owner could not be noted")
+        page = self.history_page(0, user=user)  # the outputs on disk, this run's first (its page line follows: .change)
         page.pop(w.history_label)
         seeds = (f"seed {p0['seed']}" if len({p['seed'] for p in res.params}) == 1 else
                  f"seeds {p0['seed']}–{res.params[-1]['seed']}")  # image i has seed + i
@@ -656,10 +661,10 @@ class Studio:
             kept.appendleft(Original(str(saved), out.size, working.size, fullsize.thumbnail(working)))
         return str(saved), out.size
 
-    def history_page(self, index=0) -> dict:
+    def history_page(self, index=0, request: gr.Request = None, user: Optional[str] = None) -> dict:
         """The History panel at page `index` of the outputs folder (newest first): the pictures with a
-        caption each, the page line, the page number."""
-        page = output_history.history_page(self.pool.outputs, index)
+        caption each, the page line, the page number. Under --auth, of the signed-in user's results alone."""
+        page = output_history.history_page(self.pool.outputs, index, user=user or _user(request))
         w = self.w
         return {w.history: [(p, output_history.caption(params, p)) for p, params in page.items],
                 w.history_label: page.label, w.history_page: page.index}
@@ -770,6 +775,12 @@ class Original:
 
 def _session(request) -> str:
     return getattr(request, "session_hash", None) or "anonymous"
+
+
+def _user(request) -> Optional[str]:
+    """The signed-in user under --auth; None without a login (a single-user studio: every result is theirs)."""
+    name = getattr(request, "username", None)
+    return str(name) if name else None
 
 
 def _short(path: str) -> str:
@@ -1095,13 +1106,24 @@ def _history(w) -> None:
 def _wire_history(w, studio: Studio, demo: gr.Blocks) -> None:
     private = dict(api_visibility="private", queue=False)
     shown = [w.history, w.history_label, w.history_page]
-    demo.load(lambda: studio.history_page(0), None, shown, **private)
-    w.history_newer.click(lambda i: studio.history_page(i - 1), w.history_page, shown, **private)
-    w.history_older.click(lambda i: studio.history_page(i + 1), w.history_page, shown, **private)
+    # (each with the request: under --auth a user's history holds their results alone)
+    def first(request: gr.Request):
+        return studio.history_page(0, request)
+
+    def newer(i, request: gr.Request):
+        return studio.history_page(i - 1, request)
+
+    def older(i, request: gr.Request):
+        return studio.history_page(i + 1, request)
+
+    def label(i, request: gr.Request):  # a run shows page 1 (its results first): the page line follows
+        return output_history.history_page(studio.pool.outputs, i, user=_user(request)).label
+
+    demo.load(first, None, shown, **private)
+    w.history_newer.click(newer, w.history_page, shown, **private)
+    w.history_older.click(older, w.history_page, shown, **private)
     w.history_refresh.click(studio.history_page, w.history_page, shown, **private)
-    # a run shows page 1 (its results first): the page line follows
-    w.history.change(lambda i: output_history.history_page(studio.pool.outputs, i).label, w.history_page,
-                     w.history_label, **private)
+    w.history.change(label, w.history_page, w.history_label, **private)
 
 
 
