@@ -98,6 +98,11 @@ CSS = """
   #dock #preview img { max-height: 100px; }
   #dock #filmstrip { height: 56px !important; }
   body { padding-bottom: 40vh; }
+  /* tiles of ~30 px: a caption covered the picture (the status line names the scales) */
+  #dock #filmstrip .caption-label { display: none; }
+  /* an editor's label ran under its toolbar (zoom, undo): it stops short of it */
+  #editor [data-testid="block-label"], #guide [data-testid="block-label"],
+  #control-editor [data-testid="block-label"] { max-width: calc(100% - 200px); overflow: hidden; white-space: nowrap; }
   html { scroll-padding-bottom: 41vh; }  /* a run button scrolled into view stays above the dock */
 }
 #status { min-height: 2.2em; }
@@ -283,21 +288,17 @@ class Studio:
         self.w = SimpleNamespace()
 
     def uploaded(self, path, request: gr.Request = None):
-        """A file from an editor's upload button (or dropped on its canvas) -> the editor's picture and a line;
-        it is checked from its header against the studio's limits before it is decoded, and a file that is
-        not a picture (or over the limits) leaves the editor as it was and says why. A picture downscaled to
-        the working size is kept whole: edits of it are pasted into it at full resolution."""
-        try:
-            picture, line = read_upload(path, self.limits)
-        except UserError as e:
-            text = str(e)
-            return gr.skip(), f"⚠️ {text[:1].upper()}{text[1:]}"
-        with Image.open(path) as opened:
-            size = opened.size  # (the header only)
-        if size != picture.size:
-            self.keep_original(request, path, size, picture)
-            line += "; in-painting and out-painting paste their result into the original, full size"
-        return editor_value(picture), f"✓ {line}"
+        """An editor's upload (see _uploaded); a picture downscaled to the working size is kept whole: an
+        in- or out-painting of it is pasted into it at full resolution."""
+        value, note = _uploaded(self.limits, path)
+        if isinstance(value, dict):
+            picture = value["background"]
+            with Image.open(path) as opened:
+                size = opened.size  # (the header only)
+            if size != picture.size:
+                self.keep_original(request, path, size, picture)
+                note += "; in-painting and out-painting paste their result into the original, full size"
+        return value, note
 
     def info(self, model: Optional[str]) -> ModelInfo:
         if not model:
@@ -1126,6 +1127,18 @@ def _wire_history(w, studio: Studio, demo: gr.Blocks) -> None:
     w.history.change(label, w.history_page, w.history_label, **private)
 
 
+
+
+def _uploaded(limits: Limits, path):
+    """A file from an editor's upload button (or dropped on its canvas) -> the editor's picture and a line;
+    it is checked from its header against the studio's limits before it is decoded, and a file that is
+    not a picture (or over the limits) leaves the editor as it was and says why."""
+    try:
+        picture, line = read_upload(path, limits)
+    except UserError as e:
+        text = str(e)
+        return gr.skip(), f"⚠️ {text[:1].upper()}{text[1:]}"
+    return editor_value(picture), f"✓ {line}"
 
 
 def _area_row(resolution: int, value):
