@@ -291,7 +291,7 @@ class Studio:
         """An editor's upload (see _uploaded); a picture downscaled to the working size is kept whole: an
         in- or out-painting of it is pasted into it at full resolution."""
         value, note = _uploaded(self.limits, path)
-        if isinstance(value, dict):
+        if isinstance(value, dict) and "background" in value:  # (not a skip: a picture arrived)
             picture = value["background"]
             with Image.open(path) as opened:
                 size = opened.size  # (the header only)
