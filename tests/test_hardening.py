@@ -440,3 +440,37 @@ def test_an_editors_upload_button_is_checked_against_the_limits_before_it_is_dec
     fake.write_text("not a picture")
     value, note = _uploaded(Limits(), str(fake))
     assert value == gr.skip() and "could not be read as an image" in note
+
+
+def test_the_session_cookie_lives_as_long_as_the_files_it_reads(tmp_path):
+    """Not until the browser closes: Max-Age is the temp files' lifetime (the page's delete_cache), set
+    on the first answer and renewed on a page load or a job, never on the other requests."""
+    from http.cookies import SimpleCookie
+
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from studio.serve import security
+
+    def ok(request):
+        return PlainTextResponse("ok")
+
+    app = security.FileGuard(Starlette(routes=[Route("/", ok), Route("/gradio_api/info", ok),
+                                               Route("/gradio_api/queue/join", ok, methods=["POST"])]),
+                             roots=[tmp_path])
+    browser = TestClient(app)
+
+    def cookie(response):
+        jar = SimpleCookie(response.headers.get("set-cookie", ""))
+        return jar.get(security.SESSION_COOKIE)
+
+    first = cookie(browser.get("/"))
+    assert first is not None and first["max-age"] == str(security.FILE_LIFETIME_S) == "86400"
+    assert first["httponly"] and first["samesite"] == "Lax"
+    assert cookie(browser.get("/gradio_api/info")) is None  # other requests leave it as it is
+    for again in (browser.get("/"), browser.post("/gradio_api/queue/join", json={"data": []})):
+        renewed = cookie(again)
+        assert renewed is not None and renewed.value == first.value, again.headers
+        assert renewed["max-age"] == "86400"

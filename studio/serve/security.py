@@ -12,7 +12,7 @@
   shows), always with nosniff; anything else (another instance's files, the outputs folder, HTML,
   a URL to fetch) gets 403. And only to the browser session the file was sent to or came from
   (or, with --auth, to the same user): every browser gets a session cookie (var-studio-session,
-  HttpOnly), the guard notes the temp files named in what the server sends each session (results,
+  HttpOnly, living as long as the temp files: FILE_LIFETIME_S, renewed at each page load and job), the guard notes the temp files named in what the server sends each session (results,
   previews, uploads: FileOwners), and refuses a file to anyone else, also as a job's input (a
   session cannot have another's result sent back to it by passing its path). Files named in the
   page's config are everyone's.
@@ -111,6 +111,10 @@ class HostCheck:
 
 
 SESSION_COOKIE = "var-studio-session"
+# how long the temp folder keeps a file (Gradio's delete_cache, set by studio.serve.ui.build_ui), and
+# so how long a session cookie lives: the files it may read are gone by then. Renewed at each page
+# load and job, so a file is readable for its whole life from the job that made it.
+FILE_LIFETIME_S = 86400
 _SESSION_VALUE = re.compile(r"^[A-Za-z0-9_-]{20,64}$")
 PUBLIC = "*"  # the owner of files named in the page's config: everyone's
 
@@ -184,10 +188,21 @@ class FileGuard:
     INPUT_ROUTES = ("/gradio_api/queue/join", "/gradio_api/call/", "/gradio_api/run/", "/gradio_api/api/")
     MAX_INPUT_BODY = 4 * 1024 * 1024  # a job's request (its files are uploaded apart): JSON of a few kB
 
-    def __init__(self, app, roots: Iterable[Path]):
+    def __init__(self, app, roots: Iterable[Path], max_age: int = FILE_LIFETIME_S):
         self.app = app
         self.roots = [Path(r).resolve() for r in roots]
         self.owners = FileOwners(self.roots)
+        self.max_age = int(max_age)
+
+    def _renews(self, scope, path: str) -> Optional[str]:
+        """The session whose cookie this answer sets again (a page load or a job's request), so that
+        it outlives the files that request makes by their lifetime; None for other requests."""
+        page = scope.get("method") == "GET" and path.rstrip("/") == scope.get("root_path", "").rstrip("/")
+        job = scope.get("method") == "POST" and any(path.startswith(r) or r in path for r in self.INPUT_ROUTES)
+        if not (page or job):
+            return None
+        jar = _cookies(scope)
+        return jar[SESSION_COOKIE].value if SESSION_COOKIE in jar else None
 
     def allowed(self, raw: str) -> bool:
         text = unquote(raw)
@@ -209,9 +224,12 @@ class FileGuard:
         owners = _owners_of(scope)
         path = scope.get("path", "")
 
+        renew = new_session or self._renews(scope, path)
+
         async def send_with_cookie(message):
-            if new_session and message["type"] == "http.response.start":
-                cookie = f"{SESSION_COOKIE}={new_session}; Path=/; HttpOnly; SameSite=Lax".encode()
+            if renew and message["type"] == "http.response.start":
+                cookie = (f"{SESSION_COOKIE}={renew}; Path=/; Max-Age={self.max_age}; HttpOnly; "
+                          "SameSite=Lax").encode()
                 message = dict(message, headers=[*message.get("headers", []), (b"set-cookie", cookie)])
             await send(message)
 

@@ -796,7 +796,7 @@ def _short(path: str) -> str:
 def build_ui(studio: Studio) -> gr.Blocks:
     info = studio.info(None)
     w = studio.w
-    with gr.Blocks(title="VAR Studio", delete_cache=(3600, 86400)) as demo:
+    with gr.Blocks(title="VAR Studio", delete_cache=(3600, security.FILE_LIFETIME_S)) as demo:
         w.history_state = gr.State([])
         gr.Markdown("## VAR Studio\nA VAR model paints coarse to fine: 1×1 tokens, then 2×2, 3×3 … up to "
                     f"{info.patch_nums[-1]}×{info.patch_nums[-1]}. Watch every scale arrive, stop it, "
