@@ -15,7 +15,11 @@ seeds in both runs) and the app's default preview. Bounded: every round ends aft
 - p50 / p95 latency: from submit to the final image, over every job of the round;
 - first preview p50: from submit to the first streamed preview picture;
 - x off: jobs/min relative to the same number of clients without batching;
-- RSS: the app and its workers' resident memory after the round.
+- RSS: the app and its workers' resident memory after the round;
+- CPU s/job: processor time (user + system) per finished job spent in the web process (Gradio,
+  the page's handlers, streaming), in the workers (the model) and in this benchmark's own clients,
+  over the round: where a job's time goes outside the model (`python -m lab.bench_batch_stages`
+  splits the worker's part into stages).
 
 --soak N runs one app (batching on) instead: --soak-clients clients share N small generations
 (one image, no preview, fixed seeds) and the web process's and the workers' resident memory is
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import threading
@@ -50,6 +55,7 @@ class Round:
     latencies: List[float]
     first_previews: List[float]
     rss_mb: Optional[float]
+    cpu: Tuple[Optional[float], Optional[float], float] = (None, None, 0.0)  # web, workers, clients: seconds
 
     @property
     def jobs_per_min(self) -> float:
@@ -74,11 +80,28 @@ def tree_rss_mb(pid: int) -> Optional[float]:
         return None
 
 
+def app_cpu_s(pid: int) -> Tuple[Optional[float], Optional[float]]:
+    """(the web process's CPU seconds, its workers' summed), user + system, since they started."""
+    try:
+        import psutil
+        root = psutil.Process(pid)
+        workers = [c for c in root.children(recursive=True)
+                   if "resource_tracker" not in " ".join(c.cmdline())]
+
+        def cpu(p):
+            t = p.cpu_times()
+            return t.user + t.system
+        return cpu(root), sum(cpu(c) for c in workers)
+    except Exception:
+        return None, None
+
+
 def run_round(app: AppProcess, batching: bool, clients: int, jobs: int, class_name: str, timeout: float,
               log=print) -> Round:
     from gradio_client import Client
 
     made = [Client(app.url, verbose=False, download_files=False) for _ in range(clients)]
+    cpu0, own0 = app_cpu_s(app.proc.pid) if app.proc else (None, None), time.process_time()
     latencies, firsts, failed, lock = [], [], [0], threading.Lock()
     submitted: List[list] = [[] for _ in range(clients)]
     deadline = time.monotonic() + timeout
@@ -107,10 +130,12 @@ def run_round(app: AppProcess, batching: bool, clients: int, jobs: int, class_na
     for t in threads:
         t.join(max(1.0, deadline - time.monotonic() + 30))
     seconds = time.perf_counter() - t0
+    cpu1, own1 = app_cpu_s(app.proc.pid) if app.proc else (None, None), time.process_time()
     for c, js in zip(made, submitted):
         close_client(c, js[-1:])
+    cpu = tuple(None if a is None or b is None else b - a for a, b in zip(cpu0, cpu1)) + (own1 - own0,)
     return Round(batching, clients, len(latencies), failed[0], seconds, latencies, firsts,
-                 tree_rss_mb(app.proc.pid) if app.proc else None)
+                 tree_rss_mb(app.proc.pid) if app.proc else None, cpu)
 
 
 def app_rss_mb(pid: int) -> Tuple[Optional[float], Optional[float]]:
@@ -240,7 +265,7 @@ def format_soak(samples: Sequence[Sample]) -> str:
 def format_table(rounds: Sequence[Round]) -> str:
     base = {r.clients: r.jobs_per_min for r in rounds if not r.batching}
     head = ["batching", "clients", "jobs", "failed", "jobs/min", "p50 s", "p95 s", "1st preview p50 s", "x off",
-            "RSS MB"]
+            "RSS MB", "CPU s/job: web", "workers", "clients"]
     rows = [head]
     for r in rounds:
         def sec(v):
@@ -249,7 +274,8 @@ def format_table(rounds: Sequence[Round]) -> str:
         rows.append(["on" if r.batching else "off", str(r.clients), str(r.jobs), str(r.failed),
                      f"{r.jobs_per_min:.1f}", sec(_pct(r.latencies, 0.5)), sec(_pct(r.latencies, 0.95)),
                      sec(statistics.median(r.first_previews) if r.first_previews else None),
-                     "-" if ratio is None else f"{ratio:.2f}x", "-" if r.rss_mb is None else f"{r.rss_mb:.0f}"])
+                     "-" if ratio is None else f"{ratio:.2f}x", "-" if r.rss_mb is None else f"{r.rss_mb:.0f}"]
+                    + ["-" if v is None or not r.jobs else f"{v / r.jobs:.2f}" for v in r.cpu])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
 
@@ -310,14 +336,16 @@ def main(argv=None) -> int:
                 for batching, app in apps.items():
                     r = run_round(app, batching, n, args.jobs, args.class_name, args.round_timeout, log)
                     log(f"batching {'on' if batching else 'off'}, {n} client(s): {r.jobs} jobs in "
-                        f"{r.seconds:.1f} s ({r.jobs_per_min:.1f}/min)")
+                        f"{r.seconds:.1f} s ({r.jobs_per_min:.1f}/min), load average {os.getloadavg()[0]:.2f}")
                     rounds.append(r)
             rounds.sort(key=lambda r: (r.batching, r.clients))
     except KeyboardInterrupt:
         print("interrupted; the app is stopped", file=sys.stderr)
         return 130
     print()
-    print(f"VAR Studio load benchmark · model {args.model} · {args.jobs} job(s) per client · loopback")
+    load = " · load average %.2f %.2f %.2f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    print(f"VAR Studio load benchmark · model {args.model} · {args.jobs} job(s) per client · loopback"
+          f"{f' · --threads {args.threads}' if args.threads else ''}{load}")
     print(format_table(rounds))
     return 0
 
