@@ -19,7 +19,11 @@ only; a stage called inside another counts for the outer one):
 - PNG encode: the result's PNG with its metadata and token pyramid;
 - PNG save: write, fsync, link, folder fsync;
 - messages: pickling every message (per-scale previews, the result) and unpickling it;
-- other: the rest of the wall time (Python glue, embeddings, slicing and concatenation).
+- other: the rest of the pass's time (Python glue, embeddings, slicing and concatenation).
+
+Times are this process's CPU seconds (time.process_time; torch runs in this thread with --threads 1),
+so other programs on a busy machine do not inflate one pass more than another; the wall time of
+each pass is printed too.
 
 The passes run singles, batch, batch, singles (a drift in the machine's load hits both alike) with
 the same seeds; the table sums the two of each. The last column says what a stage costs per image
@@ -49,8 +53,11 @@ STAGES = ["transformer", "head", "top-k / top-p", "token draw", "latent update",
           "final decode", "PNG encode", "PNG save", "messages"]
 
 
+CLOCK = time.process_time  # CPU seconds of this process: another program's load does not inflate them
+
+
 class Stages:
-    """Seconds per stage; only the outermost timed call counts (a decode inside a preview is preview)."""
+    """CPU seconds per stage; only the outermost timed call counts (a decode inside a preview is preview)."""
 
     def __init__(self):
         self.seconds: Dict[str, float] = collections.defaultdict(float)
@@ -61,13 +68,13 @@ class Stages:
     @contextlib.contextmanager
     def stage(self, name: str):
         self._depth += 1
-        t = time.perf_counter()
+        t = CLOCK()
         try:
             yield
         finally:
             self._depth -= 1
             if self._depth == 0:
-                self.seconds[name] += time.perf_counter() - t
+                self.seconds[name] += CLOCK() - t
 
     def wrap(self, name: str, fn):
         def timed(*a, **k):
@@ -155,20 +162,20 @@ def main(argv=None) -> int:
         stages.seconds.clear()
         stages.bytes = stages.messages = 0
         conn.received.clear()
-        t = time.perf_counter()
+        t, w = CLOCK(), time.perf_counter()
         fn()
-        wall = time.perf_counter() - t
+        cpu, wall = CLOCK() - t, time.perf_counter() - w
         done = sum(1 for m in conn.received if m[0] == "done")
         if done != args.jobs:
             raise RuntimeError(f"{done} of {args.jobs} jobs finished: {[m for m in conn.received if m[0] != 'scale'][:3]}")
-        return wall, dict(stages.seconds), stages.bytes, stages.messages
+        return cpu, dict(stages.seconds), stages.bytes, stages.messages, wall
 
     conn.send(runner.answer(*items(1, 0)[0]))  # warm-up
     runner.run_batch(items(2, 0))
     runs = {"singles": [], "batch": []}
     for name, fn in (("singles", singles), ("batch", batch), ("batch", batch), ("singles", singles)):
         runs[name].append(measured(fn))
-        print(f"{name}: {runs[name][-1][0]:.2f} s", flush=True)
+        print(f"{name}: {runs[name][-1][0]:.2f} CPU s ({runs[name][-1][4]:.2f} s wall)", flush=True)
     print()
     print(format_table(runs, args))
     return 0
@@ -187,7 +194,7 @@ def format_table(runs: dict, args) -> str:
     s_wall, s_per, s_bytes, s_msgs = total("singles")
     b_wall, b_per, b_bytes, b_msgs = total("batch")
     n, k = args.jobs, len(runs["singles"])
-    head = ["stage", f"{n} singles s", f"batch of {n} s", "singles ms/job", "batch ms/image", "share of batch",
+    head = ["stage (CPU time)", f"{n} singles s", f"batch of {n} s", "singles ms/job", "batch ms/image", "share of batch",
             "batch / singles"]
     rows = [head]
     for name in STAGES + ["other"]:
@@ -206,7 +213,8 @@ def format_table(runs: dict, args) -> str:
     title = (f"VAR Studio batch stages · model {args.model or 'embedded default'} · cpu, {args.threads} thread(s) · "
              f"preview {args.preview} · mean of {k} passes each{load}")
     foot = (f"messages: {s_msgs // k} ({s_bytes / k / 2 ** 20:.2f} MB) alone, {b_msgs // k} ({b_bytes / k / 2 ** 20:.2f} "
-            f"MB) batched per pass · batching speeds the worker up {s_wall / b_wall:.2f}x")
+            f"MB) batched per pass · batching speeds the worker up {s_wall / b_wall:.2f}x in CPU time (wall: "
+            f"{sum(r[4] for r in runs['singles']) / k:.1f} s alone, {sum(r[4] for r in runs['batch']) / k:.1f} s batched)")
     return "\n".join([title] + lines + [foot])
 
 

@@ -55,6 +55,7 @@ from studio.serve.inputs import (NO_CLASS, RANDOM_CLASS, blank_layout, class_lab
                                  guard_uploads, png_bytes, read_upload, readable_inputs, sampling, seg_legend,
                                  upload_pixels, upload_size, api_model_defaults)
 from studio.serve import controls as control_ui  # noqa: E402
+from studio.serve import gradio_state  # noqa: E402
 from studio.serve import security  # noqa: E402
 from studio.serve import ui_infinity as text2img  # noqa: E402  (the prompt widgets of text-to-image models)
 from studio.serve.outputs import SaveError, folder_problem, save_png  # noqa: E402
@@ -505,6 +506,7 @@ class Studio:
             with self._lock:
                 self._sessions.get(session, set()).discard(job)
             shutil.rmtree(folder, ignore_errors=True)
+            gradio_state.forget_orphans(getattr(request, "session_hash", None))  # Gradio's copies of skipped outputs
 
     def _submit(self, kind: str, model, p: P.JobParams, session: str = "") -> Job:
         try:  # sessions take turns in the pool's queue, each with a limit on waiting jobs
