@@ -18,16 +18,10 @@ from typing import Optional, Tuple
 import numpy as np
 from PIL import Image
 
+from studio.uploads import flatten
+
 THUMB = 128  # side of the thumbnails that tell whether a picture is the one an original was downscaled to
 SAME_LEVELS = 3.0  # ... when no thumbnail pixel differs by more than this (of 255): a browser's re-encoding
-
-
-def flatten(picture: Image.Image) -> Image.Image:
-    """RGB, transparency over white (as the editors send a picture to the worker)."""
-    if picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info:
-        rgba = picture.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    return picture.convert("RGB")
 
 
 def thumbnail(picture: Image.Image) -> np.ndarray:

@@ -59,6 +59,14 @@ def check_image_size(width: int, height: int, what: str, max_pixels: int, min_si
                         f"{megapixels(max_pixels)}{how}: scale it down first")
 
 
+def flatten(picture: Image.Image) -> Image.Image:
+    """RGB, transparency over white (as the editors send a picture to the worker)."""
+    if picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info:
+        rgba = picture.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return picture.convert("RGB")
+
+
 def mask_levels(mask: Image.Image) -> np.ndarray:
     """A mask image -> (H, W) float32 in [0, 1], white = 1, read at its own bit depth.
 

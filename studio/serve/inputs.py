@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from studio import params as P
 from studio.params import UserError
 from studio.serve.limits import Limits
-from studio.uploads import mask_levels
+from studio.uploads import flatten, mask_levels
 from studio.serve.protocol import ModelInfo
 from studio.world import SEG_CLASSES, SEG_PALETTE  # numpy only, no torch
 
@@ -120,7 +120,7 @@ def editor_background(value) -> Image.Image:
         bg = _as_pil(value.get("composite"))
     if bg is None:
         raise gr.Error("Upload an image first (or send a result here with “Send to Edit”).")
-    return _flatten(bg)
+    return flatten(bg)
 
 
 def editor_composite(value, missing: str = "Paint a colour layout or upload a guide image first.") -> Image.Image:
@@ -130,7 +130,7 @@ def editor_composite(value, missing: str = "Paint a colour layout or upload a gu
         im = _as_pil(value.get("background"))
     if im is None:
         raise gr.Error(missing)
-    return _flatten(im)
+    return flatten(im)
 
 
 
@@ -156,13 +156,6 @@ def seg_legend() -> str:
 
 def blank_layout(resolution: int) -> Image.Image:
     return Image.new("RGB", (resolution, resolution), tuple(SEG_PALETTE[0]))  # all sky
-
-
-def _flatten(im: Image.Image) -> Image.Image:
-    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-    return im.convert("RGB")
 
 
 def layer_mask(layer: Image.Image) -> np.ndarray:

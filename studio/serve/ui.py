@@ -46,6 +46,7 @@ import gradio as gr  # noqa: E402
 from PIL import Image, PngImagePlugin  # noqa: E402
 
 from studio import fullsize  # noqa: E402  (PIL and numpy: edits of huge uploads pasted into the original)
+from studio.uploads import flatten  # noqa: E402
 from studio import params as P  # noqa: E402
 from studio.params import UserError  # noqa: E402
 from studio.pngmeta import (PARAMETERS_CHUNK, decode_array, read_parameters_chunk, read_png_extras,  # noqa: E402
@@ -641,7 +642,7 @@ class Studio:
         working = Image.open(io.BytesIO(data))
         working.load()
         with Image.open(original.path) as opened:
-            big = fullsize.flatten(opened)
+            big = flatten(opened)
         if params.get("task") == "outpaint":
             out = fullsize.paste_outpaint(big, working, int(params.get("left", 0)), int(params.get("right", 0)),
                                           int(params.get("top", 0)), int(params.get("bottom", 0)), original.working)
