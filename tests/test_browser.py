@@ -89,18 +89,9 @@ def test_generate_streams_previews_then_inpaint_a_painted_mask(page, app):
     page.screenshot(path=ARTIFACTS / "02_generated.png", full_page=True)
 
     page.click("#send-edit")
-    canvas = page.locator("#editor canvas").first
-    expect(canvas).to_be_visible(timeout=30_000)  # a loaded machine can take more than the default 5 s
-    page.wait_for_timeout(500)  # the editor lays out its background
-    canvas.scroll_into_view_if_needed()
-    box = canvas.bounding_box()
-    page.locator("#editor button[aria-label='Brush']").click()
+    box = brush_ready(page)
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(cx - 40, cy - 20)
-    page.mouse.down()
-    for dx in range(-40, 41, 8):
-        page.mouse.move(cx + dx, cy - 20 + abs(dx) / 2, steps=2)
-    page.mouse.up()
+    stroke(page, [(cx - 40, cy - 20)] + [(cx + dx, cy - 20 + abs(dx) / 2) for dx in range(-40, 41, 8)])
     page.screenshot(path=ARTIFACTS / "03_mask_painted.png", full_page=True)
 
     first_result = page.locator("#results img").first.get_attribute("src")
@@ -183,6 +174,33 @@ def sent_editor(page, fn_name_check=None):
     return bg.size, comp.size, float(np.asarray(comp.convert("RGB"), np.float32).std()), layers
 
 
+def brush_ready(page, editor="editor", settle_ms=500):
+    """Wait for an editor's picture to be shown and laid out, scroll to it and pick the brush; its box."""
+    canvas = page.locator(f"#{editor} canvas").first
+    playwright_api.expect(canvas).to_be_visible(timeout=30_000)  # a loaded machine can take more than 5 s
+    page.wait_for_timeout(settle_ms)  # the editor lays out its background
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    page.locator(f"#{editor} button[aria-label='Brush']").click()
+    return box
+
+
+def stroke(page, points, steps=2):
+    """Press at the first (x, y) point, move through the others, release."""
+    page.mouse.move(*points[0])
+    page.mouse.down()
+    for x, y in points[1:]:
+        page.mouse.move(x, y, steps=steps)
+    page.mouse.up()
+
+
+def upload(page, editor, path):
+    """Pick a file with an editor's Upload button, as a person would."""
+    with page.expect_file_chooser() as chooser:
+        page.click(f"#{editor}-upload")
+    chooser.value.set_files(str(path))
+
+
 def open_tab(page, name, editor):
     page.get_by_role("tab", name=name).click()
     playwright_api.expect(page.locator(f"#{editor}-upload")).to_be_visible(timeout=30_000)
@@ -197,9 +215,7 @@ def test_uploads_and_drops_reach_the_request_and_unreadable_files_say_so(page, a
     page.evaluate(JOINS)
     photo = picture_file(tmp_path, "photo.png", (200, 150), 1)
     open_tab(page, "Control", "control-editor")
-    with page.expect_file_chooser() as chooser:
-        page.click("#control-editor-upload")
-    chooser.value.set_files(str(photo))
+    upload(page, "control-editor", photo)
     expect(page.locator("#control-editor-note")).to_contain_text("photo.png: 200×150", timeout=60_000)
     page.click("#map-btn")
     bg, comp, std, _ = sent_editor(page)
@@ -228,14 +244,9 @@ def test_uploads_and_drops_reach_the_request_and_unreadable_files_say_so(page, a
     fake.write_text("not a picture")
     drop(page, "#editor canvas", fake)  # on the picture now shown
     expect(page.locator("#editor-note")).to_contain_text("fake.png could not be read as an image", timeout=60_000)
-    canvas = page.locator("#editor canvas").first
-    canvas.scroll_into_view_if_needed()
-    box = canvas.bounding_box()
-    page.locator("#editor button[aria-label='Brush']").click()
-    page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.5)
-    page.mouse.down()
-    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.55, steps=6)
-    page.mouse.up()
+    box = brush_ready(page, settle_ms=0)
+    stroke(page, [(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.5),
+                  (box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.55)], steps=6)
     page.click("#inpaint-btn")
     bg, comp, std, layers = sent_editor(page)
     assert bg == (300, 240) and std > 30 and layers and layers[0].any(), (bg, std, len(layers))
@@ -416,21 +427,12 @@ def test_an_upload_above_the_working_size_is_edited_and_pasted_into_the_original
     monkeypatch.setattr(inputs, "WORKING_SIDE", 200)
     photo = picture_file(tmp_path, "huge.png", (500, 400), 7)
     open_tab(page, "Edit", "editor")
-    with page.expect_file_chooser() as chooser:
-        page.click("#editor-upload")
-    chooser.value.set_files(str(photo))
+    upload(page, "editor", photo)
     expect(page.locator("#editor-note")).to_contain_text("downscaled to 200×160", timeout=60_000)
     expect(page.locator("#editor-note")).to_contain_text("into the original, full size")
-    canvas = page.locator("#editor canvas").first
-    expect(canvas).to_be_visible(timeout=30_000)
-    page.wait_for_timeout(800)
-    canvas.scroll_into_view_if_needed()
-    box = canvas.bounding_box()
-    page.locator("#editor button[aria-label='Brush']").click()
-    page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.5)
-    page.mouse.down()
-    page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.55, steps=6)
-    page.mouse.up()
+    box = brush_ready(page, settle_ms=800)
+    stroke(page, [(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.5),
+                  (box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.55)], steps=6)
     page.evaluate(JOINS)
     page.click("#inpaint-btn")
     page.wait_for_function("window.__joins.length > 0")

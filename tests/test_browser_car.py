@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_app import start_app
-from test_browser import ARGS, ARTIFACTS, JOINS, WATCH, chromium, open_tab, picture_file  # noqa: F401 (chromium: fixture)
+from test_browser import ARGS, ARTIFACTS, JOINS, WATCH, brush_ready, chromium, open_tab, picture_file, stroke, upload  # noqa: F401 (chromium: fixture)
 from tiny_controlvar import PATCH_NUMS, write_tiny_car
 
 from studio.pngmeta import decode_picture, read_png_extras, read_png_parameters
@@ -74,9 +74,7 @@ def test_a_car_file_in_the_control_tab(page, car_app, tmp_path):
     expect(strength).to_be_visible()  # the adapters' sliders, not ControlVAR's guidance
     expect(page.locator("#controlvar-row")).to_be_hidden()
 
-    with page.expect_file_chooser() as chooser:
-        page.click("#control-editor-upload")
-    chooser.value.set_files(str(picture_file(tmp_path, "photo.png", (120, 90), 7)))
+    upload(page, "control-editor", picture_file(tmp_path, "photo.png", (120, 90), 7))
     expect(page.locator("#control-editor-note")).to_contain_text("photo.png: 120×90", timeout=60_000)
     page.click("#map-btn")
     shown = page.locator("#control-map img")
@@ -117,9 +115,7 @@ def test_inpainting_under_control_from_the_edit_tab(page, car_app, tmp_path):
     edges[20:76:8] = 255  # horizontal lines: a map unlike the picture's own edges
     Image.fromarray(edges).save(tmp_path / "edges.png")
     open_tab(page, "Control", "control-editor")
-    with page.expect_file_chooser() as chooser:
-        page.click("#control-editor-upload")
-    chooser.value.set_files(str(tmp_path / "edges.png"))
+    upload(page, "control-editor", tmp_path / "edges.png")
     expect(page.locator("#control-editor-note")).to_contain_text("edges.png: 96×96", timeout=60_000)
     page.locator("#preprocessor label", has_text="None: the image is the map").click()
     page.click("#map-btn")
@@ -131,21 +127,11 @@ def test_inpainting_under_control_from_the_edit_tab(page, car_app, tmp_path):
 
     photo = picture_file(tmp_path, "photo.png", (96, 96), 3)
     open_tab(page, "Edit", "editor")
-    with page.expect_file_chooser() as chooser:
-        page.click("#editor-upload")
-    chooser.value.set_files(str(photo))
+    upload(page, "editor", photo)
     expect(page.locator("#editor-note")).to_contain_text("photo.png: 96×96", timeout=60_000)
-    canvas = page.locator("#editor canvas").first
-    expect(canvas).to_be_visible(timeout=30_000)
-    page.wait_for_timeout(500)  # the editor lays out its background
-    canvas.scroll_into_view_if_needed()
-    box = canvas.bounding_box()
-    page.locator("#editor button[aria-label='Brush']").click()
+    box = brush_ready(page)
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(cx - 30, cy)
-    page.mouse.down()
-    page.mouse.move(cx + 30, cy, steps=8)
-    page.mouse.up()
+    stroke(page, [(cx - 30, cy), (cx + 30, cy)], steps=8)
 
     page.evaluate(JOINS)
     page.click("#control-inpaint-btn")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_app import start_app
-from test_browser import ARGS, ARTIFACTS, WATCH, chromium, open_tab, picture_file  # noqa: F401 (chromium: fixture)
+from test_browser import ARGS, ARTIFACTS, WATCH, chromium, open_tab, picture_file, upload  # noqa: F401 (chromium: fixture)
 from tiny_controlvar import PATCH_NUMS, write_tiny_controlvar
 
 from studio.pngmeta import decode_picture, read_png_extras, read_png_parameters
@@ -44,9 +44,7 @@ def test_controlvar_in_the_control_tab(cv_app, chromium, tmp_path):  # noqa: F81
         expect(page.locator("#controlvar-row")).to_be_visible()
         expect(page.get_by_label("Control strength")).to_be_hidden()  # the adapters' slider is not ControlVAR's
 
-        with page.expect_file_chooser() as chooser:
-            page.click("#control-editor-upload")
-        chooser.value.set_files(str(picture_file(tmp_path, "photo.png", (120, 90), 5)))
+        upload(page, "control-editor", picture_file(tmp_path, "photo.png", (120, 90), 5))
         expect(page.locator("#control-editor-note")).to_contain_text("photo.png: 120×90", timeout=60_000)
         page.click("#map-btn")
         shown = page.locator("#control-map img")

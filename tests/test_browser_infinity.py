@@ -12,7 +12,7 @@ from PIL import Image
 
 from studio.pngmeta import read_png_info
 from test_app import start_app
-from test_browser import ARGS, ARTIFACTS, WATCH, chromium  # noqa: F401 (the fixture)
+from test_browser import ARGS, ARTIFACTS, WATCH, brush_ready, chromium, stroke  # noqa: F401 (the fixture)
 from test_infinity_serve import SQUARE_SCALES, infinity_folder  # noqa: F401 (the fixture)
 from test_worker import tiny_bundle  # noqa: F401 (the fixture)
 
@@ -81,18 +81,9 @@ def test_a_prompt_streams_its_scales_and_inpainting_keeps_the_outside(page, app)
     expect(page.locator("#negative-prompt textarea")).to_have_value("blue sky")
 
     page.click("#send-edit")
-    canvas = page.locator("#editor canvas").first
-    expect(canvas).to_be_visible(timeout=30_000)
-    page.wait_for_timeout(500)  # the editor lays out its background
-    canvas.scroll_into_view_if_needed()
-    box = canvas.bounding_box()
-    page.locator("#editor button[aria-label='Brush']").click()
+    box = brush_ready(page)
     cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(cx - 30, cy)
-    page.mouse.down()
-    for dx in range(-30, 31, 6):
-        page.mouse.move(cx + dx, cy, steps=2)
-    page.mouse.up()
+    stroke(page, [(cx - 30, cy)] + [(cx + dx, cy) for dx in range(-30, 31, 6)])
     expect(page.locator("#edit-prompt textarea")).to_be_visible()
     page.fill("#edit-prompt textarea", "green hills")
     page.click("#inpaint-btn")
