@@ -13,7 +13,7 @@
                                                          # without 1 competing busy process
 
 Every row runs in a fresh subprocess (so peak memory is that run's own) and reports the median of
-`--repeat` timed runs after one warm-up run. Baselines (no KV cache; the reference code) are
+`--repeat` timed runs after `--warmup` (default 1) untimed ones. Baselines (no KV cache; the reference code) are
 measured in the same invocation: compare ratios, not absolute seconds, across machines.
 """
 from __future__ import annotations
@@ -125,9 +125,9 @@ def run_ours(args) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     runs = []
-    for i in range(args.repeat + 1):
+    for i in range(args.warmup + args.repeat):
         out = pipe(generator=torch.Generator(args.device).manual_seed(i), **kw)
-        if i:  # the first run warms up kernels and allocators
+        if i >= args.warmup:  # the warm-up runs warm up kernels and allocators
             runs.append(out.timings)
     return {
         "per_scale": [statistics.median(r["per_scale"][si] for r in runs) for si in range(pipe.num_scales)],
@@ -162,14 +162,14 @@ def run_reference(args) -> dict:
     vae.eval(), var.eval()
     labels = torch.tensor([i % 1000 for i in range(args.batch)], device=args.device)
     times = []
-    for i in range(args.repeat + 1):
+    for i in range(args.warmup + args.repeat):
         t0 = time.perf_counter()
         with torch.inference_mode():
             var.autoregressive_infer_cfg(B=args.batch, label_B=labels, cfg=args.guidance, top_k=args.top_k,
                                          top_p=args.top_p, g_seed=i, more_smooth=False)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        if i:
+        if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     return {"total": statistics.median(times), "peak_mb": peak_memory_mb(args.device), "per_scale": None,
             "decode": None}
@@ -206,6 +206,36 @@ def build_infinity(size: str, device: str, dtype_name: str):
                             default_pn=spec["pn"])
 
 
+def infinity_memory_gb(size: str, dtype_name: str, batch: int) -> tuple:
+    """(weights, KV cache) in GB for an Infinity of a released shape at its default size: the cache keeps
+    keys and values of every token of every scale, for the 2 x batch rows of guidance, in every block."""
+    import torch
+
+    from models.infinity import Infinity, InfinityConfig
+    from studio.infinity import schedule_for
+
+    spec = INFINITY_SHAPES[size]
+    C = spec["t"]["embed_dim"]
+    cfg = InfinityConfig(**spec["t"], mlp_hidden=round(4 * C / 256) * 256, text_channels=2048,
+                         pool_heads=2048 // (64 if C > 4096 else 128))
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in Infinity(cfg).parameters())
+    nbytes = torch.empty(0, dtype=getattr(torch, DTYPES[dtype_name])).element_size()
+    tokens = sum(h * w for h, w in schedule_for(1.0, spec["pn"]).scales)
+    kv = spec["t"]["depth"] * 2 * (2 * batch) * tokens * C * nbytes
+    return n_params * nbytes / 1e9, kv / 1e9
+
+
+def available_memory_gb() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1e6
+    except OSError:
+        pass
+    return float("inf")
+
+
 def run_infinity(args) -> dict:
     """Prompt features of 30 tokens (the T5 encoder is not timed: it runs once per prompt, cached)."""
     import torch
@@ -218,10 +248,10 @@ def run_infinity(args) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     runs = []
-    for i in range(args.repeat + 1):
+    for i in range(args.warmup + args.repeat):
         out = pipe(prompt_embeds=emb, prompt_attention_mask=mask, output_type="pt",
                    generator=torch.Generator(args.device).manual_seed(i))
-        if i:
+        if i >= args.warmup:
             runs.append(out.timings)
     sched = pipe.schedule()
     return {
@@ -331,6 +361,8 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed runs before the timed ones (0 for shapes that take an hour on a CPU)")
     ap.add_argument("--guidance", type=float, default=Sampling.guidance_scale)
     ap.add_argument("--top-k", type=int, default=Sampling.top_k)
     ap.add_argument("--top-p", type=float, default=Sampling.top_p)
@@ -368,7 +400,10 @@ def main(argv=None):
         print(f"--controlvar on small shapes ({args.model}: depth 6, a 32-channel VQVAE); --full-shapes --model d16 "
               "for the released ones")
 
+    if args.repeat < 1 or args.warmup < 0:
+        ap.error("--repeat must be at least 1 and --warmup at least 0")
     base = ["--model", args.model, "--device", args.device, "--batch", str(args.batch), "--repeat", str(args.repeat),
+            "--warmup", str(args.warmup),
             "--guidance", str(args.guidance), "--top-k", str(args.top_k), "--top-p", str(args.top_p),
             "--threads", str(args.threads)]
     if args.under_load is not None:
@@ -383,6 +418,12 @@ def main(argv=None):
             ap.error("--reference needs an official shape (--model d16 ...)")
         rows.append(("reference fp32", spawn(base, ["--reference", args.reference])))
     if args.infinity:
+        for d in dtypes:
+            w, kv = infinity_memory_gb(args.infinity, d, args.batch)
+            print(f"Infinity {args.infinity} {d}: weights {w:.1f} GB + KV cache {kv:.1f} GB (+ activations)")
+            if args.device == "cpu" and w + kv > available_memory_gb():
+                sys.exit(f"Infinity {args.infinity} in {d} needs about {w + kv:.1f} GB (weights and KV cache) but "
+                         f"this machine has {available_memory_gb():.1f} GB available: try --dtypes bf16, or a GPU.")
         inf_rows = [(f"infinity {args.infinity} {d}", spawn(base, ["--dtype", d, "--infinity-child", args.infinity]))
                     for d in dtypes]
         var_rows = [(f"VAR {args.model} {d}", spawn(base, ["--dtype", d])) for d in dtypes]

@@ -516,3 +516,19 @@ def test_cli_writes_the_prompt_and_the_bits_into_the_png(pipes, fx, tmp_path):
     assert len(list((tmp_path / "scales").glob("*.png"))) == 7
     assert main(["--model", str(folder), "--out", str(png)]) == 2  # no prompt: refused
 
+
+
+def test_bench_memory_estimate_of_released_shapes():
+    """The benchmark's memory preflight sizes the released shapes as published (2B, 8B parameters) and
+    counts the KV cache of every token of the 1024 px schedule, for both guidance rows, in every block."""
+    from lab.bench import infinity_memory_gb
+
+    w32, kv32 = infinity_memory_gb("2b", "fp32", 1)
+    w16, kv16 = infinity_memory_gb("2b", "bf16", 1)
+    assert 2.0 <= w32 / 4 <= 2.4  # billions of parameters
+    assert abs(w16 * 2 - w32) < 1e-6 and abs(kv16 * 2 - kv32) < 1e-6
+    tokens = sum(h * w for h, w in schedule_for(1.0, "1M").scales)
+    assert tokens == 10521  # 13 scales up to 64x64
+    assert abs(kv32 - 32 * 2 * 2 * tokens * 2048 * 4 / 1e9) < 1e-6
+    w8, _ = infinity_memory_gb("8b", "bf16", 1)
+    assert 7.5 <= w8 / 2 <= 9.0
