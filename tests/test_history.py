@@ -110,7 +110,61 @@ def test_under_auth_each_user_sees_only_their_own_results(tiny_bundle, tmp_path)
                               (read_parameters_chunk(item["image"]["path"]) for item in out[5])]
             assert seen == {"alice": [3, 1], "bob": [2]}, seen  # newest first, each their own
             assert len(history.listing(tmp_path / "out")) == 3  # all three are in the folder
+
+            # a result saved by the command line is no one's, listed for nobody, until bob claims it
+            _save(tmp_path / "out" / "2026-11-30" / "120000_generate_s9_cli00000_0.png", {"task": "generate", "seed": 9},
+                  10 ** 9)
+            bob = Client(url, auth=("bob", "b-secret"), verbose=False, download_files=False)
+            out = bob.predict(api_name="/generate", seed=5)
+            assert [read_parameters_chunk(item["image"]["path"])["seed"] for item in out[5]] == [5, 2]
+            assert history.main(["--outputs", str(tmp_path / "out"), "--claim", "bob"]) == 0
+            out = bob.predict(api_name="/generate", seed=6)
+            assert [read_parameters_chunk(item["image"]["path"])["seed"] for item in out[5]] == [6, 5, 2, 9]
+            alice = Client(url, auth=("alice", "a-secret"), verbose=False, download_files=False)
+            out = alice.predict(api_name="/generate", seed=7)
+            assert [read_parameters_chunk(item["image"]["path"])["seed"] for item in out[5]] == [7, 3, 1]
         finally:
             demo.close()
     finally:
         pool.close()
+
+
+def test_results_of_no_one_are_claimed_by_one_user_and_never_anothers(tmp_path, capsys):
+    """Issue 15: under --auth, results saved before per-user History (or by `python -m studio`) were listed for
+    nobody. `python -m studio.serve.history --unowned` lists them and `--claim USER` makes them USER's; a
+    result in someone's list stays theirs alone, and one saved in the last minutes is left (a running studio
+    may be about to note its owner)."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "outputs"
+    s = 10 ** 9
+    old1, old2, alices, fresh = (out / "2026-11-30" / f"00000{i}_generate_s{i}_k{i}xxxx_0.png" for i in (1, 2, 3, 4))
+    for i, p in enumerate((old1, old2, alices)):
+        _save(p, {"task": "generate", "seed": i}, (i + 1) * s)
+    _save(fresh, {"task": "generate", "seed": 4}, time.time_ns())
+    history.record_owner(out, "alice", [alices])
+    assert history.listing(out, "bob") == []
+
+    cli = [sys.executable, "-m", "studio.serve.history", "--outputs", str(out)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    listed = subprocess.run(cli + ["--unowned"], cwd=root, capture_output=True, text=True, check=True)
+    assert listed.stdout.split() == [os.path.relpath(p, out) for p in (fresh, old2, old1)], listed
+    assert "3 result(s) belong to no one" in listed.stderr
+
+    claimed = subprocess.run(cli + ["--claim", "bob"], cwd=root, capture_output=True, text=True, check=True)
+    assert "2 result(s) that belonged to no one are now bob's" in claimed.stdout, claimed.stdout
+    assert "1 saved in the last 600 s left" in claimed.stdout
+    assert [os.path.basename(p) for p in history.listing(out, "bob")] == [old2.name, old1.name]
+    assert [os.path.basename(p) for p in history.listing(out, "alice")] == [alices.name]  # hers alone still
+
+    # carol claims what is left (with the studio stopped: --min-age 0): the fresh one, nothing of bob's or alice's
+    assert history.main(["--outputs", str(out), "--claim", "carol", "--min-age", "0"]) == 0
+    assert [os.path.basename(p) for p in history.listing(out, "carol")] == [fresh.name]
+    assert history.unowned(out) == []
+    assert history.main(["--outputs", str(out), "--claim", "dave"]) == 0
+    assert history.listing(out, "dave") == []
+    assert "0 result(s)" in capsys.readouterr().out
+    assert history.main(["--outputs", str(tmp_path / "nowhere"), "--unowned"]) == 2
+    assert "there is no outputs folder" in capsys.readouterr().err

@@ -15,14 +15,25 @@ Whose results: under --auth each signed-in user sees only their own. The web pro
 it shows a user in that user's list, `.owners/<hash of the name>.txt` in the outputs folder (one path
 relative to the folder a line, appended), so it survives a restart too; a listing for a user keeps the
 files of that list. Without --auth (a single-user studio on one's own machine) there is no user and the
-history lists every result in the folder, as before. Plain Python.
+history lists every result in the folder, as before.
+
+Results saved before per-user History, or by the command line (`python -m studio ...`), are in no one's
+list, so under --auth they are listed for nobody. Their owner assigns them, with the studio running or not:
+
+    python -m studio.serve.history --outputs outputs --unowned           # how many are no one's (and which)
+    python -m studio.serve.history --outputs outputs --claim alice        # every one of them becomes alice's
+
+A claim takes only results that are in no user's list: one user's results are never given to another.
+Plain Python.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import re
 import threading
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +44,7 @@ from studio.pngmeta import read_parameters_chunk
 PAGE_SIZE = 24
 OWNERS = ".owners"  # in the outputs folder: each signed-in user's results (hidden: never listed itself)
 _owners_lock = threading.Lock()
+_claim_lock = threading.Lock()
 # HHMMSS_kind_sSEED_JOBID_i (or _i-2 after a name clash): one job's images share the stamp and the job id
 _IN_BATCH = re.compile(r"^(?P<stamp>[^_]+)_.*_(?P<job>[^_]+)_(?P<i>\d+)(?:-\d+)?$")
 
@@ -84,6 +96,50 @@ def owned(folder: Union[str, Path], user: str) -> Set[str]:
     except OSError:
         return set()
     return {line for line in text.splitlines() if line}
+
+
+def owned_by_anyone(folder: Union[str, Path]) -> Set[str]:
+    """The paths (relative to the outputs folder) in any user's list."""
+    out: Set[str] = set()
+    try:
+        lists = [e.path for e in os.scandir(Path(folder) / OWNERS) if e.name.endswith(".txt")]
+    except OSError:
+        return out
+    for path in lists:
+        try:
+            out.update(line for line in Path(path).read_text(encoding="utf-8").splitlines() if line)
+        except OSError:
+            continue
+    return out
+
+
+def unowned(folder: Union[str, Path]) -> List[str]:
+    """The results (paths, newest first) in no user's list: saved before per-user History, or by the
+    command line. Under --auth they are listed for nobody until someone claims them."""
+    anyone = owned_by_anyone(folder)
+    root = str(Path(folder))
+    return [p for p in listing(folder) if Path(os.path.relpath(p, root)).as_posix() not in anyone]
+
+
+RECENT_S = 600  # a claim leaves results younger than this: a running studio may be about to note their owner
+
+
+def claim(folder: Union[str, Path], user: str, min_age_s: float = RECENT_S) -> Tuple[List[str], List[str]]:
+    """Make every result that is no one's `user`'s (their History lists it from now on): (claimed, left).
+    A result in another user's list stays theirs alone. Results saved in the last `min_age_s` seconds are
+    left (a running studio notes a result's owner just after its worker saved it: a claim in between would
+    give one user's fresh result to another too); with the studio stopped, 0 takes them all."""
+    with _claim_lock:  # two claims at once (two threads) would both take the same results
+        paths = unowned(folder)
+        cutoff = time.time() - min_age_s
+        claimed, left = [], []
+        for p in paths:
+            try:
+                (claimed if os.stat(p).st_mtime <= cutoff else left).append(p)
+            except OSError:  # removed meanwhile
+                continue
+        record_owner(folder, user, claimed)
+    return claimed, left
 
 
 def listing(folder: Union[str, Path], user: Optional[str] = None) -> List[str]:
@@ -151,3 +207,45 @@ def caption(params: Optional[dict], path: str) -> str:
     if params.get("class_name"):
         words.append(str(params["class_name"]))
     return " · ".join(words + [when])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m studio.serve.history",
+        description="Under --auth each user's History lists their own results. Results saved before that, or "
+                    "by the command line, are no one's: list them, or give them all to one user.")
+    ap.add_argument("--outputs", default="outputs", help="the studio's outputs folder (default: outputs/)")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--unowned", action="store_true", help="list the results that are no one's")
+    what.add_argument("--claim", metavar="USER", help="make every result that is no one's USER's (the name they "
+                                                      "sign in with)")
+    ap.add_argument("--min-age", type=float, default=RECENT_S, metavar="SECONDS",
+                    help=f"a claim leaves results saved in the last SECONDS (default {RECENT_S}: a running studio "
+                         "notes whose a result is just after saving it); 0 with the studio stopped")
+    args = ap.parse_args(argv)
+    if not Path(args.outputs).is_dir():
+        print(f"error: there is no outputs folder {Path(args.outputs).resolve()} (choose one with --outputs)",
+              file=sys.stderr)
+        return 2
+    if args.unowned:
+        paths = unowned(args.outputs)
+        for p in paths:
+            print(os.path.relpath(p, args.outputs))
+        print(f"{len(paths)} result(s) belong to no one" + (
+            f"; `--claim USER` makes them USER's" if paths else ""), file=sys.stderr)
+        return 0
+    user = args.claim.strip()
+    if not user:
+        print("error: --claim needs the user name one signs in with", file=sys.stderr)
+        return 2
+    claimed, left = claim(args.outputs, user, max(0.0, args.min_age))
+    print(f"{len(claimed)} result(s) that belonged to no one are now {user}'s" + (
+        " (their History lists them, newest first)" if claimed else ""))
+    if left:
+        print(f"{len(left)} saved in the last {args.min_age:g} s left as they are (a running studio may be about "
+              "to note their owner); claim again later, or with the studio stopped and --min-age 0")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
