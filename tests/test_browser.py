@@ -458,3 +458,50 @@ def test_an_upload_above_the_working_size_is_edited_and_pasted_into_the_original
     edit = np.repeat(np.repeat(grown, 5, 0), 5, 1)[::2, ::2]  # 160x200 -> 400x500 (x2.5)
     assert np.array_equal(full[~edit], original[~edit])  # outside the edit: the original, bit for bit
     assert (full[edit] != original[edit]).any()  # inside it: the in-painting
+
+
+def test_an_edit_of_a_huge_upload_shows_its_working_size_and_offers_the_full_size_file(page, app, tmp_path,
+                                                                                        monkeypatch):
+    """Issue 15: the full-size copy of an edit of a huge upload (8000 px, say) was shown whole in Result and as
+    a History thumbnail. Result shows the working-size picture; the full file is a download, its size in words,
+    byte for byte the saved file; History lists the working-size result alone and offers the download too."""
+    from studio.serve import inputs
+    expect = playwright_api.expect
+    monkeypatch.setattr(inputs, "WORKING_SIDE", 200)  # a 500x400 picture stands for a huge one
+    photo = picture_file(tmp_path, "huge.png", (500, 400), 11)
+    open_tab(page, "Edit", "editor")
+    upload(page, "editor", photo)
+    expect(page.locator("#editor-note")).to_contain_text("downscaled to 200×160", timeout=60_000)
+    box = brush_ready(page, settle_ms=800)
+    stroke(page, [(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.5),
+                  (box["x"] + box["width"] * 0.55, box["y"] + box["height"] * 0.5)], steps=4)
+    page.click("#inpaint-btn")
+    expect(page.locator("#status")).to_contain_text("full size 500×400", timeout=90_000)
+
+    full_path = max(Path(app.outputs).rglob("*_full.png"), key=lambda p: p.stat().st_mtime)
+    working_path = full_path.with_name(full_path.name.replace("_full.png", ".png"))
+    shown = page.locator("#results img")
+    expect(shown).to_have_count(1)  # the working-size result alone ...
+    page.wait_for_function("(img => img && img.naturalWidth > 0)(document.querySelector('#results img'))")
+    assert page.evaluate("(img => [img.naturalWidth, img.naturalHeight])(document.querySelector('#results img'))") \
+        == [200, 160]
+    offer = page.locator("#full-file")  # ... and the full-size file to download, its size in words
+    expect(offer).to_be_visible(timeout=30_000)
+    kb = f"{full_path.stat().st_size / 1024:.1f} KB"  # (a few hundred KB here: 8000 px would say MB)
+    expect(offer).to_contain_text(f"Full size 500×400 px · {kb}")
+    with page.expect_download() as got:
+        offer.locator("a").first.click()
+    assert Path(got.value.path()).read_bytes() == full_path.read_bytes()
+    page.screenshot(path=ARTIFACTS / "14_full_size_download.png", full_page=True)
+
+    # History: the working-size result, no thumbnail of the full-size copy; opening it offers the download
+    page.reload()
+    page.wait_for_selector("#generate-btn")
+    pictures = [p for p in Path(app.outputs).rglob("*.png") if not p.name.endswith("_full.png")]
+    expect(page.locator("#history-label")).to_contain_text(f"of {len(pictures)} saved results", timeout=30_000)
+    first = page.locator("#history .thumbnail-item").first
+    expect(first).to_contain_text("inpaint")
+    assert working_path.name in (first.locator("img").get_attribute("src") or "")
+    expect(page.locator("#full-file")).to_be_hidden()
+    first.click()
+    expect(page.locator("#full-file")).to_contain_text(kb, timeout=30_000)

@@ -168,3 +168,30 @@ def test_results_of_no_one_are_claimed_by_one_user_and_never_anothers(tmp_path, 
     assert "0 result(s)" in capsys.readouterr().out
     assert history.main(["--outputs", str(tmp_path / "nowhere"), "--unowned"]) == 2
     assert "there is no outputs folder" in capsys.readouterr().err
+
+
+def test_full_size_copies_are_not_listed_but_found_beside_their_result(tmp_path):
+    """Issue 15: an edit of a huge upload saves `<result>_full.png` (thousands of pixels wide) beside its
+    working-size result. History lists the result alone (no thumbnail of the huge one); the full copy is
+    found from the result's name (what the page holds is Gradio's copy, same name), a user's own alone."""
+    out = tmp_path / "outputs"
+    s = 10 ** 9
+    result = out / "2026-12-01" / "101010_inpaint_s5_abcd1234_0.png"
+    plain = out / "2026-12-01" / "101000_generate_s4_dcba4321_0.png"
+    full = result.with_name(result.stem + "_full.png")
+    _save(plain, {"task": "generate"}, 1 * s)
+    _save(result, {"task": "inpaint"}, 2 * s)
+    _save(full, {"task": "inpaint"}, 2 * s, tokens=False)
+    assert [os.path.basename(p) for p in history.listing(out)] == [result.name, plain.name]
+    assert history.history_page(out).total == 2
+    assert history.full_copy(out, "/tmp/gradio/0123abcd/" + result.name) == str(full)
+    assert history.full_copy(out, plain.name) is None  # no full copy: none offered
+    assert history.full_copy(out, full.name) is None  # the full copy has none itself
+    assert history.full_copy(out, "photo.png") is None  # not a studio result's name
+    # under --auth: only the owner is offered it; a claim takes the full copy with its result
+    history.record_owner(out, "alice", [plain])
+    assert history.full_copy(out, result.name, "alice") is None
+    claimed, _ = history.claim(out, "bob", 0)
+    assert sorted(os.path.basename(p) for p in claimed) == sorted([result.name, full.name])
+    assert history.full_copy(out, result.name, "bob") == str(full)
+    assert history.full_copy(out, result.name, "alice") is None

@@ -4,12 +4,15 @@
     captions = [caption(params, path) for path, params in page.items]
     record_owner(outputs, "alice", paths)   # under --auth: these results are alice's ...
     page = history_page(outputs, 0, user="alice")   # ... and her history lists hers alone
+    full_copy(outputs, "093000_inpaint_s1_ab12_0.png")  # the full-size copy of an edit of a huge upload, or None
 
 The files on disk are the truth, so a reload (or a restart) loses nothing. A listing stats the PNGs
 of the outputs folder and of its folders one level down (the worker writes `YYYY-MM-DD/HHMMSS_kind_
 sSEED_JOBID_i.png`); only the page shown has its parameters read, from each file's header
 (studio.pngmeta.read_parameters_chunk: no pixel decoded, no token chunk inflated). Newest first, with
-the images of one batch in their own order. Hidden files (a save in progress, `.x.part`) are skipped.
+the images of one batch in their own order. Hidden files (a save in progress, `.x.part`) are skipped, and
+so are the full-size copies of edits of huge uploads (`..._full.png`, thousands of pixels wide: no
+thumbnails of those); the working-size result beside each is listed and offers it as a download.
 
 Whose results: under --auth each signed-in user sees only their own. The web process notes every result
 it shows a user in that user's list, `.owners/<hash of the name>.txt` in the outputs folder (one path
@@ -47,6 +50,9 @@ _owners_lock = threading.Lock()
 _claim_lock = threading.Lock()
 # HHMMSS_kind_sSEED_JOBID_i (or _i-2 after a name clash): one job's images share the stamp and the job id
 _IN_BATCH = re.compile(r"^(?P<stamp>[^_]+)_.*_(?P<job>[^_]+)_(?P<i>\d+)(?:-\d+)?$")
+# an edit of a huge upload pasted into the original (studio.serve.ui: `<working result>_full.png`): not
+# listed (an 8000 px picture as a thumbnail); its working-size result is, and offers it as a download
+_FULL_COPY = re.compile(r"_full(?:-\d+)?\.png$", re.IGNORECASE)
 
 
 @dataclass
@@ -118,7 +124,7 @@ def unowned(folder: Union[str, Path]) -> List[str]:
     command line. Under --auth they are listed for nobody until someone claims them."""
     anyone = owned_by_anyone(folder)
     root = str(Path(folder))
-    return [p for p in listing(folder) if Path(os.path.relpath(p, root)).as_posix() not in anyone]
+    return [p for p in listing(folder, full_copies=True) if Path(os.path.relpath(p, root)).as_posix() not in anyone]
 
 
 RECENT_S = 600  # a claim leaves results younger than this: a running studio may be about to note their owner
@@ -142,9 +148,10 @@ def claim(folder: Union[str, Path], user: str, min_age_s: float = RECENT_S) -> T
     return claimed, left
 
 
-def listing(folder: Union[str, Path], user: Optional[str] = None) -> List[str]:
+def listing(folder: Union[str, Path], user: Optional[str] = None, full_copies: bool = False) -> List[str]:
     """Every PNG in the outputs folder (and its folders one level down), newest first; the images of a
-    batch (saved in a burst, `_0`, `_1` ...) in their order. With a `user` (under --auth), theirs alone."""
+    batch (saved in a burst, `_0`, `_1` ...) in their order. With a `user` (under --auth), theirs alone;
+    the full-size copies of edits of huge uploads only if `full_copies`."""
     mine = None if user is None else owned(folder, user)
     root = str(Path(folder))
     files = []  # (mtime_ns, group, index, path)
@@ -154,7 +161,8 @@ def listing(folder: Union[str, Path], user: Optional[str] = None) -> List[str]:
         except OSError:
             continue
         for e in entries:
-            if e.name.startswith(".") or not e.name.lower().endswith(".png"):
+            if e.name.startswith(".") or not e.name.lower().endswith(".png") or (
+                    not full_copies and _FULL_COPY.search(e.name)):
                 continue
             if mine is not None and Path(os.path.relpath(e.path, root)).as_posix() not in mine:
                 continue
@@ -172,6 +180,21 @@ def listing(folder: Union[str, Path], user: Optional[str] = None) -> List[str]:
         newest[group] = max(mtime, newest.get(group, mtime))
     files.sort(key=lambda f: (-newest[f[1]], f[1], f[2]))
     return [f[3] for f in files]
+
+
+def full_copy(folder: Union[str, Path], name: str, user: Optional[str] = None) -> Optional[str]:
+    """The full-size copy of the result named `name` (an edit of a huge upload, pasted into the original and
+    saved beside it as `<its stem>_full.png`), if there is one; with a `user` (under --auth), only theirs.
+    By name: a picture shown in the page is Gradio's copy of the file, which keeps the name."""
+    stem = Path(name).stem
+    if not _IN_BATCH.match(stem) or _FULL_COPY.search(Path(name).name):
+        return None
+    mine = None if user is None else owned(folder, user)
+    for where in _folders(Path(folder)):
+        path = Path(where) / f"{stem}_full.png"
+        if path.is_file() and (mine is None or Path(os.path.relpath(path, folder)).as_posix() in mine):
+            return str(path)
+    return None
 
 
 def _folders(folder: Path) -> List[str]:

@@ -602,8 +602,7 @@ class Studio:
         else:
             text = (f"✓ Done in {view.elapsed:.1f} s · {seeds} · {text2img.caption(p0)} · saved "
                     f"`{_short(paths[0])}`" + (f" (+{len(paths) - 1} more)" if len(paths) > 1 else ""))
-        results = list(zip(paths, captions)) + [(p, f"full size {size[0]}×{size[1]} · {captions[i]}")
-                                                for i, (p, size) in enumerate(full)]
+        results = list(zip(paths, captions))  # a full-size copy is offered as a download (full_copy_of), not shown
         yield {**out, w.preview: paths[0], w.status: text + full_note, w.results: results,
                w.selected: paths[0], w.history_state: history, **page}
 
@@ -712,6 +711,22 @@ class Studio:
             return {"note": "this image's 'parameters' chunk is not the studio's"}
         return dict(params, tokens_stored=tokens is not None) if params else {"note": "no studio parameters"}
 
+    def full_copy_of(self, path, request: gr.Request = None):
+        """The download of the selected result's full-size copy (an edit of a huge upload pasted into the
+        original): its size in words; hidden for any other picture. Under --auth, of the user's own alone."""
+        full = output_history.full_copy(self.pool.outputs, Path(path).name, _user(request)) if path else None
+        if full is None:
+            return gr.File(value=None, visible=False)
+        try:
+            with Image.open(full) as im:  # the header alone
+                size = im.size
+            nbytes = os.stat(full).st_size
+        except OSError:
+            return gr.File(value=None, visible=False)
+        return gr.File(value=full, visible=True,
+                       label=f"Full size {size[0]}×{size[1]} px · {_in_words(nbytes)} · the edit pasted into the "
+                             f"original (shown above at working size)")
+
     def reuse_settings(self, path) -> dict:
         """The selected PNG's settings back on the page: the sampling settings and the image count
         always (the seed of its batch's first image: Generate makes the same batch again, this image
@@ -785,6 +800,16 @@ def _user(request) -> Optional[str]:
     """The signed-in user under --auth; None without a login (a single-user studio: every result is theirs)."""
     name = getattr(request, "username", None)
     return str(name) if name else None
+
+
+def _in_words(nbytes: int) -> str:
+    """A file's size as people say it, as Gradio's file list beside it says it: 586.4 KB, 61.2 MB."""
+    size, units = float(nbytes), ["B", "KB", "MB", "GB", "TB"]
+    unit = 0
+    while size > 1024 and unit < len(units) - 1:
+        size /= 1024
+        unit += 1
+    return f"{nbytes} B" if unit == 0 else f"{size:.1f} {units[unit]}"
 
 
 def _short(path: str) -> str:
@@ -987,6 +1012,8 @@ def _outputs(w, info: ModelInfo) -> None:
                                  allow_preview=False, format="jpeg", fit_columns=False, elem_id="filmstrip")
     w.results = gr.Gallery(label="Result", format="png", columns=4, height=220, object_fit="contain",
                            fit_columns=False, elem_id="results")
+    # an edit of a huge upload: its result at working size above, its full-size copy here (a download)
+    w.full_file = gr.File(None, label="Full size", visible=False, interactive=False, elem_id="full-file")
     with gr.Row(equal_height=False):
         w.selected = gr.Image(None, label="Selected", type="filepath", image_mode=None, format="png",
                               height=220, sources=["upload"], elem_id="selected", scale=2)
@@ -1072,6 +1099,7 @@ def _wire_helpers(w, studio: Studio, info: ModelInfo, demo: gr.Blocks) -> None:
     w.results.select(_selected_path, None, w.selected, **private)
     w.history.select(_selected_path, None, w.selected, **private)
     w.selected.change(studio.parameters_of, w.selected, w.params_view, **private)
+    w.selected.change(studio.full_copy_of, w.selected, w.full_file, **private)
     w.reuse.click(studio.reuse_settings, w.selected,
                   [w.gen_class, w.seed, w.num_images, w.guidance, w.top_k, w.top_p, w.more_smooth, w.status,
                    w.control_class, w.control_type, w.canny_low, w.canny_high, w.control_strength, w.control_start,
