@@ -371,47 +371,6 @@ def test_history_survives_a_reload_and_opens_a_result_in_edit(page, app):
     page.screenshot(path=ARTIFACTS / "12_history.png", full_page=True)
 
 
-def test_a_stroke_started_beside_the_picture_paints_from_its_edge(page, app):
-    """Issue 15, item 11: a brush stroke that starts just off the picture (on its edge, as one paints a border)
-    was dropped; it now paints from where it reaches the picture, and the in-paint request carries it."""
-    expect = playwright_api.expect
-    page.click("#generate-btn")
-    expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)
-    page.click("#send-edit")
-    canvas = page.locator("#editor canvas").first
-    expect(canvas).to_be_visible(timeout=30_000)
-    page.wait_for_timeout(800)  # the editor lays out its background
-    canvas.scroll_into_view_if_needed()
-    box = canvas.bounding_box()
-    page.locator("#editor button[aria-label='Brush']").click()
-    y = box["y"] + box["height"] / 2
-    on_picture = ("() => [...document.querySelectorAll('#editor canvas')]"
-                  ".some(c => !['', 'inherit', 'default', 'auto'].includes(c.style.cursor))")
-    edge = None
-    for x in range(int(box["x"]) + 2, int(box["x"] + box["width"] / 2), 3):  # where the picture begins
-        page.mouse.move(x, y)
-        if page.evaluate(on_picture):
-            edge = x
-            break
-    assert edge is not None and edge > box["x"] + 6, (edge, box)  # a margin beside the picture to start in
-    page.evaluate(JOINS)
-    page.mouse.move(edge - 5, y)
-    page.mouse.down()
-    page.mouse.move(box["x"] + box["width"] / 2, y, steps=40)
-    page.mouse.up()
-    page.click("#inpaint-btn")
-    page.wait_for_function("window.__joins.length > 0")
-    body = page.evaluate("window.__joins.pop()")
-    value = next(v for v in body["data"] if isinstance(v, dict) and "background" in v)
-    layers = [np.asarray(Image.open(la["path"]).convert("RGBA"))[..., 3] for la in value.get("layers") or []]
-    assert layers and layers[0].any(), "the stroke was dropped"
-    cols = np.nonzero(layers[0].any(axis=0))[0]
-    # it starts where the editor sees the pointer on the picture (its cursor changes a frame later: a few
-    # pixels in on a loaded machine), and runs to the middle
-    assert cols.min() < layers[0].shape[1] // 4 and cols.max() >= layers[0].shape[1] // 2 - 4, (cols.min(), cols.max())
-    expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)
-
-
 def app_limits():
     from studio.serve.limits import Limits
     return Limits()
@@ -505,3 +464,67 @@ def test_an_edit_of_a_huge_upload_shows_its_working_size_and_offers_the_full_siz
     expect(page.locator("#full-file")).to_be_hidden()
     first.click()
     expect(page.locator("#full-file")).to_contain_text(kb, timeout=30_000)
+
+
+def picture_edges(page, box, colour=(0, 200, 0)):
+    """Where the editor shows a picture of one solid colour: (left, top, right, bottom) in page pixels, found in a
+    screenshot of its canvas (the editor's own cursor is no guide: its CSS cursor changes ~20 picture pixels in)."""
+    import io
+    shot = np.asarray(Image.open(io.BytesIO(page.screenshot(clip=box))).convert("RGB")).astype(int)
+    hit = (np.abs(shot - np.array(colour)).sum(axis=2) < 40)
+    cols, rows = np.nonzero(hit.any(axis=0))[0], np.nonzero(hit.any(axis=1))[0]
+    assert cols.size and rows.size, "the picture is not on the canvas"
+    return (float(box["x"] + cols[0]), float(box["y"] + rows[0]), float(box["x"] + cols[-1] + 1),
+            float(box["y"] + rows[-1] + 1))
+
+
+def green_in_edit(page, tmp_path):
+    """A 64 px picture of one colour in Edit, the brush picked: its (left, top, right, bottom) on the page."""
+    path = tmp_path / "green.png"
+    Image.new("RGB", (64, 64), (0, 200, 0)).save(path)
+    open_tab(page, "Edit", "editor")
+    upload(page, "editor", path)
+    playwright_api.expect(page.locator("#editor-note")).to_contain_text("64×64", timeout=60_000)
+    box = brush_ready(page, settle_ms=800)
+    page.mouse.move(box["x"] + 2, box["y"] + 2)  # (the brush's cursor is not over the picture)
+    edges = picture_edges(page, box)
+    assert (edges[2] - edges[0]) / 64 > 2, edges  # shown magnified: a picture pixel is several screen pixels
+    page.evaluate(JOINS)
+    return edges
+
+
+def mask_columns(page):
+    """The painted columns of the mask the in-paint request carries."""
+    page.click("#inpaint-btn")
+    _, _, _, layers = sent_editor(page)
+    assert layers and layers[0].any(), "no stroke reached the request"
+    return np.nonzero(layers[0].any(axis=0))[0]
+
+
+def test_a_stroke_on_the_pictures_edge_paints_its_first_column(page, app, tmp_path):
+    """Issue 15, item 11: a stroke along the picture's edge (as one paints a border) must paint from its first
+    (last) column on, not from a dozen pixels in. Pressed one screen pixel inside the edge the editor shows and
+    drawn along it, on the left and on the right, the request's mask reaches columns 0 and 63, and its far side
+    is one brush radius (12 px) in: the stroke ran on the edge."""
+    left, top, right, bottom = green_in_edit(page, tmp_path)
+    for x in (left + 1, right - 1):
+        stroke(page, [(x, top + (bottom - top) * 0.3), (x, top + (bottom - top) * 0.7)], steps=8)
+        page.wait_for_timeout(300)
+    cols = mask_columns(page)
+    lefts, rights = cols[cols < 32], cols[cols >= 32]
+    radius = 12  # the Edit brush's default size, in picture pixels
+    assert lefts.size and lefts.min() == 0 and lefts.max() <= radius + 1, lefts
+    assert rights.size and rights.max() == 63 and rights.min() >= 63 - radius - 1, rights
+
+
+def test_a_stroke_started_beside_the_picture_paints_from_its_edge(page, app, tmp_path):
+    """Issue 15, item 11: the editor's brush refuses a press beside its picture, so a stroke begun just off the
+    picture (as one paints a border in from outside) was dropped, then started where the canvas's cursor changed,
+    ~20 picture pixels in. The page's script presses again where the stroke crosses the picture's edge: drawn
+    from 10 screen pixels left of the picture along a row to its middle, the mask's first column is 0."""
+    left, top, right, bottom = green_in_edit(page, tmp_path)
+    y = (top + bottom) / 2
+    stroke(page, [(left - 10, y), (left - 4, y), ((left + right) / 2, y)], steps=10)
+    page.wait_for_timeout(300)
+    cols = mask_columns(page)
+    assert cols.min() == 0 and cols.max() >= 32, (cols.min(), cols.max())

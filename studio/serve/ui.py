@@ -129,6 +129,18 @@ body:not(.var-running) #stop-btn { background: var(--button-secondary-background
                           vertical-align: -0.1em; border: 1px solid #8886; border-radius: 2px; }
 """
 
+# Runs before Gradio's own scripts: notes each pixi application (the image editors' canvases) as it starts,
+# through pixi's devtools hook (kept working for a devtools extension that set it first), so that PAGE_JS can ask
+# an editor where its brush accepts a press.
+HEAD = """<script>
+(() => { const apps = window.__varPixiApps = [], before = window.__PIXI_APP_INIT__;
+  window.__PIXI_APP_INIT__ = function (app) {
+    for (let i = apps.length - 1; i >= 0; i--) if (!apps[i].renderer) apps.splice(i, 1);  // destroyed ones go
+    apps.push(app);
+                                              if (typeof before === 'function') return before.apply(this, arguments); };
+})();
+</script>"""
+
 # The page's own script (runs once on load):
 # - a file dropped on an editor goes to that editor's upload button, whose handler checks and shows it
 #   (the editors' own drop kept the old canvas and sent that);
@@ -175,31 +187,61 @@ PAGE_JS = r"""
     const RUNNING = /^(⏳|Stopping|(window \d+ · )?Scale \d+\/\d+)/;
     const running = () => { const s = document.getElementById('status');
                             return !!s && RUNNING.test((s.innerText || '').trim()); };
-    // a stroke that starts beside the picture (on its edge) was dropped: the editor starts strokes only on the
-    // picture. Such a press now starts its stroke where the pointer reaches the picture (the editor's canvas
-    // cursor changes there), as if pressed there
-    let offPicture = null;
-    const onPicture = ed => [...ed.querySelectorAll('canvas')].some(
-        c => !['', 'inherit', 'default', 'auto'].includes(c.style.cursor));
+    // a stroke that starts beside the picture was dropped: the editor's brush starts a stroke only at a press
+    // inside its picture's bounds (Gradio's BrushTool.on_pointer_down asks brush_cursor.is_over_image(), set
+    // from image_container.getBounds() at each move). Such a press now starts its stroke where the pointer
+    // crosses into those bounds, ON the edge (column 0 when it enters from the left), as if pressed there.
+    // The bounds are the editor's own (its pixi application, noted by the HEAD script as it starts); without
+    // them (another Gradio) nothing is done. (The canvas's CSS cursor is no guide: it changes ~20 picture
+    // pixels in.)
+    const gate = canvas => {
+        const app = (window.__varPixiApps || []).find(a => a && a.canvas === canvas && a.stage);
+        const images = app && app.stage.children.find(c => c.sortableChildren);  // Gradio's image_container
+        if (!images) return null;
+        const b = images.getBounds(), r = canvas.getBoundingClientRect();
+        const k = r.width / (app.screen.width || r.width);  // CSS pixels per pixi screen pixel
+        return {left: r.left + b.x * k, top: r.top + b.y * k, right: r.left + (b.x + b.width) * k,
+                bottom: r.top + (b.y + b.height) * k};
+    };
+    const inside = (g, x, y) => x >= g.left && x <= g.right && y >= g.top && y <= g.bottom;
+    const entry = (g, [x0, y0], [x1, y1]) => {  // where the segment from outside to inside crosses the bounds
+        let t = 0;
+        if (x0 < g.left) t = Math.max(t, (g.left - x0) / (x1 - x0));
+        if (x0 > g.right) t = Math.max(t, (g.right - x0) / (x1 - x0));
+        if (y0 < g.top) t = Math.max(t, (g.top - y0) / (y1 - y0));
+        if (y0 > g.bottom) t = Math.max(t, (g.bottom - y0) / (y1 - y0));
+        const x = x0 + (x1 - x0) * t, y = y0 + (y1 - y0) * t;
+        return [Math.min(Math.max(x, g.left + 0.5), g.right - 0.5), Math.min(Math.max(y, g.top + 0.5), g.bottom - 0.5)];
+    };
+    let beside = null;  // a press the editor refused: {canvas, last: [x, y]}
     document.addEventListener('pointerdown', ev => {
-        offPicture = null;
-        const id = editorOf(ev.target);
-        if (!ev.isTrusted || ev.button !== 0 || ev.target.tagName !== 'CANVAS' || !id) return;
-        const ed = document.getElementById(id);
-        if (!onPicture(ed)) offPicture = {ed, canvas: ev.target};
+        beside = null;
+        if (!ev.isTrusted || ev.button !== 0 || ev.target.tagName !== 'CANVAS' || !editorOf(ev.target)) return;
+        const g = gate(ev.target);
+        if (g && !inside(g, ev.clientX, ev.clientY)) beside = {canvas: ev.target, last: [ev.clientX, ev.clientY]};
     }, true);
     document.addEventListener('pointermove', ev => {
-        const press = offPicture;
-        if (!press || !(ev.buttons & 1)) return;
-        setTimeout(() => {  // after the editor has seen this move
-            if (offPicture !== press || !onPicture(press.ed)) return;
-            offPicture = null;
-            press.canvas.dispatchEvent(new PointerEvent('pointerdown', {
-                bubbles: true, cancelable: true, composed: true, clientX: ev.clientX, clientY: ev.clientY,
-                pointerId: ev.pointerId, pointerType: ev.pointerType, isPrimary: true, button: 0, buttons: 1}));
+        const press = beside;
+        if (!press || !ev.isTrusted) return;
+        if (!(ev.buttons & 1)) { beside = null; return; }
+        const g = gate(press.canvas);
+        if (!g) { beside = null; return; }
+        if (!inside(g, ev.clientX, ev.clientY)) { press.last = [ev.clientX, ev.clientY]; return; }
+        beside = null;
+        const [x, y] = entry(g, press.last, [ev.clientX, ev.clientY]);
+        const event = (type, cx, cy) => new PointerEvent(type, {
+            bubbles: true, cancelable: true, composed: true, clientX: cx, clientY: cy, pointerId: ev.pointerId,
+            pointerType: ev.pointerType, isPrimary: true, button: type === 'pointermove' ? -1 : 0,
+            buttons: type === 'pointerup' ? 0 : 1});
+        const at = releases;
+        setTimeout(() => {  // after the editor has seen this move (the pointer is over its picture now)
+            press.canvas.dispatchEvent(event('pointerdown', x, y));  // pressed on the edge ...
+            press.canvas.dispatchEvent(event('pointermove', ev.clientX, ev.clientY));  // ... and drawn to here
+            if (releases !== at) press.canvas.dispatchEvent(event('pointerup', ev.clientX, ev.clientY));  // (let go)
         }, 0);
     }, true);
-    document.addEventListener('pointerup', () => { offPicture = null; }, true);
+    let releases = 0;
+    document.addEventListener('pointerup', () => { beside = null; releases += 1; }, true);
     const mark = () => document.body.classList.toggle('var-running', running());
     new MutationObserver(mark).observe(document.body, {subtree: true, childList: true, characterData: true});
     mark();
@@ -1213,4 +1255,4 @@ def launch(demo: gr.Blocks, studio: Studio, host: str = "127.0.0.1", port: int =
     return demo.launch(server_name=host, server_port=port, show_error=True,
                        allowed_paths=[str(studio.pool.outputs)], max_file_size=studio.limits.max_upload_bytes,
                        app_kwargs=app_kwargs, theme=gr.themes.Default(primary_hue="indigo"),
-                       css=CSS, js=PAGE_JS, footer_links=["api"], **kwargs)
+                       css=CSS, js=PAGE_JS, head=HEAD, footer_links=["api"], **kwargs)
