@@ -137,7 +137,8 @@ HEAD = """<script>
   window.__PIXI_APP_INIT__ = function (app) {
     for (let i = apps.length - 1; i >= 0; i--) if (!apps[i].renderer) apps.splice(i, 1);  // destroyed ones go
     apps.push(app);
-                                              if (typeof before === 'function') return before.apply(this, arguments); };
+    if (typeof before === 'function') return before.apply(this, arguments);
+  };
 })();
 </script>"""
 
@@ -760,10 +761,11 @@ class Studio:
         if full is None:
             return gr.File(value=None, visible=False)
         try:
-            with Image.open(full) as im:  # the header alone
-                size = im.size
+            size = (read_parameters_chunk(full) or {}).get("full_size")  # the header alone (PIL's guard: no say)
             nbytes = os.stat(full).st_size
-        except OSError:
+        except OSError:  # gone meanwhile
+            return gr.File(value=None, visible=False)
+        if not (isinstance(size, list) and len(size) == 2):
             return gr.File(value=None, visible=False)
         return gr.File(value=full, visible=True,
                        label=f"Full size {size[0]}×{size[1]} px · {_in_words(nbytes)} · the edit pasted into the "
@@ -1141,7 +1143,8 @@ def _wire_helpers(w, studio: Studio, info: ModelInfo, demo: gr.Blocks) -> None:
     w.results.select(_selected_path, None, w.selected, **private)
     w.history.select(_selected_path, None, w.selected, **private)
     w.selected.change(studio.parameters_of, w.selected, w.params_view, **private)
-    w.selected.change(studio.full_copy_of, w.selected, w.full_file, **private)
+    # (no spinner over the download: a look-up by name; a spinner left over it blocked a click under load)
+    w.selected.change(studio.full_copy_of, w.selected, w.full_file, show_progress="hidden", **private)
     w.reuse.click(studio.reuse_settings, w.selected,
                   [w.gen_class, w.seed, w.num_images, w.guidance, w.top_k, w.top_p, w.more_smooth, w.status,
                    w.control_class, w.control_type, w.canny_low, w.canny_high, w.control_strength, w.control_start,
