@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from studio.params import Sampling  # the studio's sampling defaults (plain Python)
+from studio.params import VAR_DEFAULTS  # the studio's sampling defaults (plain Python)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -363,9 +363,9 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1,
                     help="untimed runs before the timed ones (0 for shapes that take an hour on a CPU)")
-    ap.add_argument("--guidance", type=float, default=Sampling.guidance_scale)
-    ap.add_argument("--top-k", type=int, default=Sampling.top_k)
-    ap.add_argument("--top-p", type=float, default=Sampling.top_p)
+    ap.add_argument("--guidance", type=float, default=VAR_DEFAULTS["guidance_scale"])
+    ap.add_argument("--top-k", type=int, default=VAR_DEFAULTS["top_k"])
+    ap.add_argument("--top-p", type=float, default=VAR_DEFAULTS["top_p"])
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: PyTorch's default, -1: the studio worker's choice)")
     ap.add_argument("--under-load", type=int, default=None, metavar="N",

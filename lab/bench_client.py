@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from studio.params import Sampling  # the studio's sampling defaults (plain Python, no torch)
+from studio.params import VAR_DEFAULTS  # the studio's sampling defaults (plain Python, no torch)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("full", "fast", "none")
@@ -317,8 +317,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--runs", type=int, default=5, help="timed runs per mode, after one warm-up (default 5)")
     ap.add_argument("--port", type=int, default=None, help="port for the app (default: a free one)")
     ap.add_argument("--class", dest="class_name", default="0", help="class name or id for every run (default 0)")
-    ap.add_argument("--guidance", type=float, default=Sampling.guidance_scale,
-                    help=f"guidance scale (default {Sampling.guidance_scale})")
+    ap.add_argument("--guidance", type=float, default=VAR_DEFAULTS["guidance_scale"],
+                    help=f"guidance scale (default {VAR_DEFAULTS['guidance_scale']})")
     ap.add_argument("--device", default=None, help="app.py --device (default: the app's choice)")
     ap.add_argument("--threads", type=int, default=None, help="app.py --threads (torch threads in the worker)")
     ap.add_argument("--preview-error", action=argparse.BooleanOptionalAction, default=True,

@@ -15,7 +15,7 @@ from PIL import Image
 
 from studio import params
 from studio.checkpoints import CheckpointError
-from studio.params import Sampling, UserError
+from studio.params import VAR_DEFAULTS, Sampling, UserError
 from studio.pipeline import VARPipeline
 from studio.pngmeta import encode_png, read_png_parameters  # noqa: F401 (read_png_parameters: API)
 
@@ -36,9 +36,9 @@ def main(argv=None) -> int:
                     help="class id or name (repeatable; default: a random class)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default 0: the same images every run)")
     ap.add_argument("--guidance", type=float, default=None,
-                    help=f"classifier-free guidance (default: VAR {Sampling.guidance_scale}, Infinity's own)")
-    ap.add_argument("--top-k", type=int, default=None, help=f"default: VAR {Sampling.top_k}, Infinity's own")
-    ap.add_argument("--top-p", type=float, default=None, help=f"default: VAR {Sampling.top_p}, Infinity's own")
+                    help=f"classifier-free guidance (default: VAR {VAR_DEFAULTS['guidance_scale']}, Infinity's own)")
+    ap.add_argument("--top-k", type=int, default=None, help=f"default: VAR {VAR_DEFAULTS['top_k']}, Infinity's own")
+    ap.add_argument("--top-p", type=float, default=None, help=f"default: VAR {VAR_DEFAULTS['top_p']}, Infinity's own")
     ap.add_argument("--more-smooth", action="store_true")
     ap.add_argument("--num-images", type=int, default=Sampling.num_images,
                     help=f"images per class (at most {params.spec(Sampling, 'num_images')[1].maximum})")
@@ -63,9 +63,9 @@ def main(argv=None) -> int:
     if args.prompt:
         print("error: --prompt needs an Infinity model (--model <folder with infinity_*.pth>)", file=sys.stderr)
         return 2
-    for name, default in (("guidance", Sampling.guidance_scale), ("top_k", Sampling.top_k), ("top_p", Sampling.top_p)):
+    for name, field in (("guidance", "guidance_scale"), ("top_k", "top_k"), ("top_p", "top_p")):
         if getattr(args, name) is None:
-            setattr(args, name, default)
+            setattr(args, name, VAR_DEFAULTS[field])
     try:
         params.spec(Sampling, "num_images")[1].check("num_images", args.num_images)
     except UserError as e:

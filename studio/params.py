@@ -58,6 +58,12 @@ _ASPECT = re.compile(r"^\d+(\.\d+)?:\d+(\.\d+)?$")
 ASPECT_RATIOS = ("1:1", "5:4", "4:5", "4:3", "3:4", "3:2", "2:3", "7:4", "4:7", "2:1", "1:2", "5:2", "2:5",
                  "3:1", "1:3")
 FAMILIES = ("var", "infinity")  # class-conditional next-scale models, text-to-image ones
+# VAR's published sampling settings (its demo: cfg 4, top-k 900, top-p 0.95). A job that leaves one of these
+# out (None) gets the published settings of the model it runs on (Sampling.with_defaults, where the worker
+# binds the job to its model): these for a class-conditional model (top-k at most its vocabulary),
+# Infinity's own (cfg 3, top-k 2, top-p 0.97) for a text-to-image one.
+VAR_DEFAULTS = {"guidance_scale": 4.0, "top_k": 900, "top_p": 0.95}
+MODEL_DEFAULTS = tuple(VAR_DEFAULTS)  # the Sampling fields whose default is the model's own
 
 
 class UserError(ValueError):
@@ -136,12 +142,13 @@ class JobParams:
 
 @dataclass(frozen=True)
 class Sampling(JobParams):
-    """How every generating job samples (VARPipeline.__call__'s arguments, with VAR's defaults)."""
+    """How every generating job samples (VARPipeline.__call__'s arguments). guidance_scale, top_k and
+    top_p None (left out): the published settings of the model the job runs on (with_defaults)."""
 
     seed: int = _number(-1, -1, MAX_SEED, "Seed", integer=True, note=" (-1 = random)")
-    guidance_scale: float = _number(4.0, 0.0, 10.0, "Guidance", step=0.25)
-    top_k: int = _number(900, 0, None, "Top-k", integer=True, step=1, note=" (0 = off)")
-    top_p: float = _number(0.95, 0.0, 1.0, "Top-p", step=0.01, note=" (0 = off)")
+    guidance_scale: Optional[float] = _number(None, 0.0, 10.0, "Guidance", step=0.25)
+    top_k: Optional[int] = _number(None, 0, None, "Top-k", integer=True, step=1, note=" (0 = off)")
+    top_p: Optional[float] = _number(None, 0.0, 1.0, "Top-p", step=0.01, note=" (0 = off)")
     more_smooth: bool = False
     # 8: the slider's bound, and what a worker batches in one job without starving the queue
     num_images: int = _number(1, 1, 8, "Number of images", integer=True, step=1)
@@ -160,6 +167,14 @@ class Sampling(JobParams):
     def with_seed(self) -> "Sampling":
         """A copy with a concrete seed (-1 draws one), so the PNG can say which seed made it."""
         return self if self.seed >= 0 else dataclasses.replace(self, seed=random.randrange(2 ** 31))
+
+    def with_defaults(self, defaults: Optional[dict] = None) -> "Sampling":
+        """The job bound to its model: a copy whose guidance_scale, top_k and top_p left out (None) are
+        `defaults`' (the model's published settings, ModelInfo.defaults), else VAR's (VAR_DEFAULTS).
+        Values given stay as they are."""
+        given = defaults or {}
+        missing = {n: given.get(n, VAR_DEFAULTS[n]) for n in MODEL_DEFAULTS if getattr(self, n) is None}
+        return dataclasses.replace(self, **missing) if missing else self
 
     def sampling_kwargs(self) -> dict:
         """The pipeline's sampling arguments (the generator is the caller's: it needs torch)."""

@@ -25,7 +25,7 @@ from models.var import VAR, RowGroup, SampleResult, ScaleEvent
 from models.vqvae import VQVAE
 from studio import checkpoints, editing, params, preprocess, preview
 from studio import images as im
-from studio.params import Sampling, UserError
+from studio.params import VAR_DEFAULTS, Sampling, UserError
 
 ClassLabel = Union[int, str]
 OneOrMany = Union[object, Sequence[object]]  # one control's value, or a list with one per control
@@ -226,9 +226,9 @@ class VARPipeline:
     def __call__(
         self,
         class_labels: Optional[Union[ClassLabel, Sequence[ClassLabel]]] = None,
-        guidance_scale: Union[float, Sequence[float]] = Sampling.guidance_scale,
-        top_k: int = Sampling.top_k,
-        top_p: float = Sampling.top_p,
+        guidance_scale: Union[float, Sequence[float]] = VAR_DEFAULTS["guidance_scale"],
+        top_k: int = VAR_DEFAULTS["top_k"],
+        top_p: float = VAR_DEFAULTS["top_p"],
         more_smooth: bool = Sampling.more_smooth,
         generator: Optional[Union[torch.Generator, Sequence[torch.Generator]]] = None,
         num_images_per_label: int = 1,
@@ -404,8 +404,8 @@ class VARPipeline:
                 raise ValueError(f"generate_batch takes {', '.join(sorted(BATCHABLE))}; got {', '.join(sorted(extra))}")
         labels, groups, knowns = [], [], []
         for r in requests:
-            g, k, p = (r.get("guidance_scale", Sampling.guidance_scale), r.get("top_k", Sampling.top_k),
-                       r.get("top_p", Sampling.top_p))
+            g, k, p = (r.get("guidance_scale", VAR_DEFAULTS["guidance_scale"]), r.get("top_k", VAR_DEFAULTS["top_k"]),
+                       r.get("top_p", VAR_DEFAULTS["top_p"]))
             self._check_sampling_args(g, k, p)
             lab = self._labels(r.get("class_labels"), r.get("num_images_per_label", 1), r.get("generator"))
             labels.append(lab)
@@ -521,7 +521,8 @@ class VARPipeline:
 
     @torch.no_grad()
     def inpaint(self, image, mask_image, class_labels: Optional[ClassLabel] = None,
-                guidance_scale=Sampling.guidance_scale, top_k: int = Sampling.top_k, top_p: float = Sampling.top_p,
+                guidance_scale=VAR_DEFAULTS["guidance_scale"], top_k: int = VAR_DEFAULTS["top_k"],
+                top_p: float = VAR_DEFAULTS["top_p"],
                 more_smooth: bool = Sampling.more_smooth, generator=None,
                 num_images: int = 1, mask_blur: int = 4, mask_grow: int = 0, inpaint_area: str = "masked",
                 padding: int = 32, mask_coverage: float = 0.0, callback_on_scale_end=None,
@@ -570,8 +571,9 @@ class VARPipeline:
 
     @torch.no_grad()
     def outpaint(self, image, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0,
-                 class_labels: Optional[ClassLabel] = None, guidance_scale=Sampling.guidance_scale,
-                 top_k: int = Sampling.top_k, top_p: float = Sampling.top_p, more_smooth: bool = Sampling.more_smooth,
+                 class_labels: Optional[ClassLabel] = None, guidance_scale=VAR_DEFAULTS["guidance_scale"],
+                 top_k: int = VAR_DEFAULTS["top_k"], top_p: float = VAR_DEFAULTS["top_p"],
+                 more_smooth: bool = Sampling.more_smooth,
                  generator=None, mask_blur: int = 8, window: Optional[int] = None,
                  max_windows: int = 64, callback_on_scale_end=None, on_window=None, output_type: str = "pil") -> VAROutput:
         """Extend the image by the given number of pixels on each side, to any size.

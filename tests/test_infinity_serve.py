@@ -107,6 +107,25 @@ def _reuse_studio():
     return studio
 
 
+def test_python_callers_who_leave_out_sampling_settings_get_the_models_published_ones(pool):
+    """WorkerPool.submit without guidance_scale, top_k and top_p runs with Infinity's published settings
+    (cfg 3, top-k 2, top-p 0.97: ModelInfo.defaults), exactly as a web user who leaves them out, not with
+    VAR's; the PNG stores the values used; a value given is kept."""
+    from studio.serve.inputs import sampling
+
+    left_out = _done(pool.submit("generate", P.GenerateParams(prompt="a red fox", seed=4, preview="none")))
+    params, packed = read_png_info(left_out.result.images[0])
+    assert (params["guidance_scale"], params["top_k"], params["top_p"]) == (3.0, 2, 0.97)
+    web = sampling(pool.models["infinity"], 4, None, None, None, False, 1, "none")  # the web endpoints' values
+    as_web = _done(pool.submit("generate", dict(web, prompt="a red fox")))
+    web_params, web_packed = read_png_info(as_web.result.images[0])
+    assert all(np.array_equal(a, b) for a, b in zip(web_packed, packed, strict=True))  # the same bits
+    assert {k: v for k, v in web_params.items() if k != "seconds"} == {k: v for k, v in params.items() if k != "seconds"}
+    given = _done(pool.submit("generate", {"prompt": "a red fox", "seed": 4, "preview": "none", "guidance_scale": 1.0}))
+    params = read_png_info(given.result.images[0])[0]
+    assert (params["guidance_scale"], params["top_k"], params["top_p"]) == (1.0, 2, 0.97)
+
+
 def test_image_i_of_a_batch_is_its_seed_plus_i_alone(pool, tmp_path):
     """Each image of a batch has its own generator, as for VAR: image i's PNG says seed + i, and that seed
     alone makes the same bit pyramid and picture; Reuse settings says how to make it alone."""
@@ -245,7 +264,7 @@ def test_choosing_a_model_shows_prompts_or_classes():
     assert inf["gen_text"].visible and not inf["gen_class"]["visible"] and inf["gen_class"]["choices"] == ["(random)"]
     assert (inf["guidance"]["value"], inf["top_p"]["value"], inf["top_k"]["maximum"]) == (3.0, 0.97, 2)
     assert not var["gen_text"].visible and var["gen_class"]["visible"] and var["more_smooth"]["visible"]
-    assert (var["guidance"]["value"], var["top_p"]["value"]) == (P.Sampling.guidance_scale, P.Sampling.top_p)
+    assert (var["guidance"]["value"], var["top_p"]["value"]) == (P.VAR_DEFAULTS["guidance_scale"], P.VAR_DEFAULTS["top_p"])
 
 
 def test_app_takes_the_text_encoder_from_the_command_line(pool, infinity_folder, other_t5, tmp_path, monkeypatch):
@@ -302,7 +321,7 @@ def test_the_api_gives_left_out_sampling_settings_the_chosen_models_defaults():
     studio.pool = types.SimpleNamespace(preview="fast", devices=["cpu"])
     demo = build_ui(studio)
     w = studio.w
-    assert (w.guidance.value, w.top_p.value) == (P.Sampling.guidance_scale, P.Sampling.top_p)  # the page: VAR's
+    assert (w.guidance.value, w.top_p.value) == (P.VAR_DEFAULTS["guidance_scale"], P.VAR_DEFAULTS["top_p"])  # the page: VAR's
     api = demo.get_api_info()["named_endpoints"]
     for endpoint in ("/generate", "/inpaint", "/outpaint", "/guide", "/reroll"):
         params = {p["parameter_name"]: p for p in api[endpoint]["parameters"]}
@@ -316,5 +335,5 @@ def test_the_api_gives_left_out_sampling_settings_the_chosen_models_defaults():
         return out["guidance_scale"], out["top_k"], out["top_p"]
 
     assert settings(inf, None, None, None) == (3.0, 2, 0.97)  # Infinity's own
-    assert settings(var, None, None, None) == (P.Sampling.guidance_scale, 64, P.Sampling.top_p)  # VAR's (top-k: 64 tokens)
+    assert settings(var, None, None, None) == (P.VAR_DEFAULTS["guidance_scale"], 64, P.VAR_DEFAULTS["top_p"])  # VAR's (top-k: 64 tokens)
     assert settings(inf, 4.0, 1, 0.5) == (4.0, 1, 0.5)  # given: kept

@@ -49,6 +49,9 @@ SLIDERS = [  # (widget, dataclass, field, job kind, other values the field's max
 @pytest.mark.parametrize("widget,cls,name,kind,others", SLIDERS)
 def test_each_slider_has_the_bounds_and_default_the_worker_checks(page, widget, cls, name, kind, others):
     default, bounds = P.spec(cls, name)
+    if name in P.MODEL_DEFAULTS:  # None in the dataclass: the model's own; the page shows its model's (VAR's)
+        assert default is None
+        default = P.VAR_DEFAULTS[name]
     slider = getattr(page.w, widget)
     assert (slider.minimum, slider.maximum, slider.value) == (bounds.minimum, bounds.maximum, default)
     job = {name: bounds.maximum, **others}
@@ -135,9 +138,10 @@ def test_the_sampling_defaults_are_the_pipelines_and_the_clis():
     from studio.pipeline import VARPipeline
 
     call = inspect.signature(VARPipeline.__call__).parameters
-    for name in ("guidance_scale", "top_k", "top_p", "more_smooth"):
-        assert call[name].default == getattr(P.Sampling, name)
-    assert (P.Sampling.guidance_scale, P.Sampling.top_k, P.Sampling.top_p) == (4.0, 900, 0.95)
+    for name in ("guidance_scale", "top_k", "top_p"):
+        assert call[name].default == P.VAR_DEFAULTS[name]
+    assert call["more_smooth"].default == P.Sampling.more_smooth
+    assert P.VAR_DEFAULTS == {"guidance_scale": 4.0, "top_k": 900, "top_p": 0.95}
 
 
 def test_importing_the_ui_changes_nothing_in_gradio():
@@ -155,18 +159,35 @@ def test_importing_the_ui_changes_nothing_in_gradio():
 def test_a_dataclass_built_in_python_is_checked_like_a_dict():
     with pytest.raises(UserError, match=r"Number of images \(num_images\) must be a whole number, got '3'"):
         P.parse("generate", P.GenerateParams(num_images="3"))
-    with pytest.raises(UserError, match=r"Guidance \(guidance_scale\) must be a number, got None"):
-        P.parse("generate", P.GenerateParams(guidance_scale=None))
+    with pytest.raises(UserError, match=r"Control strength \(control_strength\) must be a number, got None"):
+        P.parse("control", P.ControlParams(control_strength=None))
+    with pytest.raises(UserError, match=r"Guidance \(guidance_scale\) must be a number, got '4'"):
+        P.parse("generate", P.GenerateParams(guidance_scale="4"))
+
+
+def test_sampling_settings_left_out_are_the_models_own():
+    """guidance_scale, top_k and top_p left out are None until the job is bound to its model: then the
+    model's published settings (Infinity's from its ModelInfo.defaults, VAR's otherwise); given ones stay."""
+    p = P.parse("generate", P.GenerateParams(prompt="a fox"))
+    assert (p.guidance_scale, p.top_k, p.top_p) == (None, None, None)
+    infinity = dict(guidance_scale=3.0, tau=0.5, top_k=2, top_p=0.97)
+    bound = p.with_defaults(infinity)
+    assert (bound.guidance_scale, bound.top_k, bound.top_p, bound.tau) == (3.0, 2, 0.97, None)  # tau: the model's
+    assert p.with_defaults(None).sampling_kwargs() == dict(P.VAR_DEFAULTS, more_smooth=False)
+    given = P.parse("generate", {"top_k": 5, "guidance_scale": 0.0}).with_defaults(infinity)
+    assert (given.guidance_scale, given.top_k, given.top_p) == (0.0, 5, 0.97)
 
 
 def test_the_api_docs_state_the_defaults_and_bounds_of_studio_params():
     from pathlib import Path
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
-    for name in ("guidance_scale", "top_p", "num_images"):
-        default, b = P.spec(P.Sampling, name)
-        assert f"| `{name}` | `{default}` ({b.minimum:g}..{b.maximum:g}) |" in doc, name
-    assert f"| `top_k` | `{P.Sampling.top_k}` (0..the vocabulary) |" in doc
+    default, b = P.spec(P.Sampling, "num_images")
+    assert f"| `num_images` | `{default}` ({b.minimum:g}..{b.maximum:g}) |" in doc
+    for name in ("guidance_scale", "top_p"):
+        b = P.spec(P.Sampling, name)[1]
+        assert f"| `{name}` | the model's; VAR `{P.VAR_DEFAULTS[name]}` ({b.minimum:g}..{b.maximum:g}) |" in doc, name
+    assert f"| `top_k` | the model's; VAR `{P.VAR_DEFAULTS['top_k']}` (0..the vocabulary) |" in doc
     for cls, name, unit in ((P.InpaintParams, "mask_blur", " px"), (P.InpaintParams, "mask_grow", " px"),
                             (P.InpaintParams, "padding", " px"), (P.ControlParams, "control_strength", "")):
         default, b = P.spec(cls, name)

@@ -81,6 +81,18 @@ def test_tokens_and_parameters_round_trip_through_png(tmp_path):
     assert np.array_equal(decode_tokens(encode_tokens(big))[0], big[0])
 
 
+def test_sampling_settings_left_out_are_the_models_published_ones(pool):
+    """A Python caller who leaves out guidance_scale, top_k and top_p gets VAR's published settings, top-k
+    at most the vocabulary (64 tokens here), as the page and the API give them; the PNG says so."""
+    from studio.params import GenerateParams
+
+    assert pool.models["tiny"].defaults == {"guidance_scale": 4.0, "top_k": 64, "top_p": 0.95}
+    job = pool.submit("generate", GenerateParams(class_name="class 1", seed=2, preview="none"))
+    assert job.wait(60) and job.status == "done", job.error
+    params = read_png_info(job.result.images[0])[0]
+    assert (params["guidance_scale"], params["top_k"], params["top_p"]) == (4.0, 64, 0.95)
+
+
 def test_generation_streams_every_scale_and_saves_before_the_result(pool):
     job = pool.submit("generate", {"class_name": "class 3", "seed": 7, "num_images": 2})
     assert job.wait(60), job

@@ -37,13 +37,13 @@ def class_label(name, info: ModelInfo) -> str:
 
 # sampling settings whose default is the model's own: an API caller who leaves one out gets the chosen
 # model's published value (ModelInfo.defaults: Infinity's cfg 3, top-p 0.97 ...), not the first model's
-MODEL_DEFAULTS = ("guidance_scale", "top_k", "top_p")
+MODEL_DEFAULTS = P.MODEL_DEFAULTS
 
 
 def model_defaults(info: ModelInfo) -> dict:
-    """The model's published sampling defaults (ModelInfo.defaults), else studio.params.Sampling's (VAR's)."""
+    """The model's published sampling defaults (ModelInfo.defaults), else VAR's (studio.params.VAR_DEFAULTS)."""
     given = getattr(info, "defaults", None) or {}
-    return {name: given.get(name, getattr(P.Sampling, name)) for name in MODEL_DEFAULTS}
+    return {name: given.get(name, P.VAR_DEFAULTS[name]) for name in MODEL_DEFAULTS}
 
 
 def sampling(info: ModelInfo, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview) -> dict:

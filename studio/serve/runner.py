@@ -85,7 +85,7 @@ def worker_main(config: dict, conn, cancel_cell, heartbeat=None) -> None:
         infos = {name: infinity_info(name, p) if isinstance(p, InfinityPipeline) else
                  dict(name=name, source=str(p.source), class_names=list(p.class_names),
                       resolution=p.resolution, patch_nums=list(p.patch_nums),
-                      vocab_size=p.var.cfg.vocab_size, **control_info(p))
+                      vocab_size=p.var.cfg.vocab_size, defaults=sampling_defaults(p), **control_info(p))
                  for name, p in pipes.items()}
         conn.send(("ready", {"pid": os.getpid(), "device": device, "models": infos}))
     except Exception as e:  # a device problem
@@ -271,10 +271,16 @@ class Runner:
             log.error("internal error %s in %s job %s (model %s)", ref, kind, job_id, model, exc_info=True)
             return ("error", job_id, f"internal error (ref {ref}); the studio's log has the details")
 
-    def run(self, seq: int, job_id: str, kind: str, model: str, params) -> JobResult:
+    def parse(self, kind: str, model: str, params) -> P.JobParams:
+        """A job's parameters checked and bound to its model: sampling settings left out (None) are the
+        model's published ones (sampling_defaults), as the web page and the API give them."""
         if model not in self.pipes:
             raise UserError(f"unknown model {model!r}; loaded: {', '.join(self.pipes)}")
         p = P.parse(kind, params)
+        return p.with_defaults(sampling_defaults(self.pipes[model])) if isinstance(p, P.Sampling) else p
+
+    def run(self, seq: int, job_id: str, kind: str, model: str, params) -> JobResult:
+        p = self.parse(kind, model, params)
         cost = self.limits.check_arrived(kind, p)
         if isinstance(self.pipes[model], InfinityPipeline):  # text-to-image: its own jobs (end of this file)
             handler = INFINITY_HANDLERS[kind]
@@ -326,9 +332,7 @@ class Runner:
                 prepare = HANDLERS[kind].prepare if kind in HANDLERS else None
                 if prepare is None:
                     raise ValueError(f"{kind} jobs are not batched")
-                if model not in self.pipes:
-                    raise UserError(f"unknown model {model!r}; loaded: {', '.join(self.pipes)}")
-                p = P.parse(kind, params)
+                p = self.parse(kind, model, params)
                 self.limits.check_arrived(kind, p)
                 job = RunningJob(self, seq, job_id, kind, model, p, HANDLERS[kind].last_scale_is_result)
                 ready = prepare(job, job.p)
@@ -973,12 +977,22 @@ def jpeg(image: Image.Image, quality: int = 85) -> bytes:
 # result's PNG keeps its bit pyramid packed 8 to a byte (studio.infinity.pack_bits, as the CLI does).
 
 
+def sampling_defaults(pipe) -> dict:
+    """The sampling settings a job that leaves them out gets on this model (its ModelInfo.defaults):
+    Infinity's published ones (top-k has two choices per bit: 0 off, 1 greedy, 2 both, the same as the
+    official 900), VAR's for a class-conditional model (top-k at most its vocabulary: the slider's end)."""
+    if isinstance(pipe, InfinityPipeline):
+        defaults = dict(pipe.default_sampling())
+        defaults["top_k"] = min(int(defaults["top_k"]), 2)
+        return defaults
+    return dict(P.VAR_DEFAULTS, top_k=min(P.VAR_DEFAULTS["top_k"], int(pipe.var.cfg.vocab_size)))
+
+
 def infinity_info(name: str, pipe: InfinityPipeline) -> dict:
     """The web process's ModelInfo of an Infinity model: its square size and scales, no classes,
-    the official aspect ratios and sampling defaults (top-k has two choices per bit: 0 off, 1 greedy)."""
+    the official aspect ratios and sampling defaults (sampling_defaults)."""
     sched = pipe.schedule()
-    defaults = dict(pipe.default_sampling())
-    defaults["top_k"] = min(int(defaults["top_k"]), 2)  # >= 2 keeps both choices of a bit: the same as 900
+    defaults = sampling_defaults(pipe)
     return dict(name=name, source=str(pipe.source), class_names=[], resolution=sched.width,
                 patch_nums=[w for _, w in sched.scales], vocab_size=2, controls=[], family="infinity",
                 aspect_ratios=list(P.ASPECT_RATIOS), defaults=defaults)

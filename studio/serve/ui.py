@@ -54,7 +54,7 @@ from studio.pngmeta import (PARAMETERS_CHUNK, decode_array, read_parameters_chun
 from studio.serve.inputs import (NO_CLASS, RANDOM_CLASS, blank_layout, class_label, control_map_request,  # noqa: E402
                                  editor_background, editor_composite, editor_mask, editor_value,
                                  guard_uploads, png_bytes, read_upload, readable_inputs, sampling, seg_legend,
-                                 upload_pixels, upload_size, api_model_defaults)
+                                 upload_pixels, upload_size, api_model_defaults, model_defaults)
 from studio.serve import controls as control_ui  # noqa: E402
 from studio.serve import gradio_state  # noqa: E402
 from studio.serve import security  # noqa: E402
@@ -733,7 +733,8 @@ class Studio:
                 w.control_note: control_ui.note(info),
                 w.keep_scales: gr.update(maximum=S, value=P.GuideParams().kept_scales(S)),
                 w.reroll_keep: gr.update(maximum=S, value=P.RerollParams().kept_scales(S)),
-                w.top_k: gr.update(maximum=info.vocab_size, value=min(P.Sampling.top_k, info.vocab_size))}
+                w.top_k: gr.update(maximum=info.vocab_size,
+                                   value=min(model_defaults(info)["top_k"], info.vocab_size))}
 
     def model_and_family_changed(self, model) -> dict:
         """model_changed, and the prompts or the class pickers as the model's family takes them."""
@@ -788,13 +789,13 @@ class Studio:
         # a class drawn at random was drawn from the image's generator: asking for it by name draws other tokens
         cls = (name if name in self.info(params.get("model")).class_names and not params.get("random_class")
                else RANDOM_CLASS)
-        S, C = P.Sampling, P.ControlParams
+        S, C, V = P.Sampling, P.ControlParams, P.VAR_DEFAULTS  # (a PNG without them: VAR's, as they were then)
         index = int(params.get("index_in_batch") or 0)
         count = int(params.get("num_images") or 1)
         first = int(params.get("batch_seed", params["seed"]))  # (older PNGs: every image said the batch's seed)
         out = {w.gen_class: cls, w.seed: first, w.num_images: count,
-               w.guidance: params.get("guidance_scale", S.guidance_scale), w.top_k: params.get("top_k", S.top_k),
-               w.top_p: params.get("top_p", S.top_p), w.more_smooth: bool(params.get("more_smooth", S.more_smooth))}
+               w.guidance: params.get("guidance_scale", V["guidance_scale"]), w.top_k: params.get("top_k", V["top_k"]),
+               w.top_p: params.get("top_p", V["top_p"]), w.more_smooth: bool(params.get("more_smooth", S.more_smooth))}
         out.update(text2img.reuse_updates(w, params))
         text = params.get("family") == "infinity"
         what = f"prompt “{text2img.caption(params)}”" if text else params.get("class_name") or "no class"
@@ -1028,10 +1029,12 @@ def _sampling_settings(w, info: ModelInfo, preview: str) -> None:
             w.seed = gr.Number(S.seed, label=seed.words + seed.note, precision=0, scale=4)
             w.dice = gr.Button("Random", scale=1, min_width=70, size="sm", elem_id="dice")
             w.num_images = slider(S, "num_images", "Images", scale=4, elem_id="num-images")
-        w.guidance = slider(S, "guidance_scale", "Guidance (classifier-free, ramped over the scales)")
+        d = model_defaults(info)  # the first model's published settings (a model change sets its own)
+        w.guidance = slider(S, "guidance_scale", "Guidance (classifier-free, ramped over the scales)",
+                            value=d["guidance_scale"])
         with gr.Row():
-            w.top_k = slider(S, "top_k", maximum=info.vocab_size, value=min(S.top_k, info.vocab_size))
-            w.top_p = slider(S, "top_p")
+            w.top_k = slider(S, "top_k", maximum=info.vocab_size, value=min(d["top_k"], info.vocab_size))
+            w.top_p = slider(S, "top_p", value=d["top_p"])
         with gr.Row():
             w.more_smooth = gr.Checkbox(S.more_smooth, label="More smooth", info="soft codes: smoother images")
             w.preview_mode = gr.Radio([("Full decode", "full"), ("Fast (latent→RGB)", "fast"), ("Off", "none")],

@@ -112,8 +112,8 @@ def family_updates(w, info: ModelInfo) -> dict:
            w.aspect_ratio: gr.update(info=_sizes_note(info)),
            w.tau: gr.update(info=f"empty or 0 = the model's ({_default(info, 'tau')})", value=None)}
     d = (getattr(info, "defaults", None) or {}) if text else {}
-    out[w.guidance] = gr.update(value=d.get("guidance_scale", P.Sampling.guidance_scale))
-    out[w.top_p] = gr.update(value=d.get("top_p", P.Sampling.top_p))
+    out[w.guidance] = gr.update(value=d.get("guidance_scale", P.VAR_DEFAULTS["guidance_scale"]))
+    out[w.top_p] = gr.update(value=d.get("top_p", P.VAR_DEFAULTS["top_p"]))
     return out
 
 
