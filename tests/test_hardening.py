@@ -474,3 +474,46 @@ def test_the_session_cookie_lives_as_long_as_the_files_it_reads(tmp_path):
         renewed = cookie(again)
         assert renewed is not None and renewed.value == first.value, again.headers
         assert renewed["max-age"] == "86400"
+
+
+def test_the_file_guard_forgets_files_gone_or_expired_and_keeps_serving_the_live_ones(tmp_path):
+    """A long-running studio: the owner map holds about the live temp files, not every file it ever named.
+    Files removed (a closed tab's uploads, Gradio's clean-up) leave it at the next sweep, and an entry nothing
+    named for the files' lifetime expires; so the memory backstop (`limit`) does not push out a file that
+    is still there and still its session's (with the cap alone, 27 files named past a limit of 20 did)."""
+    from studio.serve.security import FileOwners
+
+    now = [0.0]
+    owners = FileOwners([tmp_path], limit=20, max_age=100.0, sweep_every=30.0, clock=lambda: now[0])
+
+    def made(name):
+        path = tmp_path / name
+        path.write_bytes(b"picture")
+        return str(path)
+
+    kept = made("kept.png")
+    owners.add(kept, {"s:a"})
+    for i in range(15):  # named to the session, then removed
+        now[0] += 1
+        gone = made(f"gone{i}.png")
+        owners.add(gone, {"s:a"})
+        os.remove(gone)
+    assert len(owners) == 16
+    now[0] = 31.0
+    late = made("late.png")
+    owners.add(late, {"s:b"})  # the first add past sweep_every starts a sweep (a thread: the server answers on)
+    owners.sweeper.join(30)
+    assert len(owners) == 2
+    for i in range(10):
+        owners.add(made(f"new{i}.png"), {"s:a"})
+    assert owners.may_read(kept, {"s:a"}) and not owners.may_read(kept, {"s:b"}) and owners.may_read(late, {"s:b"})
+    assert not owners.may_read(str(tmp_path / "gone3.png"), {"s:a"})
+
+    now[0] = 101.0 + 0.5  # kept was last named more than max_age ago: refused, and dropped at the next add
+    assert not owners.may_read(kept, {"s:a"}) and owners.may_read(late, {"s:b"})
+    owners.add(late, {"s:b"})  # named again (a later answer shows it): fresh
+    owners.sweeper.join(30)
+    assert len(owners) == 11
+    now[0] = 140.0  # the ten named at 31 expire; late, named again at 101.5, stays
+    owners.add(made("newest.png"), {"s:a"})
+    assert len(owners) == 2 and owners.may_read(late, {"s:b"})

@@ -33,9 +33,10 @@ import secrets
 import shutil
 import tempfile
 import threading
+import time
 from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
-from typing import Collection, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Collection, Iterable, List, Optional, Sequence, Set, Tuple
 from urllib.parse import unquote, urlsplit
 
 IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
@@ -120,14 +121,26 @@ PUBLIC = "*"  # the owner of files named in the page's config: everyone's
 
 
 class FileOwners:
-    """Which sessions (and signed-in users) may read each file of the temp folder: a bounded map
-    (the oldest entries go first past `limit`; a file forgotten so is refused, not leaked)."""
+    """Which sessions (and signed-in users) may read each file of the temp folder.
 
-    def __init__(self, roots: Iterable[Path], limit: int = 200_000):
+    An entry lives as long as its file may: it goes when its file is gone (Gradio's hourly clean-up of
+    files older than a day, a closed tab's uploads) or when nothing named the file to anyone for
+    `max_age` seconds (the temp files' lifetime: Gradio deletes the file then, the cookie that read it
+    has lapsed). Expired entries go at each add (oldest first, cheap); gone files are found by a sweep
+    that stats every entry in a background thread at most every `sweep_every` seconds. So the map
+    holds about the live temp files; `limit` is a backstop on memory only (past it the oldest entries
+    go first, and a file forgotten so is refused, not leaked): it would take `limit` files named
+    within one sweep interval to reach it."""
+
+    def __init__(self, roots: Iterable[Path], limit: int = 200_000, max_age: float = FILE_LIFETIME_S,
+                 sweep_every: float = 600.0, clock: Callable[[], float] = time.monotonic):
         self.roots = [Path(r).resolve() for r in roots]
-        self.limit = int(limit)
-        self._owners: "collections.OrderedDict[str, Set[str]]" = collections.OrderedDict()
+        self.limit, self.max_age, self.sweep_every, self.clock = int(limit), float(max_age), float(sweep_every), clock
+        # path -> (when it was last named, who may read it); oldest first
+        self._owners: "collections.OrderedDict[str, Tuple[float, Set[str]]]" = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._next_sweep = clock() + self.sweep_every
+        self.sweeper: Optional[threading.Thread] = None  # the sweep running now, if any
 
     def key(self, raw: str) -> Optional[str]:
         """A path as the map keys it (resolved), or None when it is not in the temp folder."""
@@ -141,19 +154,54 @@ class FileOwners:
         key = self.key(raw)
         if key is None:
             return
+        now = self.clock()
         with self._lock:
-            mine = self._owners.setdefault(key, set())
+            _, mine = self._owners.pop(key, (now, set()))
             mine.update(owners)
-            self._owners.move_to_end(key)
+            self._owners[key] = (now, mine)  # the newest, at the end
+            self._drop_expired(now)
             while len(self._owners) > self.limit:
                 self._owners.popitem(last=False)
+            due = now >= self._next_sweep and not (self.sweeper and self.sweeper.is_alive())
+            if due:
+                self._next_sweep = now + self.sweep_every
+                self.sweeper = threading.Thread(target=self.prune, name="file-owners-sweep", daemon=True)
+        if due:
+            self.sweeper.start()
+
+    def _drop_expired(self, now: float) -> int:
+        dropped = 0
+        while self._owners:
+            when, _ = next(iter(self._owners.values()))
+            if now - when <= self.max_age:
+                break
+            self._owners.popitem(last=False)
+            dropped += 1
+        return dropped
+
+    def prune(self) -> int:
+        """Drop the entries whose files are gone or that expired; how many went. The files are
+        looked at without the lock (the server answers meanwhile); an entry named again since is kept."""
+        with self._lock:
+            dropped = self._drop_expired(self.clock())
+            seen = [(k, when) for k, (when, _) in self._owners.items()]
+        gone = [(k, when) for k, when in seen if not os.path.exists(k)]
+        with self._lock:
+            for k, when in gone:
+                entry = self._owners.get(k)
+                if entry is not None and entry[0] == when:
+                    del self._owners[k]
+                    dropped += 1
+        return dropped
 
     def may_read(self, raw: str, owners: Iterable[str]) -> bool:
         key = self.key(raw)
         if key is None:
             return False
         with self._lock:
-            mine = self._owners.get(key, ())
+            when, mine = self._owners.get(key, (0.0, ()))
+            if mine and self.clock() - when > self.max_age:
+                return False  # expired (the next add drops it)
             return PUBLIC in mine or any(o in mine for o in owners)
 
     def __len__(self) -> int:
@@ -191,7 +239,7 @@ class FileGuard:
     def __init__(self, app, roots: Iterable[Path], max_age: int = FILE_LIFETIME_S):
         self.app = app
         self.roots = [Path(r).resolve() for r in roots]
-        self.owners = FileOwners(self.roots)
+        self.owners = FileOwners(self.roots, max_age=max_age)
         self.max_age = int(max_age)
 
     def _renews(self, scope, path: str) -> Optional[str]:
