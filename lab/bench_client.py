@@ -198,16 +198,53 @@ def _file_path(value) -> Optional[str]:
     return value if isinstance(value, str) and value else None
 
 
-def time_generation(client, mode: str, seed: int, class_name: str, jobs: Optional[list] = None, **sampling) -> Run:
+# gradio_client's HTTP requests other than the streams (the POST that queues a job) use httpx's default
+# limit of 5 s; a web process starved of CPU (other programs, 16 clients' streams) can take longer to
+# answer, and the job is then lost. The benchmarks' clients wait this long instead (seconds).
+HTTP_TIMEOUT_S = 300.0
+
+
+def make_client(url: str):
+    """A gradio_client Client for the benchmarks: no downloads, patient HTTP requests (HTTP_TIMEOUT_S)."""
+    import httpx
+    from gradio_client import Client
+
+    return Client(url, verbose=False, download_files=False,
+                  httpx_kwargs={"timeout": httpx.Timeout(HTTP_TIMEOUT_S, connect=60.0)})
+
+
+def job_outputs(job, deadline: Optional[float] = None, poll: float = 0.001):
+    """A gradio_client job's outputs as they stream, ending when the job ends. Unlike iterating the
+    job, a job whose request failed (its future holds the error, and no status ever comes) raises that
+    error instead of waiting forever; past `deadline` (time.monotonic()) a TimeoutError."""
+    seen = 0
+    while True:
+        done = job.done()  # before reading the outputs: all of them are in once it is done
+        outputs = job.outputs()
+        while seen < len(outputs):
+            yield outputs[seen]
+            seen += 1
+        if done:
+            if not job.cancelled() and job.exception() is not None:
+                raise job.exception()
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError("no result before the round's time limit")
+        time.sleep(poll)
+
+
+def time_generation(client, mode: str, seed: int, class_name: str, jobs: Optional[list] = None,
+                    deadline: Optional[float] = None, **sampling) -> Run:
     """Submit one /generate and time what streams back (client-side clock, 1 ms polling).
-    `jobs`, when given, gets the submitted job (so an interrupted run can be cancelled)."""
+    `jobs`, when given, gets the submitted job (so an interrupted run can be cancelled); past
+    `deadline` (time.monotonic()) the wait ends with a TimeoutError."""
     t0 = time.perf_counter()
     job = client.submit(class_name=class_name, seed=seed, preview=mode, num_images=1, api_name="/generate",
                         **sampling)
     if jobs is not None:
         jobs.append(job)
     first, total, previews, scales, num_scales, ms = None, None, set(), set(), 0, []
-    for out in job:
+    for out in job_outputs(job, deadline):
         t = time.perf_counter() - t0
         status = out[1] if isinstance(out[1], str) else ""
         if status.startswith("✓ Done"):
@@ -356,7 +393,6 @@ def preview_error_table(model: str, num_images: int = 4, seed: int = 1) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from gradio_client import Client
     from gradio_client.exceptions import AppError
 
     def log(text):
@@ -367,7 +403,7 @@ def main(argv=None) -> int:
     app = AppProcess(args.model, port=args.port, extra=extra, start_timeout=args.start_timeout, log=log)
     try:
         with terminate_as_exit(), app:
-            client, jobs = Client(app.url, verbose=False, download_files=False), []
+            client, jobs = make_client(app.url), []
             try:
                 runs = run_benchmark(client, args.runs, args.class_name, log=log, jobs=jobs,
                                      guidance_scale=args.guidance)

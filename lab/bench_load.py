@@ -9,8 +9,11 @@ with --batching, and runs rounds of N concurrent gradio_client clients against e
 two rounds of one N back to back, so a drift in the machine's load hits both alike) (each its own
 browser session) that submit /generate one after another, --jobs each, with fixed seeds (the same
 seeds in both runs) and the app's default preview. Bounded: every round ends after its jobs (or
---round-timeout). Printed per round:
+--round-timeout: no job starts after it, those running get 30 s more). Printed per round:
 
+- jobs, of: the jobs that finished, of those planned (clients x --jobs); every one that did not is
+  listed under the table with what became of it and why (failed: the error; unfinished: no result in
+  time; not started: the time limit had passed, or its client never came back), never silently fewer;
 - jobs/min: finished jobs over the round's wall time (from the first submit to the last result);
 - p50 / p95 latency: from submit to the final image, over every job of the round;
 - first preview p50: from submit to the first streamed preview picture;
@@ -32,34 +35,97 @@ This process never imports torch.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import os
 import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from lab.bench_client import AppProcess, close_client, terminate_as_exit, time_generation
+from lab.bench_client import AppProcess, close_client, make_client, terminate_as_exit, time_generation
+
+# what became of a planned job that did not finish: every one is counted under one of these, with why
+FAILED, UNFINISHED, NOT_STARTED = "failed", "unfinished", "not started"
+GRACE_S = 30.0  # after the round's time limit no job starts; those running get this long to finish
 
 
 @dataclass
 class Round:
     batching: bool
     clients: int
-    jobs: int
+    jobs: int  # finished
     failed: int
     seconds: float
     latencies: List[float]
     first_previews: List[float]
     rss_mb: Optional[float]
     cpu: Tuple[Optional[float], Optional[float], float] = (None, None, 0.0)  # web, workers, clients: seconds
+    planned: int = 0  # clients x jobs each
+    missing: Dict[str, int] = field(default_factory=dict)  # "failed: why" (or unfinished, not started) -> jobs
 
     @property
     def jobs_per_min(self) -> float:
         return 60.0 * self.jobs / self.seconds if self.seconds > 0 else 0.0
+
+    def missing_text(self) -> str:
+        """Every planned job that did not finish, and why ("" when all did)."""
+        if not self.missing:
+            return ""
+        return (f"{self.planned - self.jobs} of {self.planned} jobs did not finish: "
+                + "; ".join(f"{n} {why}" for why, n in sorted(self.missing.items(), key=lambda kv: -kv[1])))
+
+
+def describe(error: BaseException) -> str:
+    """An error in one line: its type and the start of its message."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:160]}" if text else type(error).__name__
+
+
+def drive(clients: int, jobs: int, run_job: Callable[[int, int, float], object], timeout: float,
+          grace: float = GRACE_S, log=print) -> Tuple[List[List[tuple]], float]:
+    """`clients` users at once, each running its `jobs` jobs one after another: run_job(i, k, until)
+    returns job k of client i's result or raises (`until`: the time.monotonic() by which it must give
+    up). No job starts after `timeout` seconds; running ones get `grace` more. Returns (outcomes,
+    seconds): outcomes[i][k] is ("done", result) or (FAILED | UNFINISHED | NOT_STARTED, why) for every
+    planned job, none left out (a client that never came back is not waited for, and says so)."""
+    deadline = time.monotonic() + timeout
+    until = deadline + grace
+    outcomes: List[List[Optional[tuple]]] = [[None] * jobs for _ in range(clients)]
+
+    def user(i: int):
+        for k in range(jobs):
+            if time.monotonic() > deadline:
+                for rest in range(k, jobs):
+                    outcomes[i][rest] = (NOT_STARTED, f"the round's time limit ({timeout:g} s) had passed")
+                return
+            outcomes[i][k] = (UNFINISHED, f"no result {grace:g} s after the round's time limit ({timeout:g} s)")
+            try:
+                result = run_job(i, k, until)
+            except Exception as e:  # a failed job is counted with its reason, the user goes on
+                outcomes[i][k] = (FAILED, describe(e))
+                log(f"  client {i} job {k} failed: {describe(e)}")
+                continue
+            outcomes[i][k] = ("done", result)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, until + min(5.0, grace) - time.monotonic()))
+    seconds = time.perf_counter() - t0
+    stuck = (NOT_STARTED, "its client never came back from an earlier job")
+    return [[o if o is not None else stuck for o in row] for row in outcomes], seconds
+
+
+def missing_jobs(outcomes: Sequence[Sequence[tuple]]) -> Dict[str, int]:
+    """How many planned jobs did not finish, by what became of them and why."""
+    return dict(collections.Counter(f"{status}: {why}" for row in outcomes for status, why in row
+                                    if status != "done"))
 
 
 def _pct(values: Sequence[float], q: float) -> Optional[float]:
@@ -98,44 +164,24 @@ def app_cpu_s(pid: int) -> Tuple[Optional[float], Optional[float]]:
 
 def run_round(app: AppProcess, batching: bool, clients: int, jobs: int, class_name: str, timeout: float,
               log=print) -> Round:
-    from gradio_client import Client
-
-    made = [Client(app.url, verbose=False, download_files=False) for _ in range(clients)]
+    made = [make_client(app.url) for _ in range(clients)]
     cpu0, own0 = app_cpu_s(app.proc.pid) if app.proc else (None, None), time.process_time()
-    latencies, firsts, failed, lock = [], [], [0], threading.Lock()
     submitted: List[list] = [[] for _ in range(clients)]
-    deadline = time.monotonic() + timeout
 
-    def user(i: int):
-        for k in range(jobs):
-            if time.monotonic() > deadline:
-                return
-            try:
-                run = time_generation(made[i], "fast", seed=1000 * i + k, class_name=class_name,
-                                      jobs=submitted[i])
-            except Exception as e:  # a failed job is counted, the user goes on
-                with lock:
-                    failed[0] += 1
-                log(f"  client {i} job {k} failed: {e}")
-                continue
-            with lock:
-                latencies.append(run.total)
-                if run.first_preview is not None:
-                    firsts.append(run.first_preview)
+    def run_job(i: int, k: int, until: float):
+        return time_generation(made[i], "fast", seed=1000 * i + k, class_name=class_name, jobs=submitted[i],
+                               deadline=until)
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=user, args=(i,), daemon=True) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(max(1.0, deadline - time.monotonic() + 30))
-    seconds = time.perf_counter() - t0
+    outcomes, seconds = drive(clients, jobs, run_job, timeout, log=log)
     cpu1, own1 = app_cpu_s(app.proc.pid) if app.proc else (None, None), time.process_time()
     for c, js in zip(made, submitted):
         close_client(c, js[-1:])
+    runs = [result for row in outcomes for status, result in row if status == "done"]
     cpu = tuple(None if a is None or b is None else b - a for a, b in zip(cpu0, cpu1)) + (own1 - own0,)
-    return Round(batching, clients, len(latencies), failed[0], seconds, latencies, firsts,
-                 tree_rss_mb(app.proc.pid) if app.proc else None, cpu)
+    return Round(batching, clients, len(runs), sum(1 for row in outcomes for o in row if o[0] == FAILED), seconds,
+                 [r.total for r in runs], [r.first_preview for r in runs if r.first_preview is not None],
+                 tree_rss_mb(app.proc.pid) if app.proc else None, cpu, planned=clients * jobs,
+                 missing=missing_jobs(outcomes))
 
 
 def app_rss_mb(pid: int) -> Tuple[Optional[float], Optional[float]]:
@@ -180,9 +226,7 @@ def soak(app: AppProcess, jobs: int, clients: int, every: int, class_name: str, 
          log=print, stall: float = 120.0) -> List[Sample]:
     """`jobs` small generations from `clients` sessions; memory sampled at the start, after the big
     job, every `every` jobs and at the end."""
-    from gradio_client import Client
-
-    made = [Client(app.url, verbose=False, download_files=False) for _ in range(clients)]
+    made = [make_client(app.url) for _ in range(clients)]
     samples: List[Sample] = []
     t_start = time.perf_counter()
 
@@ -207,11 +251,12 @@ def soak(app: AppProcess, jobs: int, clients: int, every: int, class_name: str, 
             if k is None:
                 return
             try:
-                time_generation(made[i], "none", seed=10_000 + k, class_name=class_name, jobs=submitted[i])
+                time_generation(made[i], "none", seed=10_000 + k, class_name=class_name, jobs=submitted[i],
+                                deadline=deadline)
             except Exception as e:
                 with lock:
                     failed[0] += 1
-                log(f"  client {i} job {k} failed: {e}")
+                log(f"  client {i} job {k} failed: {describe(e)}")
                 continue
             with lock:
                 done[0] += 1
@@ -235,7 +280,9 @@ def soak(app: AppProcess, jobs: int, clients: int, every: int, class_name: str, 
             log(f"  no job answered for {stall:.0f} s: {sum(t.is_alive() for t in threads)} client(s) still waiting")
             break
     stuck = sum(t.is_alive() for t in threads)
-    sample(f"end ({failed[0]} failed{f', {stuck} clients stuck' if stuck else ''})", done[0])
+    left = jobs - done[0] - failed[0] - stuck  # never started: the time limit passed, or the run stalled
+    sample(f"end ({failed[0]} failed{f', {stuck} clients stuck' if stuck else ''}"
+           f"{f', {left} not started' if left > 0 else ''})", done[0])
     closers = [threading.Thread(target=close_client, args=(c, js[-1:]), daemon=True)
                for c, js in zip(made, submitted)]
     for t in closers:
@@ -264,20 +311,24 @@ def format_soak(samples: Sequence[Sample]) -> str:
 
 def format_table(rounds: Sequence[Round]) -> str:
     base = {r.clients: r.jobs_per_min for r in rounds if not r.batching}
-    head = ["batching", "clients", "jobs", "failed", "jobs/min", "p50 s", "p95 s", "1st preview p50 s", "x off",
+    head = ["batching", "clients", "jobs", "of", "failed", "jobs/min", "p50 s", "p95 s", "1st preview p50 s", "x off",
             "RSS MB", "CPU s/job: web", "workers", "clients"]
     rows = [head]
     for r in rounds:
         def sec(v):
             return "-" if v is None else f"{v:.2f}"
         ratio = r.jobs_per_min / base[r.clients] if base.get(r.clients) else None
-        rows.append(["on" if r.batching else "off", str(r.clients), str(r.jobs), str(r.failed),
+        rows.append(["on" if r.batching else "off", str(r.clients), str(r.jobs), str(r.planned), str(r.failed),
                      f"{r.jobs_per_min:.1f}", sec(_pct(r.latencies, 0.5)), sec(_pct(r.latencies, 0.95)),
                      sec(statistics.median(r.first_previews) if r.first_previews else None),
                      "-" if ratio is None else f"{ratio:.2f}x", "-" if r.rss_mb is None else f"{r.rss_mb:.0f}"]
                     + ["-" if v is None or not r.jobs else f"{v / r.jobs:.2f}" for v in r.cpu])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+    for r in rounds:  # never silently fewer: each job that did not finish, and why
+        if r.missing:
+            lines.append(f"batching {'on' if r.batching else 'off'}, {r.clients} client(s): {r.missing_text()}")
+    return "\n".join(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -335,8 +386,10 @@ def main(argv=None) -> int:
             for n in clients:  # off and on back to back, so that a drift in the machine's load hits both alike
                 for batching, app in apps.items():
                     r = run_round(app, batching, n, args.jobs, args.class_name, args.round_timeout, log)
-                    log(f"batching {'on' if batching else 'off'}, {n} client(s): {r.jobs} jobs in "
+                    log(f"batching {'on' if batching else 'off'}, {n} client(s): {r.jobs} of {r.planned} jobs in "
                         f"{r.seconds:.1f} s ({r.jobs_per_min:.1f}/min), load average {os.getloadavg()[0]:.2f}")
+                    if r.missing:
+                        log(f"  {r.missing_text()}")
                     rounds.append(r)
             rounds.sort(key=lambda r: (r.batching, r.clients))
     except KeyboardInterrupt:
