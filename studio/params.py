@@ -63,6 +63,8 @@ FAMILIES = ("var", "infinity")  # class-conditional next-scale models, text-to-i
 # binds the job to its model): these for a class-conditional model (top-k at most its vocabulary),
 # Infinity's own (cfg 3, top-k 2, top-p 0.97) for a text-to-image one.
 VAR_DEFAULTS = {"guidance_scale": 4.0, "top_k": 900, "top_p": 0.95}
+# ControlVAR's published val runs (its sampler's defaults): cfg 4 (class, type and map), top_k 900, top_p 0.96
+CONTROLVAR_DEFAULTS = {**VAR_DEFAULTS, "top_p": 0.96}
 MODEL_DEFAULTS = tuple(VAR_DEFAULTS)  # the Sampling fields whose default is the model's own
 
 

@@ -25,7 +25,7 @@ from models.var import VAR, RowGroup, SampleResult, ScaleEvent
 from models.vqvae import VQVAE
 from studio import checkpoints, editing, params, preprocess, preview
 from studio import images as im
-from studio.params import VAR_DEFAULTS, Sampling, UserError
+from studio.params import CONTROLVAR_DEFAULTS, VAR_DEFAULTS, Sampling, UserError
 
 ClassLabel = Union[int, str]
 OneOrMany = Union[object, Sequence[object]]  # one control's value, or a list with one per control
@@ -228,7 +228,7 @@ class VARPipeline:
         class_labels: Optional[Union[ClassLabel, Sequence[ClassLabel]]] = None,
         guidance_scale: Union[float, Sequence[float]] = VAR_DEFAULTS["guidance_scale"],
         top_k: int = VAR_DEFAULTS["top_k"],
-        top_p: float = VAR_DEFAULTS["top_p"],
+        top_p: Optional[float] = None,
         more_smooth: bool = Sampling.more_smooth,
         generator: Optional[Union[torch.Generator, Sequence[torch.Generator]]] = None,
         num_images_per_label: int = 1,
@@ -274,6 +274,8 @@ class VARPipeline:
             runs use 4, 4, 4 with top_k 900 and top_p 0.96). `.tokens` and `.images` are the
             image's; `.control_tokens` the map's.
         """
+        if top_p is None:
+            top_p = self.default_sampling()["top_p"]
         if self.is_controlvar:
             if not use_kv_cache:
                 raise UserError("a ControlVAR model samples with its KV cache (use_kv_cache=False is for VAR)")
@@ -311,6 +313,11 @@ class VARPipeline:
             more_smooth=more_smooth, generator=generator, callback=on_scale, known_tokens=known_tokens,
             known_mask=known_mask, use_kv_cache=use_kv_cache, block_hook=block_hook)
         return self._decoded(res.f_hat, res.tokens, labels, res.stopped_early, per_scale, t_start, output_type)
+
+    def default_sampling(self) -> dict:
+        """The model's published sampling settings (guidance_scale, top_k, top_p): VAR's 4, 900, 0.95;
+        ControlVAR's val runs use top_p 0.96. A top_p left out (None) of a call is this one's."""
+        return dict(CONTROLVAR_DEFAULTS if self.is_controlvar else VAR_DEFAULTS)
 
     def _controlvar_call(self, class_labels, guidance_scale, type_guidance_scale, control_guidance_scale, top_k, top_p,
                          more_smooth, generator, num_images_per_label, callback_on_scale_end, output_type, known_tokens,
@@ -405,7 +412,7 @@ class VARPipeline:
         labels, groups, knowns = [], [], []
         for r in requests:
             g, k, p = (r.get("guidance_scale", VAR_DEFAULTS["guidance_scale"]), r.get("top_k", VAR_DEFAULTS["top_k"]),
-                       r.get("top_p", VAR_DEFAULTS["top_p"]))
+                       r.get("top_p", self.default_sampling()["top_p"]))
             self._check_sampling_args(g, k, p)
             lab = self._labels(r.get("class_labels"), r.get("num_images_per_label", 1), r.get("generator"))
             labels.append(lab)
@@ -522,7 +529,7 @@ class VARPipeline:
     @torch.no_grad()
     def inpaint(self, image, mask_image, class_labels: Optional[ClassLabel] = None,
                 guidance_scale=VAR_DEFAULTS["guidance_scale"], top_k: int = VAR_DEFAULTS["top_k"],
-                top_p: float = VAR_DEFAULTS["top_p"],
+                top_p: Optional[float] = None,
                 more_smooth: bool = Sampling.more_smooth, generator=None,
                 num_images: int = 1, mask_blur: int = 4, mask_grow: int = 0, inpaint_area: str = "masked",
                 padding: int = 32, mask_coverage: float = 0.0, callback_on_scale_end=None,
@@ -572,7 +579,7 @@ class VARPipeline:
     @torch.no_grad()
     def outpaint(self, image, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0,
                  class_labels: Optional[ClassLabel] = None, guidance_scale=VAR_DEFAULTS["guidance_scale"],
-                 top_k: int = VAR_DEFAULTS["top_k"], top_p: float = VAR_DEFAULTS["top_p"],
+                 top_k: int = VAR_DEFAULTS["top_k"], top_p: Optional[float] = None,
                  more_smooth: bool = Sampling.more_smooth,
                  generator=None, mask_blur: int = 8, window: Optional[int] = None,
                  max_windows: int = 64, callback_on_scale_end=None, on_window=None, output_type: str = "pil") -> VAROutput:

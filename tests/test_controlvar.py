@@ -354,3 +354,21 @@ def test_each_image_of_a_batch_is_the_image_its_generator_makes_alone(pipe, more
     # one generator for the batch keeps the official draws (the faithfulness runs above), and a wrong count is refused
     with pytest.raises(ValueError, match="2 generators for 3 images"):
         pipe(class_labels=[1, 2, 3], control_image=pics[0], generator=gens(1, 2), **kw)
+
+
+def test_left_out_sampling_settings_are_the_published_val_ones(ref, pipe):
+    """guidance, top-k and top-p left out of a call are ControlVAR's published val settings (cfg 4, 4, 4,
+    top-k 900, top-p 0.96; VAR's top-p is 0.95): the official run made with them, and the worker's defaults
+    for this model (what a job that leaves them out gets, and the web page shows)."""
+    from studio.serve.runner import sampling_defaults
+
+    a = ref["runs"]["seeded"]
+    assert (a["cfg"], a["top_k"], a["top_p"]) == ([4.0, 4.0, 4.0], 900, 0.96)
+    pics = _pictures()
+    kw = dict(class_labels=a["labels"], control_image=[pics[i] for i in a["pictures"]] if len(a["pictures"]) > 1
+              else pics[a["pictures"][0]], control_type=a["control_type"], output_type="pt")
+    out = pipe(generator=torch.Generator().manual_seed(a["g_seed"]), **kw)
+    assert _same(out.tokens, [t.long() for t in ref["seeded_tokens"]])
+    var_top_p = pipe(generator=torch.Generator().manual_seed(a["g_seed"]), top_p=0.95, **kw)
+    assert not _same(var_top_p.tokens, out.tokens)  # the default is not VAR's 0.95
+    assert sampling_defaults(pipe) == {"guidance_scale": 4.0, "top_k": min(900, pipe.var.cfg.vocab_size), "top_p": 0.96}

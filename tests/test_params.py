@@ -138,10 +138,12 @@ def test_the_sampling_defaults_are_the_pipelines_and_the_clis():
     from studio.pipeline import VARPipeline
 
     call = inspect.signature(VARPipeline.__call__).parameters
-    for name in ("guidance_scale", "top_k", "top_p"):
+    for name in ("guidance_scale", "top_k"):
         assert call[name].default == P.VAR_DEFAULTS[name]
+    assert call["top_p"].default is None  # the model's own (VARPipeline.default_sampling): VAR's or ControlVAR's
     assert call["more_smooth"].default == P.Sampling.more_smooth
     assert P.VAR_DEFAULTS == {"guidance_scale": 4.0, "top_k": 900, "top_p": 0.95}
+    assert P.CONTROLVAR_DEFAULTS == {"guidance_scale": 4.0, "top_k": 900, "top_p": 0.96}
 
 
 def test_importing_the_ui_changes_nothing_in_gradio():
@@ -184,9 +186,10 @@ def test_the_api_docs_state_the_defaults_and_bounds_of_studio_params():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
     default, b = P.spec(P.Sampling, "num_images")
     assert f"| `num_images` | `{default}` ({b.minimum:g}..{b.maximum:g}) |" in doc
-    for name in ("guidance_scale", "top_p"):
+    for name, more in (("guidance_scale", ""), ("top_p", f", ControlVAR `{P.CONTROLVAR_DEFAULTS['top_p']}`")):
         b = P.spec(P.Sampling, name)[1]
-        assert f"| `{name}` | the model's; VAR `{P.VAR_DEFAULTS[name]}` ({b.minimum:g}..{b.maximum:g}) |" in doc, name
+        assert (f"| `{name}` | the model's; VAR `{P.VAR_DEFAULTS[name]}`{more} ({b.minimum:g}..{b.maximum:g}) |"
+                in doc), name
     assert f"| `top_k` | the model's; VAR `{P.VAR_DEFAULTS['top_k']}` (0..the vocabulary) |" in doc
     for cls, name, unit in ((P.InpaintParams, "mask_blur", " px"), (P.InpaintParams, "mask_grow", " px"),
                             (P.InpaintParams, "padding", " px"), (P.ControlParams, "control_strength", "")):

@@ -980,12 +980,14 @@ def jpeg(image: Image.Image, quality: int = 85) -> bytes:
 def sampling_defaults(pipe) -> dict:
     """The sampling settings a job that leaves them out gets on this model (its ModelInfo.defaults):
     Infinity's published ones (top-k has two choices per bit: 0 off, 1 greedy, 2 both, the same as the
-    official 900), VAR's for a class-conditional model (top-k at most its vocabulary: the slider's end)."""
+    official 900), the pipeline's own for a class-conditional model (VAR's; ControlVAR's top-p 0.96), top-k at most
+    its vocabulary (the slider's end)."""
     if isinstance(pipe, InfinityPipeline):
         defaults = dict(pipe.default_sampling())
         defaults["top_k"] = min(int(defaults["top_k"]), 2)
         return defaults
-    return dict(P.VAR_DEFAULTS, top_k=min(P.VAR_DEFAULTS["top_k"], int(pipe.var.cfg.vocab_size)))
+    defaults = pipe.default_sampling()  # VAR's; ControlVAR's top_p 0.96
+    return dict(defaults, top_k=min(defaults["top_k"], int(pipe.var.cfg.vocab_size)))
 
 
 def infinity_info(name: str, pipe: InfinityPipeline) -> dict:
