@@ -520,6 +520,8 @@ class RunningJob:
     """One job on the worker: its model, its per-scale and per-window callbacks, its record for the
     PNG, and the saving of its results."""
 
+    family = "var"  # studio.params.check_conditioning's family: a class, not a prompt
+
     def __init__(self, runner: Runner, seq: int, job_id: str, kind: str, model: str, p: P.JobParams,
                  last_scale_is_result: bool):
         self.runner, self.seq, self.id, self.kind, self.model = runner, seq, job_id, kind, model
@@ -530,22 +532,33 @@ class RunningJob:
         self.deferred: list = []
         self.p, self.label, self.record, self.sampling = p, None, {}, {}
         self.mode, self.defer_last = runner.config["preview"], False
-        p.check_model(self.pipe.num_scales)
-        if isinstance(p, P.Sampling):
-            P.check_conditioning(p, "var")  # a prompt sent to a class-conditional model is refused in words
-            self.p = p = p.with_seed()
-            self.mode = p.preview or runner.config["preview"]
-            self.defer_last = last_scale_is_result and self.mode == "full"
-            if p.class_name.strip():  # unknown classes fail here, before any work
-                self.label = P.find_class(p.class_name, self.pipe.class_names)
-            # image i of a batch has its own seed, seed + i: it can be made again alone (Reuse settings)
-            count = 1 if kind == "outpaint" else p.num_images
-            generators = [torch.Generator(self.pipe.device).manual_seed(p.seed + i) for i in range(count)]
-            self.sampling = dict(p.sampling_kwargs(), generator=generators)
-            self.record = {"task": kind, "model": model, "model_source": public_source(self.pipe.source), "seed": p.seed,
-                           "batch_seed": p.seed, "num_images": count,
-                           # no class asked for: each image drew its own from its generator (Reuse keeps that)
-                           "random_class": not p.class_name.strip(), **p.sampling_kwargs()}
+        self.num_scales = self.count_scales()
+        p.check_model(self.num_scales)
+        if not isinstance(p, P.Sampling):
+            return
+        # a prompt sent to a class-conditional model, or a class to a text-to-image one, is refused in words
+        P.check_conditioning(p, self.family)
+        self.p = p = p.with_seed()
+        self.mode = p.preview or runner.config["preview"]
+        self.defer_last = last_scale_is_result and self.mode == "full"
+        # image i of a batch has its own seed, seed + i: it can be made again alone (Reuse settings)
+        count = 1 if kind == "outpaint" else p.num_images
+        generators = [torch.Generator(self.pipe.device).manual_seed(p.seed + i) for i in range(count)]
+        self.sampling, record = self.sampling_for(p, count, generators)
+        self.record = {"task": kind, "model": model, "model_source": public_source(self.pipe.source),
+                       "seed": p.seed, "batch_seed": p.seed, "num_images": count, **record}
+
+    # -- what each family does its own way ---------------------------------------------------------
+    def count_scales(self) -> int:
+        return self.pipe.num_scales
+
+    def sampling_for(self, p: P.Sampling, count: int, generators: list) -> tuple:
+        """The pipeline's sampling arguments and what the PNG records besides the seeds."""
+        if p.class_name.strip():  # unknown classes fail here, before any work
+            self.label = P.find_class(p.class_name, self.pipe.class_names)
+        # no class asked for: each image drew its own from its generator (Reuse keeps that)
+        return (dict(p.sampling_kwargs(), generator=generators),
+                {"random_class": not p.class_name.strip(), **p.sampling_kwargs()})
 
     # -- callbacks ---------------------------------------------------------------------------------
     def on_scale(self, ev, delay: bool = True) -> None:
@@ -1078,34 +1091,18 @@ class InfinityJob(RunningJob):
     it; InfinityPipeline keeps the official one-generator protocol for a single generator), the bit
     pyramid in each PNG."""
 
-    def __init__(self, runner: Runner, seq: int, job_id: str, kind: str, model: str, p: P.JobParams,
-                 last_scale_is_result: bool):
-        self.runner, self.seq, self.id, self.kind, self.model = runner, seq, job_id, kind, model
-        self.pipe: InfinityPipeline = runner.pipes[model]
-        self.previewer = runner.previewers[model]
-        self.t0 = time.perf_counter()
-        self.window, self.deferred = 0, []
-        self.p, self.label, self.record, self.sampling = p, None, {}, {}
-        self.mode, self.defer_last = runner.config["preview"], False
-        self.num_scales = len(self.pipe.schedule().scales)  # the same for every aspect ratio of its size
-        p.check_model(self.num_scales)
-        if not isinstance(p, P.Sampling):
-            return
-        P.check_conditioning(p, "infinity")
-        self.p = p = p.with_seed()
-        self.mode = p.preview or runner.config["preview"]
-        self.defer_last = last_scale_is_result and self.mode == "full"
-        count = 1 if kind == "outpaint" else p.num_images
+    family = "infinity"
+    pipe: InfinityPipeline
+
+    def count_scales(self) -> int:
+        return len(self.pipe.schedule().scales)  # the same for every aspect ratio of its size
+
+    def sampling_for(self, p: P.Sampling, count: int, generators: list) -> tuple:
         tau = p.tau if p.tau is not None else self.pipe.default_sampling()["tau"]
-        # image i of a batch has its own seed, seed + i: it can be made again alone (Reuse settings)
-        generators = [torch.Generator(self.pipe.device).manual_seed(p.seed + i) for i in range(count)]
-        self.sampling = dict(guidance_scale=p.guidance_scale, tau=tau, top_k=p.top_k, top_p=p.top_p,
-                             num_images_per_prompt=count, generator=generators)
-        self.record = {"task": kind, "model": model, "model_source": public_source(self.pipe.source),
-                       "family": "infinity", "seed": p.seed, "batch_seed": p.seed, "num_images": count,
-                       "prompt": p.prompt,
-                       "negative_prompt": p.negative_prompt, "guidance_scale": p.guidance_scale, "tau": tau,
-                       "top_k": p.top_k, "top_p": p.top_p}
+        return (dict(guidance_scale=p.guidance_scale, tau=tau, top_k=p.top_k, top_p=p.top_p,
+                     num_images_per_prompt=count, generator=generators),
+                {"family": "infinity", "prompt": p.prompt, "negative_prompt": p.negative_prompt,
+                 "guidance_scale": p.guidance_scale, "tau": tau, "top_k": p.top_k, "top_p": p.top_p})
 
     def text(self, prompt: Optional[str] = None, negative: Optional[str] = None) -> dict:
         """The pipeline's prompt arguments; a job that makes a picture needs a prompt."""
