@@ -5,24 +5,17 @@ to Edit, paint a mask with the brush, in-paint; send it to Control, preview its 
 under that control. Screenshots go to tests/artifacts/.
 """
 import base64
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import ARTIFACTS  # noqa: F401 (the other browser tests take it from here)
 from test_app import start_app
 from test_worker import TINY_PATCH_NUMS, tiny_bundle  # noqa: F401 (the fixture)
 
 playwright_api = pytest.importorskip("playwright.sync_api")
-
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 # records every new src of the live preview, and when the first result image appears
 WATCH = """() => {
@@ -38,22 +31,6 @@ WATCH = """() => {
 }"""
 
 
-@pytest.fixture(scope="session")
-def chromium():
-    """Debian's Chromium; installed with apt-get when missing (skips only if that fails)."""
-    if not os.path.exists(CHROMIUM):
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        try:
-            if shutil.which("apt-get") is None:
-                raise RuntimeError("apt-get is not available")
-            subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True, timeout=600, env=env)
-            subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], check=True, capture_output=True,
-                           timeout=900, env=env)
-        except Exception as e:  # no root, no network to the package mirror ...
-            pytest.skip(f"Chromium is not installed at {CHROMIUM} and `apt-get install chromium` failed: {e}")
-    return CHROMIUM
-
-
 @pytest.fixture(scope="module")
 def app(tiny_bundle, tmp_path_factory):  # noqa: F811
     served = start_app(tiny_bundle, tmp_path_factory.mktemp("outputs"), "--scale-delay", "0.25")
@@ -63,16 +40,8 @@ def app(tiny_bundle, tmp_path_factory):  # noqa: F811
 
 
 @pytest.fixture
-def page(app, chromium):
-    ARTIFACTS.mkdir(exist_ok=True)
-    with playwright_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(60_000)
-        page.goto(app.url)
-        page.wait_for_selector("#generate-btn")
-        yield page
-        browser.close()
+def page(app, open_page):
+    return open_page(app.url)
 
 
 def test_generate_streams_previews_then_inpaint_a_painted_mask(page, app):
@@ -305,32 +274,26 @@ def test_batch_seeds_reuse_settings_and_a_queued_second_click(page, app, tmp_pat
 
 
 @pytest.mark.parametrize("width,height", [(1280, 720), (390, 844)])
-def test_the_run_button_preview_status_and_stop_are_in_view_together(app, chromium, width, height):
+def test_the_run_button_preview_status_and_stop_are_in_view_together(app, open_page, width, height):
     """Issue 15, item 6: with the Edit tab's run button scrolled into view, the live preview, the status and
     Stop are on screen too (a laptop, a phone), and the filmstrip shows every scale."""
-    with playwright_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=ARGS)
-        page = browser.new_page(viewport={"width": width, "height": height})
-        page.set_default_timeout(60_000)
-        page.goto(app.url)
-        page.wait_for_selector("#generate-btn")
-        page.click("#generate-btn")
-        playwright_api.expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)
-        strip = page.locator("#filmstrip").bounding_box()
-        thumbs = [page.locator("#filmstrip img").nth(i).bounding_box() for i in range(len(TINY_PATCH_NUMS))]
-        assert all(t["x"] >= strip["x"] - 1 and t["x"] + t["width"] <= strip["x"] + strip["width"] + 1 for t in thumbs)
-        page.click("#send-edit")
-        page.locator("#inpaint-btn").scroll_into_view_if_needed()
-        page.wait_for_timeout(300)
-        boxes = {s: page.locator(s).bounding_box() for s in ("#inpaint-btn", "#preview", "#status", "#stop-btn")}
-        dock = page.locator("#dock").bounding_box()
-        for name, b in boxes.items():
-            assert b and b["y"] >= 0 and b["y"] + b["height"] <= height, (name, b)
-        run = boxes["#inpaint-btn"]  # not hidden under the dock
-        assert run["y"] + run["height"] <= dock["y"] or run["y"] >= dock["y"] + dock["height"] or \
-            run["x"] + run["width"] <= dock["x"] or run["x"] >= dock["x"] + dock["width"], (run, dock)
-        page.screenshot(path=ARTIFACTS / f"12_layout_{width}.png")
-        browser.close()
+    page = open_page(app.url, width, height)
+    page.click("#generate-btn")
+    playwright_api.expect(page.locator("#status")).to_contain_text("Done", timeout=60_000)
+    strip = page.locator("#filmstrip").bounding_box()
+    thumbs = [page.locator("#filmstrip img").nth(i).bounding_box() for i in range(len(TINY_PATCH_NUMS))]
+    assert all(t["x"] >= strip["x"] - 1 and t["x"] + t["width"] <= strip["x"] + strip["width"] + 1 for t in thumbs)
+    page.click("#send-edit")
+    page.locator("#inpaint-btn").scroll_into_view_if_needed()
+    page.wait_for_timeout(300)
+    boxes = {s: page.locator(s).bounding_box() for s in ("#inpaint-btn", "#preview", "#status", "#stop-btn")}
+    dock = page.locator("#dock").bounding_box()
+    for name, b in boxes.items():
+        assert b and b["y"] >= 0 and b["y"] + b["height"] <= height, (name, b)
+    run = boxes["#inpaint-btn"]  # not hidden under the dock
+    assert run["y"] + run["height"] <= dock["y"] or run["y"] >= dock["y"] + dock["height"] or \
+        run["x"] + run["width"] <= dock["x"] or run["x"] >= dock["x"] + dock["width"], (run, dock)
+    page.screenshot(path=ARTIFACTS / f"12_layout_{width}.png")
 
 
 def test_history_survives_a_reload_and_opens_a_result_in_edit(page, app):

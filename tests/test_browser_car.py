@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_app import start_app
-from test_browser import ARGS, ARTIFACTS, JOINS, WATCH, brush_ready, chromium, open_tab, picture_file, stroke, upload  # noqa: F401 (chromium: fixture)
+from test_browser import ARTIFACTS, JOINS, WATCH, brush_ready, open_tab, picture_file, stroke, upload
 from tiny_controlvar import PATCH_NUMS, write_tiny_car
 
 from studio.pngmeta import decode_picture, read_png_extras, read_png_parameters
@@ -28,23 +28,9 @@ def car_app(tmp_path_factory):
     served.pool.close()
 
 
-@pytest.fixture(scope="module")
-def browser(chromium):  # noqa: F811  (one Chromium for the module)
-    ARTIFACTS.mkdir(exist_ok=True)
-    with playwright_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=ARGS)
-        yield browser
-        browser.close()
-
-
 @pytest.fixture
-def page(car_app, browser):
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})  # a fresh page (its own session) per test
-    page.set_default_timeout(60_000)
-    page.goto(car_app.url)
-    page.wait_for_selector("#generate-btn")
-    yield page
-    page.close()
+def page(car_app, open_page):
+    return open_page(car_app.url)  # a fresh page (its own session) per test
 
 
 def wait_for_file(page, part: str) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_app import start_app
-from test_browser import ARGS, ARTIFACTS, WATCH, chromium, open_tab, picture_file, upload  # noqa: F401 (chromium: fixture)
+from test_browser import ARTIFACTS, WATCH, open_tab, picture_file, upload
 from tiny_controlvar import PATCH_NUMS, write_tiny_controlvar
 
 from studio.pngmeta import decode_picture, read_png_extras, read_png_parameters
@@ -28,60 +28,57 @@ def cv_app(tmp_path_factory):
     served.pool.close()
 
 
-def test_controlvar_in_the_control_tab(cv_app, chromium, tmp_path):  # noqa: F811
+@pytest.fixture
+def page(cv_app, open_page):
+    return open_page(cv_app.url)
+
+
+def test_controlvar_in_the_control_tab(page, cv_app, tmp_path):
     expect = playwright_api.expect
-    ARTIFACTS.mkdir(exist_ok=True)
-    with playwright_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(60_000)
-        page.goto(cv_app.url)
-        page.wait_for_selector("#generate-btn")
-        open_tab(page, "Control", "control-editor")
-        expect(page.locator("#control-note")).to_contain_text("ControlVAR")
-        labels = [t.strip() for t in page.locator("#control-type label").all_inner_texts()]
-        assert labels == ["Segmentation", "Edges (canny)", "Depth", "Normal map"], labels
-        expect(page.locator("#controlvar-row")).to_be_visible()
-        expect(page.get_by_label("Control strength")).to_be_hidden()  # the adapters' slider is not ControlVAR's
+    open_tab(page, "Control", "control-editor")
+    expect(page.locator("#control-note")).to_contain_text("ControlVAR")
+    labels = [t.strip() for t in page.locator("#control-type label").all_inner_texts()]
+    assert labels == ["Segmentation", "Edges (canny)", "Depth", "Normal map"], labels
+    expect(page.locator("#controlvar-row")).to_be_visible()
+    expect(page.get_by_label("Control strength")).to_be_hidden()  # the adapters' slider is not ControlVAR's
 
-        upload(page, "control-editor", picture_file(tmp_path, "photo.png", (120, 90), 5))
-        expect(page.locator("#control-editor-note")).to_contain_text("photo.png: 120×90", timeout=60_000)
-        page.click("#map-btn")
-        shown = page.locator("#control-map img")
-        expect(shown).to_be_visible(timeout=60_000)
-        preview = Image.open(io.BytesIO(page.request.get(shown.get_attribute("src")).body()))
-        assert preview.size == (128, 64)  # the edge picture, and beside it the map as the model's VQVAE reads it
-        edges = np.asarray(preview.convert("RGB"))[:, :64]
-        assert set(np.unique(edges)) <= {0, 255} and edges.max() == 255
+    upload(page, "control-editor", picture_file(tmp_path, "photo.png", (120, 90), 5))
+    expect(page.locator("#control-editor-note")).to_contain_text("photo.png: 120×90", timeout=60_000)
+    page.click("#map-btn")
+    shown = page.locator("#control-map img")
+    expect(shown).to_be_visible(timeout=60_000)
+    preview = Image.open(io.BytesIO(page.request.get(shown.get_attribute("src")).body()))
+    assert preview.size == (128, 64)  # the edge picture, and beside it the map as the model's VQVAE reads it
+    edges = np.asarray(preview.convert("RGB"))[:, :64]
+    assert set(np.unique(edges)) <= {0, 255} and edges.max() == 255
 
-        guidance = page.locator("#type-guidance input[type=number]")
-        guidance.fill("2.5")
-        guidance.press("Tab")
-        page.evaluate(WATCH)
-        page.click("#control-btn")
-        page.wait_for_function("(t => t.includes('_control_') || t.includes('⚠️'))"
-                               "(document.querySelector('#status').innerText)")
-        assert "Done" in page.locator("#status").inner_text(), page.locator("#status").inner_text()
-        changes, result_at = page.evaluate("[window.__previews, window.__resultAt]")
-        assert len([t for t in changes if t < result_at]) >= len(PATCH_NUMS) - 1, (changes, result_at)  # streamed
-        made = list(Path(cv_app.outputs).rglob("*_control_*.png"))
-        assert len(made) == 1
-        params = read_png_parameters(made[0])
-        assert params["control_type"] == "canny" and params["preprocessor"] == "canny"
-        assert (params["type_guidance_scale"], params["control_guidance_scale"]) == (2.5, 4.0)
-        stored = np.asarray(decode_picture(read_png_extras(made[0].read_bytes())["control"]["picture"]))
-        assert np.array_equal(stored, edges)  # the map the preview showed is the one it was made with
-        page.screenshot(path=ARTIFACTS / "20_controlvar.png", full_page=True)
+    guidance = page.locator("#type-guidance input[type=number]")
+    guidance.fill("2.5")
+    guidance.press("Tab")
+    page.evaluate(WATCH)
+    page.click("#control-btn")
+    page.wait_for_function("(t => t.includes('_control_') || t.includes('⚠️'))"
+                           "(document.querySelector('#status').innerText)")
+    assert "Done" in page.locator("#status").inner_text(), page.locator("#status").inner_text()
+    changes, result_at = page.evaluate("[window.__previews, window.__resultAt]")
+    assert len([t for t in changes if t < result_at]) >= len(PATCH_NUMS) - 1, (changes, result_at)  # streamed
+    made = list(Path(cv_app.outputs).rglob("*_control_*.png"))
+    assert len(made) == 1
+    params = read_png_parameters(made[0])
+    assert params["control_type"] == "canny" and params["preprocessor"] == "canny"
+    assert (params["type_guidance_scale"], params["control_guidance_scale"]) == (2.5, 4.0)
+    stored = np.asarray(decode_picture(read_png_extras(made[0].read_bytes())["control"]["picture"]))
+    assert np.array_equal(stored, edges)  # the map the preview showed is the one it was made with
+    page.screenshot(path=ARTIFACTS / "20_controlvar.png", full_page=True)
 
-        guidance.fill("1")
-        guidance.press("Tab")
-        page.click("#reuse-btn")
-        expect(page.locator("#status")).to_contain_text("Settings reused", timeout=30_000)
-        expect(guidance).to_have_value("2.5")
+    guidance.fill("1")
+    guidance.press("Tab")
+    page.click("#reuse-btn")
+    expect(page.locator("#status")).to_contain_text("Settings reused", timeout=30_000)
+    expect(guidance).to_have_value("2.5")
 
-        page.locator("#control-type label", has_text="Normal map").click()
-        page.click("#map-btn")
-        expect(page.get_by_text("normal maps cannot be made from a picture on this machine").first).to_be_visible(
-            timeout=60_000)
-        expect(page.get_by_text("made from a picture here: segmentation, canny").first).to_be_visible()
-        browser.close()
+    page.locator("#control-type label", has_text="Normal map").click()
+    page.click("#map-btn")
+    expect(page.get_by_text("normal maps cannot be made from a picture on this machine").first).to_be_visible(
+        timeout=60_000)
+    expect(page.get_by_text("made from a picture here: segmentation, canny").first).to_be_visible()

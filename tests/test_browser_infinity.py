@@ -12,7 +12,7 @@ from PIL import Image
 
 from studio.pngmeta import read_png_info
 from test_app import start_app
-from test_browser import ARGS, ARTIFACTS, WATCH, brush_ready, chromium, stroke  # noqa: F401 (the fixture)
+from test_browser import ARTIFACTS, WATCH, brush_ready, stroke
 from test_infinity_serve import SQUARE_SCALES, infinity_folder  # noqa: F401 (the fixture)
 from test_worker import tiny_bundle  # noqa: F401 (the fixture)
 
@@ -30,16 +30,8 @@ def app(infinity_folder, tiny_bundle, tmp_path_factory):  # noqa: F811
 
 
 @pytest.fixture
-def page(app, chromium):  # noqa: F811
-    ARTIFACTS.mkdir(exist_ok=True)
-    with playwright_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(90_000)
-        page.goto(app.url)
-        page.wait_for_selector("#generate-btn")
-        yield page
-        browser.close()
+def page(app, open_page):
+    return open_page(app.url, timeout_ms=90_000)
 
 
 def _newest(outputs, kind: str) -> Path:
