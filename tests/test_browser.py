@@ -176,6 +176,34 @@ def open_tab(page, name, editor):
     page.wait_for_timeout(500)  # the editor lays out
 
 
+def inpaint_under_control(page, outputs) -> tuple:
+    """Issue 16, editing under control: a stroke across the middle of the Edit tab's picture, then "In-paint
+    under control". The result keeps every pixel of the picture the editor sent outside the edit (the stroke
+    and its feather, as the PNG records them) and changes inside. Returns the result PNG and that picture."""
+    from studio.editing import InpaintPlan
+    from studio.pngmeta import read_png_extras
+
+    box = brush_ready(page)
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    stroke(page, [(cx - 30, cy), (cx + 30, cy)], steps=8)
+    page.evaluate(JOINS)
+    page.click("#control-inpaint-btn")
+    page.wait_for_function("window.__joins.length > 0")
+    sent = next(v for v in page.evaluate("window.__joins.pop()")["data"] if isinstance(v, dict) and "background" in v)
+    page.wait_for_function("(t => (t.includes('_control_inpaint_') && t.includes('Done')) || t.includes('⚠️'))"
+                           "(document.querySelector('#status').innerText)")
+    assert "Done" in page.locator("#status").inner_text(), page.locator("#status").inner_text()
+    made = max(Path(outputs).rglob("*_control_inpaint_*.png"), key=lambda p: p.stat().st_mtime)
+    # the picture as the editor sent it (the editor re-encodes an upload: WebP), what the worker in-painted
+    picture = Image.open(sent["background"]["path"]).convert("RGB")
+    original, result = np.asarray(picture), np.asarray(Image.open(made).convert("RGB"))
+    edited = InpaintPlan.from_record(picture, read_png_extras(made.read_bytes())["edit"]).alpha > 0
+    assert 0 < edited.mean() < 0.6  # the stroke and its feather, not the picture
+    assert np.array_equal(result[~edited], original[~edited])  # outside the edit, exactly the picture
+    assert not np.array_equal(result[edited], original[edited])
+    return made, picture
+
+
 def test_uploads_and_drops_reach_the_request_and_unreadable_files_say_so(page, app, tmp_path):
     """Issue 15, items 1 and 4: a picture uploaded or dropped on the Control, Guide or Edit canvas is the
     picture the request carries (the Control tab used to send its old 128 px layout, so its map was black);

@@ -2,8 +2,9 @@
 model in the released format (tests/tiny_controlvar.py). The tab lists ControlVAR's four types and its
 two guidance sliders (not the adapters' strength and range); Preview map shows the condition picture
 beside what the model reads; Generate with control streams every scale and returns an image whose PNG
-carries the control (type, guidance weights, the map); Reuse settings brings the guidance back; a normal
-map asked of a picture on a machine without its annotator says what works instead."""
+carries the control (type, guidance weights, the map); Reuse settings brings the guidance back; the result sent
+to Edit and painted over is in-painted under the Control tab's map (issue 16); a normal map asked of a picture
+on a machine without its annotator says what works instead."""
 import io
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_app import start_app
-from test_browser import ARTIFACTS, WATCH, open_tab, picture_file, upload
+from test_browser import ARTIFACTS, WATCH, inpaint_under_control, open_tab, picture_file, upload
 from tiny_controlvar import PATCH_NUMS, write_tiny_controlvar
 
 from studio.pngmeta import decode_picture, read_png_extras, read_png_parameters
@@ -77,6 +78,19 @@ def test_controlvar_in_the_control_tab(page, cv_app, tmp_path):
     expect(page.locator("#status")).to_contain_text("Settings reused", timeout=30_000)
     expect(guidance).to_have_value("2.5")
 
+    # in-painting under control (issue 16), in this page and studio: the result in Edit, a stroke over it; the
+    # Control tab's picture (its canny map, previewed above) steers the redrawn part, the outside stays
+    page.click("#send-edit")
+    made, picture = inpaint_under_control(page, cv_app.outputs)
+    assert picture.size == (64, 64)  # the result sent to Edit, at the model's size
+    params = read_png_parameters(made)
+    assert (params["task"], params["control_type"], params["preprocessor"]) == ("control_inpaint", "canny", "canny")
+    assert params["map_from"] == "control picture" and params["type_guidance_scale"] == 2.5
+    stored = np.asarray(decode_picture(read_png_extras(made.read_bytes())["control"]["picture"]))
+    assert np.array_equal(stored, edges)  # the map the Control tab previewed
+    page.screenshot(path=ARTIFACTS / "21_controlvar_inpaint.png", full_page=True)
+
+    open_tab(page, "Control", "control-editor")  # back from Edit
     page.locator("#control-type label", has_text="Normal map").click()
     page.click("#map-btn")
     expect(page.get_by_text("normal maps cannot be made from a picture on this machine").first).to_be_visible(
