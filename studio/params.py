@@ -68,6 +68,13 @@ CONTROLVAR_DEFAULTS = {**VAR_DEFAULTS, "top_p": 0.96}
 MODEL_DEFAULTS = tuple(VAR_DEFAULTS)  # the Sampling fields whose default is the model's own
 
 
+def published_defaults(defaults: Optional[dict] = None) -> dict:
+    """The MODEL_DEFAULTS settings of a model: `defaults`' (its published ones, ModelInfo.defaults), each
+    one it lacks VAR's (VAR_DEFAULTS)."""
+    given = defaults or {}
+    return {name: given.get(name, VAR_DEFAULTS[name]) for name in MODEL_DEFAULTS}
+
+
 class UserError(ValueError):
     """Bad input: the message is for the person (or program) who sent it and names the parameter.
 
@@ -174,8 +181,7 @@ class Sampling(JobParams):
         """The job bound to its model: a copy whose guidance_scale, top_k and top_p left out (None) are
         `defaults`' (the model's published settings, ModelInfo.defaults), else VAR's (VAR_DEFAULTS).
         Values given stay as they are."""
-        given = defaults or {}
-        missing = {n: given.get(n, VAR_DEFAULTS[n]) for n in MODEL_DEFAULTS if getattr(self, n) is None}
+        missing = {n: v for n, v in published_defaults(defaults).items() if getattr(self, n) is None}
         return dataclasses.replace(self, **missing) if missing else self
 
     def sampling_kwargs(self) -> dict:

@@ -42,8 +42,7 @@ MODEL_DEFAULTS = P.MODEL_DEFAULTS
 
 def model_defaults(info: ModelInfo) -> dict:
     """The model's published sampling defaults (ModelInfo.defaults), else VAR's (studio.params.VAR_DEFAULTS)."""
-    given = getattr(info, "defaults", None) or {}
-    return {name: given.get(name, P.VAR_DEFAULTS[name]) for name in MODEL_DEFAULTS}
+    return P.published_defaults(getattr(info, "defaults", None))
 
 
 def sampling(info: ModelInfo, seed, guidance_scale, top_k, top_p, more_smooth, num_images, preview) -> dict:

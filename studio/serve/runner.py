@@ -995,12 +995,10 @@ def sampling_defaults(pipe) -> dict:
     Infinity's published ones (top-k has two choices per bit: 0 off, 1 greedy, 2 both, the same as the
     official 900), the pipeline's own for a class-conditional model (VAR's; ControlVAR's top-p 0.96), top-k at most
     its vocabulary (the slider's end)."""
-    if isinstance(pipe, InfinityPipeline):
-        defaults = dict(pipe.default_sampling())
-        defaults["top_k"] = min(int(defaults["top_k"]), 2)
-        return defaults
-    defaults = pipe.default_sampling()  # VAR's; ControlVAR's top_p 0.96
-    return dict(defaults, top_k=min(defaults["top_k"], int(pipe.var.cfg.vocab_size)))
+    defaults = dict(pipe.default_sampling())
+    choices = 2 if isinstance(pipe, InfinityPipeline) else int(pipe.var.cfg.vocab_size)
+    defaults["top_k"] = min(int(defaults["top_k"]), choices)
+    return defaults
 
 
 def infinity_info(name: str, pipe: InfinityPipeline) -> dict:
