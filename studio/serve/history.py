@@ -35,8 +35,8 @@ import argparse
 import hashlib
 import os
 import re
-import threading
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,13 +95,23 @@ def record_owner(folder: Union[str, Path], user: str, paths) -> None:
             f.write("".join(lines))
 
 
-def owned(folder: Union[str, Path], user: str) -> Set[str]:
-    """The paths (relative to the outputs folder) noted as `user`'s."""
+def _relative(path, folder: Union[str, Path]) -> str:
+    """A result's path as the owners' lists write it: relative to the outputs folder, with '/'."""
+    return Path(os.path.relpath(path, str(folder))).as_posix()
+
+
+def _read_list(path: Union[str, Path]) -> Set[str]:
+    """The paths (relative to the outputs folder) in one user's list; none when it cannot be read."""
     try:
-        text = owners_file(folder, user).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except OSError:
         return set()
     return {line for line in text.splitlines() if line}
+
+
+def owned(folder: Union[str, Path], user: str) -> Set[str]:
+    """The paths (relative to the outputs folder) noted as `user`'s."""
+    return _read_list(owners_file(folder, user))
 
 
 def owned_by_anyone(folder: Union[str, Path]) -> Set[str]:
@@ -112,10 +122,7 @@ def owned_by_anyone(folder: Union[str, Path]) -> Set[str]:
     except OSError:
         return out
     for path in lists:
-        try:
-            out.update(line for line in Path(path).read_text(encoding="utf-8").splitlines() if line)
-        except OSError:
-            continue
+        out.update(_read_list(path))
     return out
 
 
@@ -123,8 +130,7 @@ def unowned(folder: Union[str, Path]) -> List[str]:
     """The results (paths, newest first) in no user's list: saved before per-user History, or by the
     command line. Under --auth they are listed for nobody until someone claims them."""
     anyone = owned_by_anyone(folder)
-    root = str(Path(folder))
-    return [p for p in listing(folder, full_copies=True) if Path(os.path.relpath(p, root)).as_posix() not in anyone]
+    return [p for p in listing(folder, full_copies=True) if _relative(p, folder) not in anyone]
 
 
 RECENT_S = 600  # a claim leaves results younger than this: a running studio may be about to note their owner
@@ -153,7 +159,6 @@ def listing(folder: Union[str, Path], user: Optional[str] = None, full_copies: b
     batch (saved in a burst, `_0`, `_1` ...) in their order. With a `user` (under --auth), theirs alone;
     the full-size copies of edits of huge uploads only if `full_copies`."""
     mine = None if user is None else owned(folder, user)
-    root = str(Path(folder))
     files = []  # (mtime_ns, group, index, path)
     for where in _folders(Path(folder)):
         try:
@@ -164,7 +169,7 @@ def listing(folder: Union[str, Path], user: Optional[str] = None, full_copies: b
             if e.name.startswith(".") or not e.name.lower().endswith(".png") or (
                     not full_copies and _FULL_COPY.search(e.name)):
                 continue
-            if mine is not None and Path(os.path.relpath(e.path, root)).as_posix() not in mine:
+            if mine is not None and _relative(e.path, folder) not in mine:
                 continue
             try:
                 if not e.is_file():
@@ -192,7 +197,7 @@ def full_copy(folder: Union[str, Path], name: str, user: Optional[str] = None) -
     mine = None if user is None else owned(folder, user)
     for where in _folders(Path(folder)):
         path = Path(where) / f"{stem}_full.png"
-        if path.is_file() and (mine is None or Path(os.path.relpath(path, folder)).as_posix() in mine):
+        if path.is_file() and (mine is None or _relative(path, folder) in mine):
             return str(path)
     return None
 
@@ -255,7 +260,7 @@ def main(argv=None) -> int:
         for p in paths:
             print(os.path.relpath(p, args.outputs))
         print(f"{len(paths)} result(s) belong to no one" + (
-            f"; `--claim USER` makes them USER's" if paths else ""), file=sys.stderr)
+            "; `--claim USER` makes them USER's" if paths else ""), file=sys.stderr)
         return 0
     user = args.claim.strip()
     if not user:

@@ -240,7 +240,6 @@ class FileGuard:
         self.app = app
         self.roots = [Path(r).resolve() for r in roots]
         self.owners = FileOwners(self.roots, max_age=max_age)
-        self.max_age = int(max_age)
 
     def _renews(self, scope, path: str) -> Optional[str]:
         """The session whose cookie this answer sets again (a page load or a job's request), so that
@@ -276,7 +275,7 @@ class FileGuard:
 
         async def send_with_cookie(message):
             if renew and message["type"] == "http.response.start":
-                cookie = (f"{SESSION_COOKIE}={renew}; Path=/; Max-Age={self.max_age}; HttpOnly; "
+                cookie = (f"{SESSION_COOKIE}={renew}; Path=/; Max-Age={int(self.owners.max_age)}; HttpOnly; "
                           "SameSite=Lax").encode()
                 message = dict(message, headers=[*message.get("headers", []), (b"set-cookie", cookie)])
             await send(message)
