@@ -185,20 +185,27 @@ INFINITY_SHAPES = {  # released shapes (shared/notes/infinity.md): transformer, 
 }
 
 
+def infinity_config(size: str):
+    """The transformer config of a released Infinity shape (INFINITY_SHAPES), as its checkpoint implies."""
+    from models.infinity import InfinityConfig
+
+    spec = INFINITY_SHAPES[size]
+    C = spec["t"]["embed_dim"]
+    return InfinityConfig(**spec["t"], mlp_hidden=round(4 * C / 256) * 256, text_channels=2048,
+                          pool_heads=2048 // (64 if C > 4096 else 128))
+
+
 def build_infinity(size: str, device: str, dtype_name: str):
     """An Infinity of a released shape with random weights (timing does not depend on the values)."""
     import torch
 
     from models.bsq_vae import BSQVAE, BSQVAEConfig
-    from models.infinity import Infinity, InfinityConfig
+    from models.infinity import Infinity
     from studio.infinity import InfinityPipeline
 
     spec = INFINITY_SHAPES[size]
-    C = spec["t"]["embed_dim"]
-    cfg = InfinityConfig(**spec["t"], mlp_hidden=round(4 * C / 256) * 256, text_channels=2048,
-                         pool_heads=2048 // (64 if C > 4096 else 128))
     torch.manual_seed(0)
-    model, vae = Infinity(cfg), BSQVAE(BSQVAEConfig(**spec["vae"]))
+    model, vae = Infinity(infinity_config(size)), BSQVAE(BSQVAEConfig(**spec["vae"]))
     with torch.no_grad():
         for p in list(model.parameters()) + list(vae.parameters()):
             p.normal_(0, 0.02) if p.ndim > 1 else p.normal_(0, 0.01)
@@ -211,18 +218,15 @@ def infinity_memory_gb(size: str, dtype_name: str, batch: int) -> tuple:
     keys and values of every token of every scale, for the 2 x batch rows of guidance, in every block."""
     import torch
 
-    from models.infinity import Infinity, InfinityConfig
+    from models.infinity import Infinity
     from studio.infinity import schedule_for
 
-    spec = INFINITY_SHAPES[size]
-    C = spec["t"]["embed_dim"]
-    cfg = InfinityConfig(**spec["t"], mlp_hidden=round(4 * C / 256) * 256, text_channels=2048,
-                         pool_heads=2048 // (64 if C > 4096 else 128))
+    spec, cfg = INFINITY_SHAPES[size], infinity_config(size)
     with torch.device("meta"):
         n_params = sum(p.numel() for p in Infinity(cfg).parameters())
     nbytes = torch.empty(0, dtype=getattr(torch, DTYPES[dtype_name])).element_size()
     tokens = sum(h * w for h, w in schedule_for(1.0, spec["pn"]).scales)
-    kv = spec["t"]["depth"] * 2 * (2 * batch) * tokens * C * nbytes
+    kv = spec["t"]["depth"] * 2 * (2 * batch) * tokens * spec["t"]["embed_dim"] * nbytes
     return n_params * nbytes / 1e9, kv / 1e9
 
 
